@@ -1,0 +1,186 @@
+"""The model-family interface: what indexing, serving and evaluation may ask of a model.
+
+A *family* is a way of building a retrieval model (HF BLIP; a compact offline model later). Callers
+only use :class:`RetrievalModel`; they never branch on the family. A checkpoint directory names its
+family in ``blip_catalog.json`` (absent: HF BLIP, so hub checkpoints load as they are).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blip_ops.text import TextSettings, normalize_text
+
+logger = logging.getLogger(__name__)
+
+CATALOG_CONFIG = "blip_catalog.json"  # our per-checkpoint settings: family + text rule
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Preprocessing a checkpoint expects (read from its ``preprocessor_config.json``)."""
+
+    size: int  # square side in pixels the vision tower takes (384 for BLIP-base/large)
+    mean: tuple[float, float, float]  # per-channel normalisation, after scaling to [0, 1]
+    std: tuple[float, float, float]
+    resample: int = Image.Resampling.BICUBIC  # PIL filter; BLIP uses bicubic
+
+    @classmethod
+    def from_preprocessor_config(cls, cfg: dict[str, Any]) -> ImageSettings:
+        size = cfg.get("size", 384)
+        if isinstance(size, dict):
+            height = size.get("height", size.get("shortest_edge"))
+            width = size.get("width", height)
+            if height != width:
+                raise ValueError(f"only square model inputs are supported, got size {size}")
+            size = height
+        return cls(
+            size=int(size),
+            mean=tuple(float(x) for x in cfg.get("image_mean", (0.5, 0.5, 0.5))),
+            std=tuple(float(x) for x in cfg.get("image_std", (0.5, 0.5, 0.5))),
+            resample=int(cfg.get("resample", Image.Resampling.BICUBIC)),
+        )
+
+
+@dataclass
+class ImageEncoding:
+    """Output of :meth:`RetrievalModel.encode_images`."""
+
+    embeddings: torch.Tensor  # (B, D) float32, L2-normalised ITC embeddings, on CPU
+    tokens: torch.Tensor | None = None  # (B, N, H) image tokens for ITM, model dtype, on the model device
+
+
+class RetrievalModel(ABC):
+    """One loaded checkpoint: preprocessing, ITC encoders and the ITM head."""
+
+    family: str = ""
+    model_id: str  # family + digest of config and weights (not of the path)
+    image_settings: ImageSettings
+    text_settings: TextSettings
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    @abstractmethod
+    def embedding_dim(self) -> int:
+        """Size D of the ITC embeddings."""
+
+    def normalize_text(self, text: str) -> str:
+        return normalize_text(text, self.text_settings)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB PIL images of any size → (B, 3, S, S) float32 pixel values on CPU."""
+        s = self.image_settings
+        if not images:
+            return torch.empty(0, 3, s.size, s.size)
+        # PIL's resize is the one per-image step; the arithmetic below is batched.
+        arr = np.stack([
+            np.asarray(im.convert("RGB").resize((s.size, s.size), s.resample), dtype=np.uint8) for im in images
+        ])  # (B, S, S, 3) uint8
+        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
+        mean = torch.tensor(s.mean).view(1, 3, 1, 1)
+        std = torch.tensor(s.std).view(1, 3, 1, 1)
+        return pixels.sub_(mean).div_(std)
+
+    @abstractmethod
+    def encode_images(
+        self, images: torch.Tensor | Sequence[Image.Image], *, return_tokens: bool = False
+    ) -> ImageEncoding:
+        """Pixel values (B, 3, S, S) or PIL images → ITC embeddings (+ ITM image tokens)."""
+
+    @abstractmethod
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Raw titles/queries (normalised here) → (B, D) float32 L2-normalised ITC embeddings."""
+
+    @abstractmethod
+    def itm_scores(self, texts: str | Sequence[str], image_tokens: torch.Tensor) -> torch.Tensor:
+        """ITM positive-class logits, (k,) float32 on CPU.
+
+        ``texts`` is one query scored against all k images (``image_tokens`` (k, N, H)) or k texts
+        paired one-to-one with them.
+        """
+
+    @abstractmethod
+    def save(self, out_dir: str | Path) -> Path:
+        """Write a checkpoint that :func:`load_model` reads back with the same model_id."""
+
+
+# family name -> loader(path_or_hub_id, device, dtype, attention) -> RetrievalModel
+_FAMILIES: dict[str, Callable[..., RetrievalModel]] = {}
+
+
+def register_family(name: str, loader: Callable[..., RetrievalModel]) -> None:
+    _FAMILIES[name] = loader
+
+
+def read_catalog_config(path: Path) -> dict[str, Any]:
+    file = path / CATALOG_CONFIG
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` = bf16 on CUDA (fp16 where bf16 is unsupported), fp32 on CPU."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def weights_digest(config_dict: dict[str, Any], state_dict: dict[str, torch.Tensor], extra: str = "") -> str:
+    """Digest of a model's config and weights, independent of path, device and run dtype."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    h.update(extra.encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_model(
+    name_or_path: str | Path, *, device: str = "auto", dtype: str = "auto", attention: str = "sdpa"
+) -> RetrievalModel:
+    """Load a checkpoint directory or hub id as a :class:`RetrievalModel` in inference mode."""
+    path = Path(str(name_or_path)).expanduser()
+    family = read_catalog_config(path).get("family", "hf_blip") if path.is_dir() else "hf_blip"
+    if family not in _FAMILIES:
+        _import_builtin_families()
+    if family not in _FAMILIES:
+        raise ValueError(f"{name_or_path}: unknown model family {family!r}; known: {sorted(_FAMILIES)}")
+    return _FAMILIES[family](str(name_or_path), device=device, dtype=dtype, attention=attention)
+
+
+def _import_builtin_families() -> None:
+    import blip_ops.hf_blip  # noqa: F401  (registers "hf_blip")

@@ -1,0 +1,190 @@
+"""The HF BLIP family: ``BlipForImageTextRetrieval`` checkpoints (hub or directory).
+
+transformers' ``forward`` runs the vision tower on every call, which makes re-ranking k candidates
+for one query cost k vision passes per request. Here the vision, text and ITM paths are separate
+calls, equal to ``forward`` within 1e-5 (tests/test_hf_blip.py), so image tokens can be computed
+once and reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from blip_ops.attention import set_attention
+from blip_ops.family import (
+    CATALOG_CONFIG,
+    ImageEncoding,
+    ImageSettings,
+    RetrievalModel,
+    read_catalog_config,
+    register_family,
+    resolve_device,
+    resolve_dtype,
+    weights_digest,
+)
+from blip_ops.hub import resolve_model_ref
+from blip_ops.text import TextSettings
+
+logger = logging.getLogger(__name__)
+
+FAMILY = "hf_blip"
+# Config keys that describe how a model was saved or loaded, not what it computes.
+_VOLATILE_CONFIG_KEYS = (
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset",
+    "architectures",  # added by save_pretrained; the family already names the architecture
+)
+
+
+def _stable_config(config) -> dict:
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in _VOLATILE_CONFIG_KEYS}
+        return d
+
+    return strip(config.to_dict())
+
+
+class HFBlipModel(RetrievalModel):
+    family = FAMILY
+
+    def __init__(
+        self,
+        model,  # transformers BlipForImageTextRetrieval, float32 on CPU as loaded
+        tokenizer,
+        image_settings: ImageSettings,
+        text_settings: TextSettings | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        attention: str = "sdpa",
+    ) -> None:
+        self.text_settings = text_settings or TextSettings()
+        # Digest before any device/dtype move so the id names the checkpoint, not this run.
+        self.model_id = f"{FAMILY}-" + weights_digest(
+            _stable_config(model.config), model.state_dict(), extra=self.text_settings.to_json()
+        )
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.attention = attention
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if set_attention(self.model, attention) == 0:
+            raise ValueError(f"{type(model).__name__} has no BLIP attention modules: not a BLIP model")
+        self.tokenizer = tokenizer
+        self.image_settings = image_settings
+
+    # ---- loading / saving -------------------------------------------------------------------
+    @classmethod
+    def load(cls, ref: str, *, device: str = "auto", dtype: str = "auto", attention: str = "sdpa") -> HFBlipModel:
+        from transformers import AutoTokenizer, BlipForImageTextRetrieval
+        from transformers.utils import cached_file
+
+        resolved, local_only = resolve_model_ref(ref)
+        model = BlipForImageTextRetrieval.from_pretrained(resolved, dtype=torch.float32, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, local_files_only=local_only)
+        pre_file = cached_file(resolved, "preprocessor_config.json", local_files_only=local_only)
+        image_settings = ImageSettings.from_preprocessor_config(json.loads(Path(pre_file).read_text()))
+        path = Path(resolved)
+        catalog = read_catalog_config(path) if path.is_dir() else {}
+        text_settings = TextSettings.from_dict(catalog.get("text"))
+        loaded = cls(model, tokenizer, image_settings, text_settings, device=device, dtype=dtype, attention=attention)
+        logger.info("loaded %s (%s) on %s/%s as %s", ref, FAMILY, loaded.device, loaded.dtype, loaded.model_id)
+        return loaded
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.to(dtype=torch.float32).save_pretrained(out)
+        self.model.to(dtype=self.dtype)
+        self.tokenizer.save_pretrained(out)
+        s = self.image_settings
+        (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(s), indent=2))
+        (out / CATALOG_CONFIG).write_text(
+            json.dumps({"family": FAMILY, "text": self.text_settings.to_dict()}, indent=2, sort_keys=True)
+        )
+        return out
+
+    # ---- encoders ----------------------------------------------------------------------------
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.config.image_text_hidden_size)
+
+    def _pixels(self, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        s = self.image_settings.size
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
+            raise ValueError(f"expected pixel values of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}")
+        return pixels.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    @torch.inference_mode()
+    def encode_images(self, images, *, return_tokens: bool = False) -> ImageEncoding:
+        pixels = self._pixels(images)
+        tokens = self.model.vision_model(pixel_values=pixels).last_hidden_state  # (B, N, H)
+        emb = F.normalize(self.model.vision_proj(tokens[:, 0, :]).float(), dim=-1)  # (B, D)
+        return ImageEncoding(embeddings=emb.cpu(), tokens=tokens if return_tokens else None)
+
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        norm = [self.normalize_text(t) for t in texts]
+        enc = self.tokenizer(
+            norm,
+            padding="longest",
+            truncation=True,
+            max_length=self.text_settings.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("encode_texts takes a sequence of strings, got one str")
+        if not texts:
+            return torch.empty(0, self.embedding_dim)
+        enc = self._tokenize(texts)
+        hidden = self.model.text_encoder(**enc).last_hidden_state  # (B, L, H)
+        return F.normalize(self.model.text_proj(hidden[:, 0, :]).float(), dim=-1).cpu()  # (B, D)
+
+    @torch.inference_mode()
+    def itm_scores(self, texts, image_tokens: torch.Tensor) -> torch.Tensor:
+        k = image_tokens.shape[0]
+        if k == 0:
+            return torch.empty(0)
+        if isinstance(texts, str):
+            enc = self._tokenize([texts])
+            enc = {name: t.expand(k, -1) for name, t in enc.items()}  # one query vs k images, no copy
+        else:
+            if len(texts) != k:
+                raise ValueError(f"got {len(texts)} texts for {k} images; pass one text or one per image")
+            enc = self._tokenize(texts)
+        tokens = image_tokens.to(device=self.device, dtype=self.dtype)
+        image_mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=self.device)  # (k, N)
+        hidden = self.model.text_encoder(
+            **enc, encoder_hidden_states=tokens, encoder_attention_mask=image_mask
+        ).last_hidden_state  # (k, L, H)
+        return self.model.itm_head(hidden[:, 0, :])[:, 1].float().cpu()  # positive-class logit
+
+
+def preprocessor_config(s: ImageSettings) -> dict:
+    """The HF ``preprocessor_config.json`` for these settings (what BlipProcessor reads)."""
+    return {
+        "image_processor_type": "BlipImageProcessor",
+        "processor_class": "BlipProcessor",
+        "do_resize": True,
+        "size": {"height": s.size, "width": s.size},
+        "resample": int(s.resample),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(s.mean),
+        "image_std": list(s.std),
+        "do_convert_rgb": True,
+    }
+
+
+register_family(FAMILY, HFBlipModel.load)

@@ -1,0 +1,80 @@
+"""Two-stage ranking: ITC (embedding cosine) finds candidates, ITM (cross-attention) orders them.
+
+The rule is BLIP's evaluation rule (salesforce/BLIP ``train_retrieval.py``) as the HTTP API of
+../shared/DESIGN.md states it: candidates arrive in ANN order; the first ``rerank_k`` are
+re-scored with ``score = ITM positive-class logit + ITC cosine`` and sorted by it; the rest follow
+in ANN order with no ITM score (their ``score`` is their ITC cosine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from blip_ops.family import RetrievalModel
+
+
+@dataclass
+class RerankResult:
+    """Per ranked position (best first); indices refer to the caller's candidate list."""
+
+    order: np.ndarray  # (n,) int64 candidate indices
+    score: np.ndarray  # (n,) float32 final score
+    itc: np.ndarray  # (n,) float32 ITC cosine
+    itm: np.ndarray  # (n,) float32 ITM logit; NaN where the candidate was not re-ranked
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def head(self, k: int) -> RerankResult:
+        return RerankResult(self.order[:k], self.score[:k], self.itc[:k], self.itm[:k])
+
+
+def combine_scores(itc_scores, itm_logits) -> RerankResult:
+    """Apply the rule to ITC cosines of n candidates (ANN order) and ITM logits of the first r."""
+    itc = np.asarray(itc_scores, dtype=np.float32).reshape(-1)  # (n,)
+    itm = np.asarray(itm_logits, dtype=np.float32).reshape(-1)  # (r,)
+    n, r = len(itc), len(itm)
+    if r > n:
+        raise ValueError(f"got {r} ITM scores for only {n} candidates")
+    head = itm + itc[:r]  # (r,)
+    head_order = np.argsort(-head, kind="stable")  # ties keep ANN order
+    order = np.concatenate([head_order, np.arange(r, n)]).astype(np.int64)
+    itm_full = np.full(n, np.nan, dtype=np.float32)
+    itm_full[:r] = itm
+    score = np.concatenate([head, itc[r:]])
+    return RerankResult(order=order, score=score[order], itc=itc[order], itm=itm_full[order])
+
+
+def rerank(
+    model: RetrievalModel,
+    text: str,
+    itc_scores,
+    *,
+    image_tokens: torch.Tensor | None = None,
+    images: torch.Tensor | Sequence[Image.Image] | None = None,
+    rerank_k: int = 32,
+    k: int | None = None,
+) -> RerankResult:
+    """Re-rank candidates for one text query.
+
+    Give the candidates' image tokens (cached) or their images / pixel values (the vision tower is
+    then run for the first ``rerank_k`` only). Returns the first ``k`` (all when None).
+    """
+    n = len(itc_scores)
+    r = max(0, min(rerank_k, n))
+    if image_tokens is None:
+        if images is None:
+            raise ValueError("rerank needs the candidates' image_tokens or their images")
+        tokens = model.encode_images(images[:r], return_tokens=True).tokens if r else None
+    else:
+        if len(image_tokens) < r:
+            raise ValueError(f"got image tokens for {len(image_tokens)} candidates, need the first {r}")
+        tokens = image_tokens[:r]
+    itm = model.itm_scores(text, tokens).numpy() if r else np.empty(0, np.float32)
+    result = combine_scores(itc_scores, itm)
+    return result if k is None else result.head(k)

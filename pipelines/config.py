@@ -1,0 +1,547 @@
+"""Typed configuration shared by every ``pipelines`` command.
+
+Layers, lowest precedence first: built-in defaults < YAML file (``--config``) < ``key=value``
+overrides (dotted keys, values parsed as YAML) < flags (``--source``, ``--index-uri``, ``--model``,
+``--host``, ``--port``; a flag left at None is ignored).
+
+Relative local paths are resolved once, at load time: those written in a YAML file against the
+file's directory (a config must not depend on the working directory), those given on the command
+line against the working directory (what a shell user expects). URIs (``s3://…``) and hub ids
+(``Salesforce/blip-itm-base-coco``) are never touched.
+
+``python -m pipelines.config --config FILE [key=value ...]`` prints the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
+
+# Laptop defaults live in the checkout's .data/ folder (absolute, so they never depend on the cwd).
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / ".data"
+
+# Flag name (argparse dest) -> config key it is an alias of.
+FLAG_ALIASES: dict[str, str] = {
+    "source": "source.uri",
+    "index_uri": "index.uri",
+    "model": "model.name_or_path",
+    "host": "serve.host",
+    "port": "serve.port",
+}
+
+# Keys holding a local path or a URI; relative local paths are resolved against the layer's base.
+PATH_KEYS = ("source.uri", "index.uri", "output.dir")
+# Holds a path *or* a hub id; only treated as a path when it clearly is one (see _resolve_model).
+MODEL_PATH_KEY = "model.name_or_path"
+
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_CREDENTIAL_RE = re.compile(r"(access|secret|token|password|credential|session_key)", re.I)
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the offending key and where it came from."""
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.key = key  # dotted config key at fault, when there is one
+        self.source = source  # file path, "command-line override '…'", "flag --…"
+
+
+class _Section(BaseModel):
+    # strict: YAML already types its values, so "8" for an int is a mistake, not a conversion.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "Salesforce/blip-itm-base-coco", description="local checkpoint dir or hub id"
+    )
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="attention kernel; sdpa is ~2.3x faster"
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not _DEVICE_RE.match(v):
+            raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return v
+
+
+class SourceColumns(_Section):
+    product_id: str = Field(
+        "product_id", min_length=1, description="catalog column with the product id"
+    )
+    title: str = Field(
+        "title", min_length=1, description="catalog column with the title (any language)"
+    )
+    image: str = Field("image", min_length=1, description="catalog column with inline image bytes")
+    image_uri: str = Field(
+        "image_uri", min_length=1, description="catalog column with an image path/URI"
+    )
+
+
+class SourceConfig(_Section):
+    uri: str = Field(
+        str(DEFAULT_DATA_DIR / "catalog"), description="catalog folder or s3://bucket/prefix"
+    )
+    columns: SourceColumns = Field(
+        default_factory=SourceColumns, description="catalog column names"
+    )
+    metadata_columns: list[str] = Field(
+        default_factory=lambda: ["category", "price", "brand", "title_lang", "split"],
+        description="columns passed through to the index as metadata (when present)",
+    )
+    max_image_bytes: int = Field(
+        20_000_000, gt=0, description="larger images are rejected, not decoded"
+    )
+
+
+class IndexConfig(_Section):
+    uri: str = Field(
+        str(DEFAULT_DATA_DIR / "lancedb"), description="LanceDB directory or s3:// URI"
+    )
+    table: str = Field("products", min_length=1, description="products table name")
+    publish_tag: str = Field(
+        "published", min_length=1, description="tag readers open; moved at the end of a run"
+    )
+
+
+class S3Config(_Section):
+    # No credential fields on purpose: the standard AWS chain only (env, ~/.aws, instance role).
+    endpoint_url: str | None = Field(None, description="custom endpoint (MinIO, moto); None = AWS")
+    region: str | None = Field(None, description="bucket region; None = from the AWS chain")
+    allow_http: bool = Field(
+        False, description="allow a plain-http endpoint (local test servers only)"
+    )
+
+
+class RayConfig(_Section):
+    address: str | None = Field(
+        None, description='cluster address or "auto"; None = RAY_ADDRESS or a local Ray'
+    )
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray; None = all")
+    object_store_memory_mb: int | None = Field(
+        None, gt=0, description="object store of a local Ray; None = Ray's default"
+    )
+
+
+class EncodeConfig(_Section):
+    batch_size: int = Field(16, gt=0, description="images per encoder call")
+    num_actors: int = Field(1, gt=0, description="encoder actors in the pool")
+    num_cpus_per_actor: float = Field(1.0, ge=0, description="CPUs reserved per encoder actor")
+    num_gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs reserved per encoder actor (0 = CPU)"
+    )
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = any free port)")
+    candidates: int = Field(100, gt=0, description="ANN candidates per query (stage 1)")
+    rerank_k: int = Field(
+        32, ge=0, description="candidates re-scored by ITM (stage 2); 0 = no re-rank"
+    )
+    k: int = Field(10, gt=0, description="results returned per query")
+
+    @model_validator(mode="after")
+    def _check_depths(self) -> ServeConfig:
+        if self.rerank_k > self.candidates or self.k > self.candidates:
+            raise ValueError(
+                f"serve.rerank_k ({self.rerank_k}) and serve.k ({self.k}) must not exceed "
+                f"serve.candidates ({self.candidates})"
+            )
+        return self
+
+
+class OutputConfig(_Section):
+    dir: str | None = Field(
+        None, description="where commands like the demo write results; None = none"
+    )
+
+
+class AppConfig(_Section):
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="BLIP checkpoint and runtime"
+    )
+    source: SourceConfig = Field(default_factory=SourceConfig, description="product catalog input")
+    index: IndexConfig = Field(default_factory=IndexConfig, description="LanceDB output")
+    s3: S3Config = Field(
+        default_factory=S3Config, description="S3 endpoint settings (no credentials)"
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster")
+    encode: EncodeConfig = Field(default_factory=EncodeConfig, description="encoder actor pool")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="search server")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="result files")
+
+
+# --------------------------------------------------------------------------- key checking
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    return (
+        annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    )
+
+
+def _all_keys(model: type[BaseModel] = AppConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            keys.extend(_all_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _field_at(dotted: str) -> Any:
+    """The annotation of a dotted key, or None when the key does not exist."""
+    model: type[BaseModel] | None = AppConfig
+    annotation = None
+    for part in dotted.split("."):
+        if model is None or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = _section_type(annotation)
+    return annotation
+
+
+def _expects_str(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return str in typing.get_args(annotation)
+    return False
+
+
+def _unknown_key(dotted: str, source: str) -> ConfigError:
+    msg = f"unknown key {dotted!r} in {source}"
+    close = difflib.get_close_matches(dotted, _all_keys(), n=1, cutoff=0.6)
+    if close:
+        msg += f"; did you mean {close[0]!r}?"
+    if _CREDENTIAL_RE.search(dotted.rsplit(".", 1)[-1]):
+        msg += "; credentials never go in config: use the standard AWS chain (env, ~/.aws, role)"
+    return ConfigError(msg, key=dotted, source=source)
+
+
+def _flatten(
+    data: Mapping[Any, Any], source: str, model: type[BaseModel] = AppConfig, prefix: str = ""
+) -> dict[str, Any]:
+    """Check a nested mapping against the schema and return {dotted leaf key: value}.
+
+    Keys may themselves be dotted (``encode.batch_size: 8``). A section given as null counts as an
+    empty mapping (a YAML block whose lines are all commented out).
+    """
+    flat: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        if not isinstance(raw_key, str) or not raw_key:
+            raise ConfigError(
+                f"invalid key {prefix}{raw_key!r} in {source}: keys must be non-empty strings",
+                source=source,
+            )
+        head, _, rest = raw_key.partition(".")
+        dotted = prefix + head
+        if head not in model.model_fields:
+            raise _unknown_key(prefix + raw_key, source)
+        sub = _section_type(model.model_fields[head].annotation)
+        if rest:
+            if sub is None:
+                raise _unknown_key(prefix + raw_key, source)
+            flat.update(_flatten({rest: value}, source, sub, dotted + "."))
+        elif sub is not None:
+            if value is None:
+                continue
+            if not isinstance(value, Mapping):
+                raise ConfigError(
+                    f"invalid value for {dotted!r} in {source}: got {_show(value)}; expected a mapping of "
+                    f"{', '.join(sub.model_fields)}",
+                    key=dotted,
+                    source=source,
+                )
+            flat.update(_flatten(value, source, sub, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _is_uri(value: str) -> bool:
+    return bool(_URI_RE.match(value))
+
+
+def _abs_path(value: str, base: Path) -> str:
+    return os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _resolve_model(value: str, base: Path) -> str:
+    # A hub id ("Salesforce/blip-itm-base-coco") looks like a relative path: only treat the value
+    # as a path when it says so, or when such a path exists next to the base.
+    if _is_uri(value):
+        return value
+    if value.startswith((".", "/", "~")) or (base / value).exists():
+        return _abs_path(value, base)
+    return value
+
+
+def _resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = dict(flat)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and value and not _is_uri(value):
+            out[key] = _abs_path(value, base)
+    value = out.get(MODEL_PATH_KEY)
+    if isinstance(value, str) and value:
+        out[MODEL_PATH_KEY] = _resolve_model(value, base)
+    return out
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _read_yaml(path: Path, shown: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {shown}", source=shown)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"invalid YAML in {shown}: {detail}", source=shown) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"config file {shown} must hold a mapping of sections; got {type(data).__name__}",
+            source=shown,
+        )
+    return _flatten(data, shown)
+
+
+def _parse_override(text: str) -> dict[str, Any]:
+    source = f"command-line override {text!r}"
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            f"malformed {source}: expected key=value, e.g. encode.batch_size=8", source=source
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"invalid value in {source}: {' '.join(str(exc).split())}", key=key, source=source
+        ) from exc
+    # "index.table=2024" means the string; YAML would make it an int (or a date).
+    if (
+        _expects_str(_field_at(key))
+        and value is not None
+        and not isinstance(value, (str, list, dict))
+    ):
+        value = raw.strip()
+    return _flatten({key: value}, source)
+
+
+def _flag_source(name: str) -> str:
+    return f"flag --{name.replace('_', '-')}" if name in FLAG_ALIASES else f"flag {name}"
+
+
+def load_config(
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    flags: Mapping[str, Any] | None = None,
+) -> AppConfig:
+    """Resolve defaults < YAML ``path`` < ``key=value`` overrides < ``flags`` into an AppConfig.
+
+    ``flags`` maps FLAG_ALIASES names (or dotted keys) to values; None values are ignored.
+    Raises ConfigError naming the key and where it came from.
+    """
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'key=value' strings, not one string")
+    cwd = Path.cwd()
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        shown = str(path)
+        file = Path(os.path.expanduser(str(path)))
+        file = file if file.is_absolute() else cwd / file
+        layers.append((shown, _resolve_paths(_read_yaml(file, shown), file.parent)))
+    for text in overrides:
+        layers.append(
+            (f"command-line override {text!r}", _resolve_paths(_parse_override(text), cwd))
+        )
+    for name, value in (flags or {}).items():
+        if value is None:
+            continue
+        key = FLAG_ALIASES.get(name, name)
+        source = _flag_source(name)
+        layers.append((source, _resolve_paths(_flatten({key: value}, source), cwd)))
+
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for source, flat in layers:
+        merged.update(flat)
+        origin.update(dict.fromkeys(flat, source))
+
+    nested: dict[str, Any] = {}
+    for dotted, value in merged.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        cfg = AppConfig.model_validate(nested)
+    except ValidationError as exc:
+        raise _from_validation(exc, origin) from None
+    logger.debug("config resolved from %s", [s for s, _ in layers] or ["built-in defaults"])
+    return cfg
+
+
+def _from_validation(exc: ValidationError, origin: Mapping[str, str]) -> ConfigError:
+    parts = []
+    first_key = first_source = None
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        # The longest prefix that some layer set is where the value came from; for a whole-section
+        # check (serve.k vs serve.candidates), every layer that touched the section.
+        source = None
+        probe = key
+        while probe:
+            if probe in origin:
+                source = origin[probe]
+                break
+            probe = probe.rpartition(".")[0]
+        if source is None:
+            within = sorted({s for k, s in origin.items() if k.startswith(key + ".")})
+            source = " and ".join(within) if within else "built-in defaults"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("value_error", "assertion_error") and key.count(".") == 0:
+            parts.append(f"invalid {key!r} section from {source}: {msg}")
+        else:
+            parts.append(f"invalid value for {key!r} in {source}: got {_show(err['input'])}; {msg}")
+        if first_key is None:
+            first_key, first_source = key, source
+    return ConfigError("; ".join(parts), key=first_key, source=first_source)
+
+
+# --------------------------------------------------------------------------- argparse glue
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, flags: Sequence[str] = ()) -> None:
+    """Add ``--config FILE``, positional ``key=value`` overrides and the named flag aliases.
+
+    ``flags`` are FLAG_ALIASES names, e.g. ("source", "index_uri", "model") -> ``--source``,
+    ``--index-uri``, ``--model``. Use ``parse_intermixed_args`` to mix overrides and flags freely.
+    """
+    parser.add_argument("--config", metavar="FILE", default=None, help="YAML config file")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        default=[],
+        help="config overrides, e.g. encode.batch_size=8 (value parsed as YAML)",
+    )
+    for name in flags:
+        if name not in FLAG_ALIASES:
+            raise ValueError(
+                f"unknown config flag {name!r}; expected one of {sorted(FLAG_ALIASES)}"
+            )
+        key = FLAG_ALIASES[name]
+        annotation = _field_at(key)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            type=int if annotation is int else str,
+            help=f"alias of {key}",
+        )
+    parser.set_defaults(_config_flags=tuple(flags))
+
+
+def config_from_args(args: argparse.Namespace) -> AppConfig:
+    """Load the config described by a namespace parsed with add_config_arguments' arguments."""
+    names = getattr(args, "_config_flags", ())
+    return load_config(
+        getattr(args, "config", None),
+        getattr(args, "overrides", None) or (),
+        {name: getattr(args, name, None) for name in names},
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def dump_config(cfg: AppConfig) -> str:
+    """The resolved config as YAML (sections in schema order)."""
+    header = f"# resolved config, digest {config_digest(cfg)}\n"
+    return header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def write_resolved_config(
+    cfg: AppConfig, out_dir: str | Path, name: str = "config.resolved.yaml"
+) -> Path:
+    """Write the resolved config into local directory ``out_dir`` (created) and return the file.
+
+    Every path in it is already absolute, so load_config(file) gives back an equal AppConfig.
+    For an s3:// output, write ``dump_config(cfg)`` with the caller's filesystem instead.
+    """
+    if _is_uri(str(out_dir)):
+        raise ValueError(f"write_resolved_config writes local directories only; got {out_dir!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / name
+    target.write_text(dump_config(cfg), encoding="utf-8")
+    return target
+
+
+def config_digest(cfg: AppConfig) -> str:
+    """First 16 hex digits of the sha256 of the resolved config's canonical JSON."""
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.config", description="Print the resolved config as YAML."
+    )
+    add_config_arguments(parser, tuple(FLAG_ALIASES))
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_config(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Shared fixtures: one tiny BLIP checkpoint per test session (built offline, in seconds)."""
+
+from __future__ import annotations
+
+import os
+
+# Never reach for the hub from tests; fail at once instead (set before transformers is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import io  # noqa: E402
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from blip_ops.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from blip_ops import load_model
+
+    return load_model(tiny_model_dir, device="cpu", dtype="float32", attention="sdpa")
+
+
+@pytest.fixture(scope="session")
+def eager_reference(tiny_model_dir):
+    """transformers' own BlipForImageTextRetrieval, untouched (eager attention, its forward)."""
+    import torch
+    from transformers import BlipForImageTextRetrieval
+
+    return BlipForImageTextRetrieval.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def draw_product(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:
+    """A small synthetic 'product photo': background, a coloured shape and a stripe, by seed."""
+    rng = random.Random(seed)
+    im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(im)
+    w, h = size
+    box = (rng.randrange(w // 3), rng.randrange(h // 3), rng.randrange(w // 2, w), rng.randrange(h // 2, h))
+    fill = tuple(rng.randrange(256) for _ in range(3))
+    (d.ellipse if seed % 2 else d.rectangle)(box, fill=fill)
+    d.line((0, rng.randrange(h), w, rng.randrange(h)), fill=(255 - fill[0], fill[1], 255 - fill[2]), width=6)
+    return im
+
+
+def encode_image_bytes(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def product_images():
+    return [draw_product(i) for i in range(8)]

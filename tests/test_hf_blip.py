@@ -1,0 +1,188 @@
+"""The HF BLIP family against transformers' own forward, SDPA against eager, and the tiny model."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from blip_ops import load_model
+from blip_ops.attention import set_attention
+from blip_ops.decode import decode_image
+from blip_ops.hub import ModelUnavailableError
+from blip_ops.tiny_model import build_vocab, make_tiny_model
+from tests.conftest import draw_product
+
+TITLES = [
+    "M & D Simple Modern Light Luxury Sofa TE04",
+    "er tong hua xing che fang ce fan niu niu che 1-3 sui",
+    "儿童滑行车 防侧翻 扭扭车",
+    "red leather handbag women",
+    "blue cotton striped shirt men",
+    "steel kettle 1.7L",
+]
+
+
+def _reference_inputs(model, texts):
+    enc = model.tokenizer(
+        [model.normalize_text(t) for t in texts],
+        padding="longest",
+        truncation=True,
+        max_length=model.text_settings.max_length,
+        return_tensors="pt",
+    )
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_split_encoders_equal_transformers_forward(tiny_model, eager_reference, product_images):
+    pixels = tiny_model.preprocess(product_images[:4])  # (4, 3, S, S)
+    ids, mask = _reference_inputs(tiny_model, TITLES[:4])
+    with torch.no_grad():
+        ref_itc = eager_reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=False).itm_score
+        ref_itm = eager_reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=True).itm_score
+    img = tiny_model.encode_images(pixels, return_tokens=True)
+    txt = tiny_model.encode_texts(TITLES[:4])
+    # forward(use_itm_head=False) returns image_feat @ text_feat.T: (images, texts) cosines.
+    torch.testing.assert_close(img.embeddings @ txt.T, ref_itc, atol=1e-5, rtol=0)
+    # forward(use_itm_head=True) pairs text i with image i: 2-way logits, [:, 1] = "match".
+    torch.testing.assert_close(tiny_model.itm_scores(TITLES[:4], img.tokens), ref_itm[:, 1], atol=1e-5, rtol=0)
+    # One query against k images in one call equals the k pair-wise forwards.
+    one = tiny_model.itm_scores(TITLES[0], img.tokens)
+    ids1, mask1 = _reference_inputs(tiny_model, [TITLES[0]] * 4)
+    with torch.no_grad():
+        ref_one = eager_reference(input_ids=ids1, attention_mask=mask1, pixel_values=pixels).itm_score[:, 1]
+    torch.testing.assert_close(one, ref_one, atol=1e-5, rtol=0)
+
+
+def test_sdpa_equals_eager(tiny_model_dir, product_images):
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32", attention="sdpa")
+    pixels = model.preprocess(product_images)
+    sdpa = (model.encode_images(pixels, return_tokens=True), model.encode_texts(TITLES))
+    sdpa_itm = model.itm_scores(TITLES[0], sdpa[0].tokens)
+    assert set_attention(model.model, "eager") == 2 + 2 * 2  # 2 vision layers, 2 text layers x (self, cross)
+    eager = (model.encode_images(pixels, return_tokens=True), model.encode_texts(TITLES))
+    eager_itm = model.itm_scores(TITLES[0], eager[0].tokens)
+    torch.testing.assert_close(sdpa[0].embeddings, eager[0].embeddings, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sdpa[0].tokens, eager[0].tokens, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sdpa[1], eager[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sdpa_itm, eager_itm, atol=1e-5, rtol=0)
+
+
+def test_sdpa_respects_text_padding(tiny_model):
+    # A short title padded in a batch with a long one must embed as it does alone.
+    alone = tiny_model.encode_texts(["red sofa"])
+    padded = tiny_model.encode_texts(["red sofa", TITLES[1]])[:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=0)
+
+
+def test_outputs_are_normalised_and_shaped(tiny_model, product_images):
+    enc = tiny_model.encode_images(product_images, return_tokens=True)
+    d = tiny_model.embedding_dim
+    assert enc.embeddings.shape == (8, d) and enc.embeddings.dtype == torch.float32
+    assert enc.tokens.shape == (8, (64 // 8) ** 2 + 1, 32)
+    torch.testing.assert_close(enc.embeddings.norm(dim=-1), torch.ones(8))
+    txt = tiny_model.encode_texts(TITLES)
+    assert txt.shape == (len(TITLES), d)
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(len(TITLES)))
+    assert tiny_model.encode_images(product_images[:1]).tokens is None
+
+
+def test_tiny_model_tells_inputs_apart(tiny_model, product_images):
+    """ENV_NOTES pitfall 4: a random BLIP with default init embeds everything alike."""
+    img = tiny_model.encode_images(product_images).embeddings
+    sim = img @ img.T
+    off = sim[~torch.eye(len(sim), dtype=torch.bool)]
+    assert off.max() < 0.9, f"images embed too alike: max off-diagonal cosine {off.max():.4f}"
+    txt = tiny_model.encode_texts(TITLES)
+    tsim = txt @ txt.T
+    toff = tsim[~torch.eye(len(tsim), dtype=torch.bool)]
+    assert toff.max() < 0.95, f"titles embed too alike: max off-diagonal cosine {toff.max():.4f}"
+    # And ITM separates images for one query.
+    itm = tiny_model.itm_scores(TITLES[0], tiny_model.encode_images(product_images, return_tokens=True).tokens)
+    assert itm.std() > 0.05
+
+
+def test_tokenizer_vocab_is_complete(tiny_model):
+    """ENV_NOTES pitfall 3: a tokenizer that silently loads 5 tokens turns every word into [UNK]."""
+    tok = tiny_model.tokenizer
+    assert len(tok) == len(build_vocab()) > 200
+    ids = tok("simple modern sofa te04 xyz")["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids)[1:4] == ["simple", "modern", "sofa"]
+
+
+def test_model_id_names_weights_not_path(tiny_model_dir, tiny_model, tmp_path):
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")
+    assert load_model(copy, device="cpu").model_id == tiny_model.model_id
+    assert tiny_model.model_id.startswith("hf_blip-")
+    assert make_tiny_model(seed=0).model_id == tiny_model.model_id
+    assert make_tiny_model(seed=1).model_id != tiny_model.model_id
+    other = make_tiny_model(seed=0)
+    with torch.no_grad():
+        other.model.itm_head.bias[0] += 1.0
+    saved = other.save(tmp_path / "changed")
+    assert load_model(saved, device="cpu").model_id != tiny_model.model_id
+
+
+def test_save_load_round_trip_keeps_outputs(tiny_model, tmp_path, product_images):
+    again = load_model(tiny_model.save(tmp_path / "resaved"), device="cpu")
+    assert again.model_id == tiny_model.model_id
+    assert again.image_settings == tiny_model.image_settings
+    assert again.text_settings == tiny_model.text_settings
+    torch.testing.assert_close(
+        again.encode_images(product_images[:2]).embeddings, tiny_model.encode_images(product_images[:2]).embeddings
+    )
+
+
+def test_unreachable_hub_fails_at_once_with_a_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match=r"model\.name_or_path") as err:
+        load_model("Salesforce/blip-itm-base-coco")
+    assert time.perf_counter() - started < 2.0
+    assert "Salesforce/blip-itm-base-coco" in str(err.value) and "--model" in str(err.value)
+
+
+def test_unreachable_hub_without_offline_flag(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    started = time.perf_counter()
+    with pytest.raises(ModelUnavailableError, match="cannot be reached"):
+        load_model("Salesforce/blip-itm-base-coco")
+    assert time.perf_counter() - started < 5.0
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelUnavailableError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_exif_rotated_jpeg_embeds_like_upright_pixels(tiny_model):
+    """An EXIF-rotated JPEG must embed as the same pixels stored upright (lossless PNG)."""
+    # Small enough that draft() keeps full resolution, so both paths see identical pixels.
+    stored = draw_product(3, size=(100, 70))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    jpeg = buf.getvalue()
+    # What the JPEG decoder produced, turned upright by hand, stored losslessly.
+    raw = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    upright = raw.transpose(Image.Transpose.ROTATE_270)
+    png = io.BytesIO()
+    upright.save(png, "PNG")
+    size = tiny_model.image_settings.size
+    from_jpeg = decode_image(jpeg, target_size=size)
+    from_png = decode_image(png.getvalue(), target_size=size)
+    assert from_jpeg.size == (70, 100)
+    e = tiny_model.encode_images([from_jpeg, from_png, raw]).embeddings
+    np.testing.assert_allclose(e[0].numpy(), e[1].numpy(), atol=1e-4)
+    # Not vacuous: ignoring the orientation gives a different embedding.
+    assert float(e[0] @ e[2]) < 0.999
