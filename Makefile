@@ -40,6 +40,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 venv: $(VENV)/.installed
 
 test: venv
+	$(VENV)/bin/ruff check blip_ops pipelines tests benchmarks
 	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 demo: venv

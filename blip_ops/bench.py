@@ -35,15 +35,20 @@ from typing import Any
 import torch
 
 from blip_ops.attention import ATTENTION_KINDS, set_attention
-from blip_ops.family import ImageSettings, load_model, resolve_device, resolve_dtype
+from blip_ops.family import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ImageSettings,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
 NAMED_MODELS = ("tiny", "blip-base", "blip-large")
 ATTENTION_CHOICES = (*ATTENTION_KINDS, "both")
 # CLIP normalisation, which BLIP checkpoints use.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Default batch sizes. On 2 CPU cores BLIP-base @384 fp32 takes ~0.7 s per image, so CPU stays small.
 CUDA_BATCH_SIZES = (64, 128, 256, 512)
 CPU_BATCH_SIZES = (8,)
@@ -246,6 +251,16 @@ def _timer(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], No
     return total / iters, first
 
 
+def _measure_batch(hf, bsz: int, titles: list[str], gen: torch.Generator, warmup: int, iters: int,
+                   sync: Callable[[], None]) -> tuple[float, float | None, float]:
+    """Seconds per encode_images batch (and its first call), seconds per encode_texts batch."""
+    size = hf.image_settings.size
+    pixels = torch.randn(bsz, 3, size, size, generator=gen, device=hf.device, dtype=hf.dtype)  # (B, 3, S, S)
+    img_s, first_s = _timer(lambda: hf.encode_images(pixels), warmup, iters, sync)
+    txt_s, _ = _timer(lambda: hf.encode_texts(titles), warmup, iters, sync)
+    return img_s, first_s, txt_s
+
+
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -305,12 +320,28 @@ def run_bench(
     """
     if attention not in ATTENTION_CHOICES:
         raise BenchError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    kinds = list(ATTENTION_KINDS[::-1]) if attention == "both" else [attention]  # eager first, then sdpa
+    kinds = ["eager", "sdpa"] if attention == "both" else [attention]  # transformers' own first
+    # Settings are checked before the model is built (seconds for BLIP-base on CPU).
     itm_candidates = _positive_int(itm_candidates, "itm_candidates")
     if image_size is not None:
         _positive_int(image_size, "image_size")
+    if warmup is not None:
+        _positive_int(warmup, "warmup", 0)
+    if iters is not None:
+        _positive_int(iters, "iters")
+    if batch_sizes is not None:
+        batch_sizes = [_positive_int(b, "batch size") for b in batch_sizes]
+        if not batch_sizes:
+            raise BenchError("no batch sizes given")
 
     if isinstance(model, (str, Path)):
+        if compile:  # say so before seconds of model construction
+            try:
+                wanted = resolve_device(device)
+            except (ValueError, RuntimeError) as err:
+                raise BenchError(str(err)) from err
+            if wanted.type != "cuda":
+                raise BenchError(f"--compile is CUDA only, got device {wanted}")
         hf, info = build_model(model, device=device, dtype=dtype, attention=kinds[0],
                                image_size=image_size, seed=seed)
     elif hasattr(model, "model") and hasattr(model.model, "vision_model"):
@@ -324,15 +355,12 @@ def run_bench(
 
     gflop, gflop_source, shape = _vision_gflop(hf)
     default_warmup, default_iters = _default_iters(dev, shape["vision_params"])
-    warmup = default_warmup if warmup is None else _positive_int(warmup, "warmup", 0)
-    iters = default_iters if iters is None else _positive_int(iters, "iters")
+    warmup = default_warmup if warmup is None else warmup
+    iters = default_iters if iters is None else iters
     if compile:
         warmup = max(warmup, 1)  # the first call compiles: never time it
     if batch_sizes is None:
-        batch_sizes = CUDA_BATCH_SIZES if dev.type == "cuda" else CPU_BATCH_SIZES
-    batch_sizes = [_positive_int(b, "batch size") for b in batch_sizes]
-    if not batch_sizes:
-        raise BenchError("no batch sizes given")
+        batch_sizes = list(CUDA_BATCH_SIZES if dev.type == "cuda" else CPU_BATCH_SIZES)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -351,7 +379,7 @@ def run_bench(
         "iters": iters,
         "itm_candidates": itm_candidates,
         "itm_query": ITM_QUERY,
-        "gflop_per_image": round(gflop, 2),
+        "gflop_per_image": float(f"{gflop:.4g}"),
         "gflop_source": gflop_source,
         **env,
     }
@@ -384,14 +412,11 @@ def run_bench(
             for bsz in batch_sizes:
                 row = {**base, "attention": kind, "batch_size": bsz}
                 try:
-                    pixels = torch.randn(bsz, 3, size, size, generator=gen, device=dev, dtype=run_dtype)
-                    img_s, first_s = _timer(lambda p=pixels: hf.encode_images(p), warmup, iters, sync)
-                    del pixels
-                    batch_titles = titles[:bsz]
-                    txt_s, _ = _timer(lambda t=batch_titles: hf.encode_texts(t), warmup, iters, sync)
+                    img_s, first_s, txt_s = _measure_batch(hf, bsz, titles[:bsz], gen, warmup, iters, sync)
                 except _OOM as err:  # pragma: no cover - GPU only
-                    torch.cuda.empty_cache()
                     row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+                if "error" in row:  # pragma: no cover - GPU only
+                    torch.cuda.empty_cache()  # after the except block: its traceback held the batch
                     logger.warning("%s batch %d: %s", kind, bsz, row["error"])
                     rows.append(row)
                     continue
@@ -437,7 +462,7 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
     lines = [
         f"env: python {r0['python']} | torch {r0['torch']} | transformers {r0['transformers']} | "
         f"device {r0['device_name']} | dtype {r0['dtype']} | threads {r0['threads']}",
-        f"model: {r0['model']}{weights} | {r0['params'] / 1e6:.1f}M params (vision {r0['vision_params'] / 1e6:.1f}M) "
+        f"model: {r0['model']}{weights} | {r0['params'] / 1e6:.4g}M params (vision {r0['vision_params'] / 1e6:.4g}M) "
         f"| {r0['image_size']} px, {r0['image_tokens']} image tokens | {r0['gflop_per_image']:g} GFLOP/image "
         f"({r0['gflop_source']}){build}",
         f"images/s: encode_images on random (B, 3, {r0['image_size']}, {r0['image_size']}) tensors already on "
@@ -475,7 +500,7 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
         if len(row) != len(header):  # an error row
             lines.append("  ".join([row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2]]))
         else:
-            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
     if cuda:
         lines.append(f"\n%{PEAK_TFLOPS:g}: vision TFLOP/s as a share of {PEAK_TFLOPS:g} TFLOP/s (one H200, dense bf16)")
     return "\n".join(lines)
@@ -483,11 +508,14 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
 
 # ---- CLI -----------------------------------------------------------------------------------------
 _EPILOG = """\
-runtimes (measured on 2 CPU cores, torch 2.13 CPU):
-  --model tiny --attention both                           ~10 s
-  --model blip-base --attention both (batch 8, warmup 1, iters 2, K=32)  ~3 min
-    (BLIP-base @384 fp32 is ~0.7 s per image on 2 cores; random init of its 224M params ~4 s)
-On CUDA the defaults are batch sizes 64 128 256 512, warmup 3, iters 10, bf16.
+runtimes measured on 2 shared CPU cores (torch 2.13 CPU, fp32):
+  --model tiny --attention both                                 ~5 s
+  --model blip-base --attention both  (batch 8, warmup 1, iters 2, K=32)  ~80 s:
+      build 3.3 s (random init 2.2 s + weights digest 1.1 s), ~0.7-0.9 s per image,
+      ~4 s per ITM query of 32 candidates
+On CUDA the defaults are batch sizes 64 128 256 512, warmup 3, iters 10, bf16; with --compile
+each (attention, batch size) compiles once (16 s for BLIP-base on an H200, ANCHORS.md),
+reported as "1st call s".
 """
 
 

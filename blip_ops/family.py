@@ -25,6 +25,9 @@ from blip_ops.text import TextSettings, normalize_text
 logger = logging.getLogger(__name__)
 
 CATALOG_CONFIG = "blip_catalog.json"  # our per-checkpoint settings: family + text rule
+# The OpenAI CLIP normalisation every BLIP checkpoint uses.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from blip_ops.family import ImageSettings
+from blip_ops.family import CLIP_MEAN, CLIP_STD, ImageSettings
 from blip_ops.text import TextSettings
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def make_tiny_model(seed: int = 0, image_size: int = 64):
     torch.manual_seed(seed)
     model = BlipForImageTextRetrieval(tiny_config(len(tokenizer), image_size)).eval()
     image_settings = ImageSettings(
-        size=image_size, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)
+        size=image_size, mean=CLIP_MEAN, std=CLIP_STD
     )
     return HFBlipModel(model, tokenizer, image_settings, TextSettings(), device="cpu", dtype="float32")
 
