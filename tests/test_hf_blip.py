@@ -43,19 +43,27 @@ def test_split_encoders_equal_transformers_forward(tiny_model, eager_reference, 
     pixels = tiny_model.preprocess(product_images[:4])  # (4, 3, S, S)
     ids, mask = _reference_inputs(tiny_model, TITLES[:4])
     with torch.no_grad():
-        ref_itc = eager_reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=False).itm_score
-        ref_itm = eager_reference(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=True).itm_score
+        ref_itc = eager_reference(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=False
+        ).itm_score
+        ref_itm = eager_reference(
+            input_ids=ids, attention_mask=mask, pixel_values=pixels, use_itm_head=True
+        ).itm_score
     img = tiny_model.encode_images(pixels, return_tokens=True)
     txt = tiny_model.encode_texts(TITLES[:4])
     # forward(use_itm_head=False) returns image_feat @ text_feat.T: (images, texts) cosines.
     torch.testing.assert_close(img.embeddings @ txt.T, ref_itc, atol=1e-5, rtol=0)
     # forward(use_itm_head=True) pairs text i with image i: 2-way logits, [:, 1] = "match".
-    torch.testing.assert_close(tiny_model.itm_scores(TITLES[:4], img.tokens), ref_itm[:, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tiny_model.itm_scores(TITLES[:4], img.tokens), ref_itm[:, 1], atol=1e-5, rtol=0
+    )
     # One query against k images in one call equals the k pair-wise forwards.
     one = tiny_model.itm_scores(TITLES[0], img.tokens)
     ids1, mask1 = _reference_inputs(tiny_model, [TITLES[0]] * 4)
     with torch.no_grad():
-        ref_one = eager_reference(input_ids=ids1, attention_mask=mask1, pixel_values=pixels).itm_score[:, 1]
+        ref_one = eager_reference(
+            input_ids=ids1, attention_mask=mask1, pixel_values=pixels
+        ).itm_score[:, 1]
     torch.testing.assert_close(one, ref_one, atol=1e-5, rtol=0)
 
 
@@ -64,7 +72,9 @@ def test_sdpa_equals_eager(tiny_model_dir, product_images):
     pixels = model.preprocess(product_images)
     sdpa = (model.encode_images(pixels, return_tokens=True), model.encode_texts(TITLES))
     sdpa_itm = model.itm_scores(TITLES[0], sdpa[0].tokens)
-    assert set_attention(model.model, "eager") == 2 + 2 * 2  # 2 vision layers, 2 text layers x (self, cross)
+    assert (
+        set_attention(model.model, "eager") == 2 + 2 * 2
+    )  # 2 vision layers, 2 text layers x (self, cross)
     eager = (model.encode_images(pixels, return_tokens=True), model.encode_texts(TITLES))
     eager_itm = model.itm_scores(TITLES[0], eager[0].tokens)
     torch.testing.assert_close(sdpa[0].embeddings, eager[0].embeddings, atol=1e-5, rtol=0)
@@ -103,7 +113,9 @@ def test_tiny_model_tells_inputs_apart(tiny_model, product_images):
     toff = tsim[~torch.eye(len(tsim), dtype=torch.bool)]
     assert toff.max() < 0.95, f"titles embed too alike: max off-diagonal cosine {toff.max():.4f}"
     # And ITM separates images for one query.
-    itm = tiny_model.itm_scores(TITLES[0], tiny_model.encode_images(product_images, return_tokens=True).tokens)
+    itm = tiny_model.itm_scores(
+        TITLES[0], tiny_model.encode_images(product_images, return_tokens=True).tokens
+    )
     assert itm.std() > 0.05
 
 
@@ -135,7 +147,8 @@ def test_save_load_round_trip_keeps_outputs(tiny_model, tmp_path, product_images
     assert again.image_settings == tiny_model.image_settings
     assert again.text_settings == tiny_model.text_settings
     torch.testing.assert_close(
-        again.encode_images(product_images[:2]).embeddings, tiny_model.encode_images(product_images[:2]).embeddings
+        again.encode_images(product_images[:2]).embeddings,
+        tiny_model.encode_images(product_images[:2]).embeddings,
     )
 
 
@@ -186,3 +199,31 @@ def test_exif_rotated_jpeg_embeds_like_upright_pixels(tiny_model):
     np.testing.assert_allclose(e[0].numpy(), e[1].numpy(), atol=1e-4)
     # Not vacuous: ignoring the orientation gives a different embedding.
     assert float(e[0] @ e[2]) < 0.999
+
+
+def test_preprocess_matches_transformers_blip_image_processor(
+    tiny_model_dir, tiny_model, product_images
+):
+    """Size, normalisation and resampling come from the checkpoint's preprocessor_config.json."""
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    processor = BlipImageProcessorPil.from_pretrained(tiny_model_dir)
+    expected = processor(images=product_images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(tiny_model.preprocess(product_images), expected, atol=1e-5, rtol=0)
+
+
+def test_tiny_model_cli_writes_a_loadable_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli-tiny"
+    run = subprocess.run(
+        [sys.executable, "-m", "blip_ops.tiny_model", "--out", str(out), "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    model = load_model(out, device="cpu")
+    assert f"model_id: {model.model_id}" in run.stdout
+    assert model.model_id == make_tiny_model(seed=3).model_id
