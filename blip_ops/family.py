@@ -61,7 +61,9 @@ class ImageEncoding:
     """Output of :meth:`RetrievalModel.encode_images`."""
 
     embeddings: torch.Tensor  # (B, D) float32, L2-normalised ITC embeddings, on CPU
-    tokens: torch.Tensor | None = None  # (B, N, H) image tokens for ITM, model dtype, on the model device
+    tokens: torch.Tensor | None = (
+        None  # (B, N, H) image tokens for ITM, model dtype, on the model device
+    )
 
 
 class RetrievalModel(ABC):
@@ -82,19 +84,49 @@ class RetrievalModel(ABC):
     def normalize_text(self, text: str) -> str:
         return normalize_text(text, self.text_settings)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """RGB PIL images of any size → (B, 3, S, S) float32 pixel values on CPU."""
+    def preprocess(
+        self, images: Sequence[Image.Image | torch.Tensor], device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Decoded images → (B, 3, S, S) float32 pixel values on ``device`` (default CPU).
+
+        Items are RGB PIL images (resized by PIL, as transformers' BLIP processor does) or
+        (3, H, W) uint8 tensors from ``decode_batch``'s GPU path (resized where they lie, with
+        antialiased bicubic interpolation, so GPU-decoded images never round-trip to the host).
+        """
         s = self.image_settings
-        if not images:
-            return torch.empty(0, 3, s.size, s.size)
-        # PIL's resize is the one per-image step; the arithmetic below is batched.
-        arr = np.stack([
-            np.asarray(im.convert("RGB").resize((s.size, s.size), s.resample), dtype=np.uint8) for im in images
-        ])  # (B, S, S, 3) uint8
-        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
-        mean = torch.tensor(s.mean).view(1, 3, 1, 1)
-        std = torch.tensor(s.std).view(1, 3, 1, 1)
-        return pixels.sub_(mean).div_(std)
+        out_device = torch.device(device) if device is not None else torch.device("cpu")
+        out = torch.empty(len(images), 3, s.size, s.size, device=out_device)  # (B, 3, S, S)
+        pil = [i for i, im in enumerate(images) if isinstance(im, Image.Image)]
+        if pil:
+            # PIL's resize is the one per-image step; the arithmetic is batched.
+            arr = np.stack(
+                [
+                    np.asarray(
+                        images[i].convert("RGB").resize((s.size, s.size), s.resample),
+                        dtype=np.uint8,
+                    )
+                    for i in pil
+                ]
+            )  # (P, S, S, 3) uint8
+            out[pil] = torch.from_numpy(arr).to(out_device).permute(0, 3, 1, 2).float()
+        for i, im in enumerate(images):
+            if isinstance(im, Image.Image):
+                continue
+            if not isinstance(im, torch.Tensor) or im.ndim != 3 or im.shape[0] != 3:
+                raise TypeError(
+                    f"image {i}: expected an RGB PIL image or a (3, H, W) tensor, got {im!r:.80}"
+                )
+            resized = torch.nn.functional.interpolate(
+                im.unsqueeze(0).float(),
+                size=(s.size, s.size),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            )  # (1, 3, S, S) on the tensor's device
+            out[i] = resized[0].clamp_(0, 255).round_().to(out_device)
+        mean = torch.tensor(s.mean, device=out_device).view(1, 3, 1, 1)
+        std = torch.tensor(s.std, device=out_device).view(1, 3, 1, 1)
+        return out.div_(255.0).sub_(mean).div_(std)
 
     @abstractmethod
     def encode_images(
@@ -160,7 +192,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def weights_digest(config_dict: dict[str, Any], state_dict: dict[str, torch.Tensor], extra: str = "") -> str:
+def weights_digest(
+    config_dict: dict[str, Any], state_dict: dict[str, torch.Tensor], extra: str = ""
+) -> str:
     """Digest of a model's config and weights, independent of path, device and run dtype."""
     h = hashlib.blake2b(digest_size=8)
     h.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
@@ -181,7 +215,9 @@ def load_model(
     if family not in _FAMILIES:
         _import_builtin_families()
     if family not in _FAMILIES:
-        raise ValueError(f"{name_or_path}: unknown model family {family!r}; known: {sorted(_FAMILIES)}")
+        raise ValueError(
+            f"{name_or_path}: unknown model family {family!r}; known: {sorted(_FAMILIES)}"
+        )
     return _FAMILIES[family](str(name_or_path), device=device, dtype=dtype, attention=attention)
 
 

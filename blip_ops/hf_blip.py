@@ -116,7 +116,7 @@ class HFBlipModel(RetrievalModel):
         return int(self.model.config.image_text_hidden_size)
 
     def _pixels(self, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
-        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images, device=self.device)
         s = self.image_settings.size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ValueError(f"expected pixel values of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}")

@@ -227,3 +227,20 @@ def test_tiny_model_cli_writes_a_loadable_checkpoint(tmp_path):
     model = load_model(out, device="cpu")
     assert f"model_id: {model.model_id}" in run.stdout
     assert model.model_id == make_tiny_model(seed=3).model_id
+
+
+def test_preprocess_takes_decoded_tensors_like_pil_images(tiny_model, product_images):
+    """decode_batch's GPU path yields (3, H, W) uint8 tensors; they preprocess like PIL images."""
+    tensors = [
+        torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous() for im in product_images[:3]
+    ]
+    mixed = [tensors[0], product_images[1], tensors[2]]
+    from_pil = tiny_model.preprocess(product_images[:3])
+    from_mixed = tiny_model.preprocess(mixed)
+    assert torch.equal(from_mixed[1], from_pil[1])
+    # torch's antialiased bicubic differs from PIL's by rounding only: at most a few grey levels.
+    assert (from_mixed - from_pil).abs().max() < 4 / 255 / min(tiny_model.image_settings.std)
+    emb = tiny_model.encode_images(mixed).embeddings
+    assert float((emb * tiny_model.encode_images(from_pil).embeddings).sum(-1).min()) > 0.99
+    with pytest.raises(TypeError, match="expected an RGB PIL image"):
+        tiny_model.preprocess([np.zeros((3, 4, 4))])
