@@ -20,10 +20,13 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help venv test demo lint bench lock clean
+CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
+
+.PHONY: help venv fonts test demo catalog lint bench lock clean
 
 help:
-	@echo "make demo   - build a tiny model, encode a generated catalog, print rankings (EN / 汉字 / pinyin)"
+	@echo "make demo   - tiny model + generated catalog -> encode, rank held-out queries (EN / 汉字 / pinyin)"
+	@echo "make catalog - a 10,000-product demo catalog in .data/catalog-10k (timed)"
 	@echo "make test   - the whole test suite (what CI runs)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - model-only throughput (blip_ops.bench) on CPU"
@@ -39,15 +42,27 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 
 venv: $(VENV)/.installed
 
-test: venv
+# The demo catalog prints Chinese brand names with Debian's WenQuanYi Micro Hei.
+fonts: $(CJK_FONT)
+$(CJK_FONT):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo ">> installing fonts-wqy-microhei"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fonts-wqy-microhei >/dev/null; \
+	else echo "error: $(CJK_FONT) is missing: install the Debian package fonts-wqy-microhei" >&2; exit 1; fi
+
+test: venv fonts
 	$(VENV)/bin/ruff check blip_ops pipelines tests benchmarks
 	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
-demo: venv
+demo: venv fonts
 	$(PY) -m pipelines.demo --config configs/local.yaml
 
 lint: venv
 	$(VENV)/bin/ruff check blip_ops pipelines tests benchmarks
+
+catalog: venv fonts
+	$(PY) -m pipelines.make_catalog --out .data/catalog-10k --products 10000 --seed 0 --overwrite
 
 bench: venv
 	$(PY) -m blip_ops.bench --model tiny --attention both

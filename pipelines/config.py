@@ -104,7 +104,7 @@ class SourceColumns(_Section):
 
 class SourceConfig(_Section):
     uri: str = Field(
-        str(DEFAULT_DATA_DIR / "catalog"), description="catalog folder or s3://bucket/prefix"
+        str(DEFAULT_DATA_DIR / "catalog" / "products"), description="catalog folder or s3://bucket/prefix"
     )
     columns: SourceColumns = Field(
         default_factory=SourceColumns, description="catalog column names"

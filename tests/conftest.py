@@ -46,10 +46,19 @@ def draw_product(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:
     im = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
     d = ImageDraw.Draw(im)
     w, h = size
-    box = (rng.randrange(w // 3), rng.randrange(h // 3), rng.randrange(w // 2, w), rng.randrange(h // 2, h))
+    box = (
+        rng.randrange(w // 3),
+        rng.randrange(h // 3),
+        rng.randrange(w // 2, w),
+        rng.randrange(h // 2, h),
+    )
     fill = tuple(rng.randrange(256) for _ in range(3))
     (d.ellipse if seed % 2 else d.rectangle)(box, fill=fill)
-    d.line((0, rng.randrange(h), w, rng.randrange(h)), fill=(255 - fill[0], fill[1], 255 - fill[2]), width=6)
+    d.line(
+        (0, rng.randrange(h), w, rng.randrange(h)),
+        fill=(255 - fill[0], fill[1], 255 - fill[2]),
+        width=6,
+    )
     return im
 
 
@@ -62,3 +71,40 @@ def encode_image_bytes(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
 @pytest.fixture
 def product_images():
     return [draw_product(i) for i in range(8)]
+
+
+# ---- S3: moto's server mode on 127.0.0.1, one per test session ----------------------------------
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server on loopback (what MinIO or AWS would be in production)."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+    """A fresh bucket; test credentials through the standard AWS environment variables."""
+    import uuid
+
+    import boto3
+
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket

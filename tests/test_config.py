@@ -349,7 +349,7 @@ def test_config_digest_tracks_values():
 def test_local_yaml_documented_values(other_cwd):
     cfg = load_config(REPO / "configs" / "local.yaml")
     data = REPO / ".data"
-    assert cfg.source.uri == str(data / "catalog")
+    assert cfg.source.uri == str(data / "catalog" / "products")
     assert cfg.index.uri == str(data / "lancedb")
     assert cfg.output.dir == str(data / "out")
     assert cfg.model.name_or_path == str(data / "models" / "tiny")

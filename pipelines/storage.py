@@ -1,0 +1,70 @@
+"""Local folders and S3 behind one pyarrow filesystem.
+
+S3 credentials come only from the standard AWS chain (environment, ~/.aws, instance role); the
+endpoint and region may come from the config (``s3.endpoint_url``, ``s3.region``) or from the
+chain's own variables (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` /
+``AWS_DEFAULT_REGION``), so any S3-compatible server works.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """The non-secret S3 settings (mirrors ``pipelines.config.S3Config``)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    allow_http: bool = False
+
+    @classmethod
+    def from_config(cls, s3) -> S3Settings:
+        return cls(endpoint_url=s3.endpoint_url, region=s3.region, allow_http=s3.allow_http)
+
+    def resolved(self) -> S3Settings:
+        endpoint = (
+            self.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return S3Settings(endpoint, region, self.allow_http)
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def filesystem_for(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path)`` for a local path or ``s3://bucket/prefix``."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+    settings = (s3 or S3Settings()).resolved()
+    kwargs: dict = {}
+    if settings.region:
+        kwargs["region"] = settings.region
+    if settings.endpoint_url:
+        endpoint = urlparse(settings.endpoint_url)
+        if endpoint.scheme == "http" and not settings.allow_http:
+            raise ValueError(
+                f"s3 endpoint {settings.endpoint_url!r} is plain http; set s3.allow_http=true "
+                "(local test servers only)"
+            )
+        kwargs["endpoint_override"] = endpoint.netloc or endpoint.path
+        kwargs["scheme"] = endpoint.scheme or "https"
+    parsed = urlparse(uri)
+    return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join filesystem paths with '/' (pyarrow paths, local or S3)."""
+    return posixpath.join(base, *parts)
