@@ -496,6 +496,16 @@ def config_from_args(args: argparse.Namespace) -> AppConfig:
     )
 
 
+def cli_config(args: argparse.Namespace) -> AppConfig | None:
+    """``config_from_args`` for command entry points: on a bad config, print the one-line error to
+    stderr and return None (the caller exits 2, no traceback)."""
+    try:
+        return config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -533,11 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m pipelines.config", description="Print the resolved config as YAML."
     )
     add_config_arguments(parser, tuple(FLAG_ALIASES))
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg = cli_config(parser.parse_intermixed_args(argv))
+    if cfg is None:
         return 2
     sys.stdout.write(dump_config(cfg))
     return 0

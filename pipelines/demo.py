@@ -26,9 +26,8 @@ import pyarrow.parquet as pq
 from pipelines.config import (
     DEFAULT_DATA_DIR,
     AppConfig,
-    ConfigError,
     add_config_arguments,
-    config_from_args,
+    cli_config,
     write_resolved_config,
 )
 
@@ -213,10 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, ("model",))
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = cli_config(args)
+    if cfg is None:
         return 2
     from blip_ops.hub import ModelUnavailableError
 

@@ -313,7 +313,7 @@ def read_manifest(out: str, s3: S3Settings | None = None) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipelines.config import ConfigError, add_config_arguments, config_from_args
+    from pipelines.config import add_config_arguments, cli_config
 
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.make_catalog", description=__doc__.splitlines()[0]
@@ -340,10 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_arguments(parser)
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    cfg = cli_config(args)
+    if cfg is None:
         return 2
     if args.products < 1 or args.rows_per_file < 1:
         print(

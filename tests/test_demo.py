@@ -85,3 +85,9 @@ def test_demo_refuses_a_source_it_cannot_generate(tiny_model_dir, tmp_path, caps
     )
     assert rc == 2
     assert "ending in /products" in capsys.readouterr().err
+
+
+def test_demo_bad_config_exits_2_naming_the_key(capsys):
+    assert demo.main(["--config", LOCAL_CONFIG, "encode.batchsize=3"]) == 2
+    err = capsys.readouterr().err
+    assert "encode.batchsize" in err and "did you mean 'encode.batch_size'" in err
