@@ -10,6 +10,7 @@ Writes, deterministically for a seed:
                                           the "_" keeps Parquet dataset readers from listing the images
     OUT/pairs.parquet                     each product's title in English, 汉字 and pinyin (fine-tuning)
     OUT/queries.parquet                   held-out shopper queries for every `test` product, 3 languages
+    OUT/config.resolved.yaml              the resolved config of the command (CLI runs)
     OUT/manifest.json                     what was written; written last, so its presence means complete
 Point ``source.uri`` at ``OUT/products``. S3 endpoint/region come from ``s3.*`` config keys or the
 AWS chain, credentials from the AWS chain only.
@@ -232,9 +233,10 @@ def _prepare_output(fs: pafs.FileSystem, root: str, overwrite: bool, image_mode:
                 f"{products_dir} already holds {len(existing)} entries; pass --overwrite to replace the catalog"
             )
         fs.delete_dir_contents(products_dir, missing_dir_ok=True)
-    manifest = join(root, "manifest.json")
-    if fs.get_file_info(manifest).type != pafs.FileType.NotFound:
-        fs.delete_file(manifest)  # a stale manifest would vouch for the new, incomplete catalog
+    # A stale manifest would vouch for the new, incomplete catalog; a stale config would misdescribe it.
+    for name in ("manifest.json", "config.resolved.yaml"):
+        if fs.get_file_info(join(root, name)).type != pafs.FileType.NotFound:
+            fs.delete_file(join(root, name))
     fs.create_dir(join(products_dir, "_images") if image_mode == "files" else products_dir, recursive=True)
 
 
@@ -248,8 +250,13 @@ def make_catalog(
     workers: int | None = None,
     s3: S3Settings | None = None,
     overwrite: bool = False,
+    resolved_config: str | None = None,
 ) -> dict:
-    """Generate the catalog under ``out`` and return the manifest."""
+    """Generate the catalog under ``out`` and return the manifest.
+
+    ``resolved_config`` (YAML text, see ``pipelines.config.dump_config``) is written beside the
+    manifest as ``config.resolved.yaml``.
+    """
     if image_mode not in ("inline", "files"):
         raise ValueError(f"image_mode must be 'inline' or 'files', got {image_mode!r}")
     if rows_per_file < 1:
@@ -266,12 +273,23 @@ def make_catalog(
         for i, start in enumerate(range(0, len(products), rows_per_file))
     ]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    parts: list[dict] = []
+
+    def progress(part: dict) -> None:
+        parts.append(part)
+        done = sum(p["rows"] for p in parts)
+        rate = done / max(time.perf_counter() - planned, 1e-9)
+        logger.info("%s written: %d/%d products (%.0f/s)", part["file"], done, len(products), rate)
+
     if workers == 1:
-        parts = [write_part(job) for job in jobs]
+        for job in jobs:
+            progress(write_part(job))
     else:
         # spawn, not fork: callers (tests, Ray drivers) may hold threads that fork would copy broken.
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            parts = pool.map(write_part, jobs, chunksize=1)
+            for part in pool.imap_unordered(write_part, jobs, chunksize=1):
+                progress(part)
+    parts.sort(key=lambda p: p["file"])
     rendered = time.perf_counter()
     pairs, queries = _side_tables(products)
     pq.write_table(pairs, join(root, "pairs.parquet"), filesystem=fs)
@@ -298,6 +316,9 @@ def make_catalog(
             "total": round(time.perf_counter() - started, 2),
         },
     }
+    if resolved_config is not None:
+        with fs.open_output_stream(join(root, "config.resolved.yaml")) as f:
+            f.write(resolved_config.encode())
     with fs.open_output_stream(join(root, "manifest.json")) as f:
         f.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode())
     return manifest
@@ -313,7 +334,7 @@ def read_manifest(out: str, s3: S3Settings | None = None) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipelines.config import add_config_arguments, cli_config
+    from pipelines.config import add_config_arguments, cli_config, dump_config
 
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.make_catalog", description=__doc__.splitlines()[0]
@@ -360,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             s3=S3Settings.from_config(cfg.s3),
             overwrite=args.overwrite,
+            resolved_config=dump_config(cfg),
         )
     except (FileExistsError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

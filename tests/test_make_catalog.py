@@ -228,6 +228,9 @@ def test_cli_summary_and_errors(tmp_path, capsys):
     assert mc.main(["--out", str(out), "--products", "8", "--seed", "2", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert "8 products" in printed and "source.uri" in printed
+    from pipelines.config import load_config
+
+    assert load_config(out / "config.resolved.yaml").s3.allow_http is False  # written next to the output
     assert mc.main(["--out", str(out), "--products", "8"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert mc.main(["--out", str(tmp_path / "x"), "--products", "0"]) == 2
