@@ -1,0 +1,123 @@
+"""The LanceDB side of the index: table schemas, connections (local or S3) and publishing by tag.
+
+Readers never open "the latest version" of a table: they open a **tag** (``published`` by default),
+which the job moves only after all data, indexes and the ``runs`` row are committed (DESIGN.md,
+"Publishing"). A run that dies leaves the tag where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+from pipelines.storage import S3Settings, is_s3
+
+logger = logging.getLogger(__name__)
+
+PUBLISHED = "published"
+RUN_TAG_PREFIX = "run-"
+
+
+def products_schema(dim: int, metadata: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The ``products`` table for ``dim``-d ITC embeddings (DESIGN.md, data contracts)."""
+    if dim < 1:
+        raise ValueError(f"embedding dim must be positive, got {dim}")
+    return pa.schema(
+        [
+            pa.field("product_id", pa.string(), nullable=False),
+            pa.field("title", pa.string()),
+            pa.field("title_normalized", pa.string()),  # what full-text search and the model see
+            *metadata,
+            pa.field("image_embedding", pa.list_(pa.float32(), dim)),  # L2-normalised ITC embedding
+            pa.field(
+                "model_image", pa.binary()
+            ),  # JPEG at the model's input size, for ITM re-ranking
+            pa.field("thumbnail", pa.binary()),  # small JPEG for display
+            pa.field("content_hash", pa.string()),  # image bytes + title: unchanged-row detection
+            pa.field("model_id", pa.string()),  # the embedding space the row belongs to
+            pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
+            pa.field("run_id", pa.string()),
+        ]
+    )
+
+
+RUNS_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("started_at", pa.timestamp("us", tz="UTC")),
+        pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+        pa.field("config_digest", pa.string()),
+        pa.field("model_id", pa.string()),
+        pa.field("source_uri", pa.string()),
+        pa.field("products_table", pa.string()),  # a new model_id writes a new (shadow) table
+        pa.field("rows_in", pa.int64()),
+        pa.field("indexed", pa.int64()),
+        pa.field("unchanged", pa.int64()),
+        pa.field("rejected", pa.int64()),
+        pa.field("deleted", pa.int64()),
+        pa.field("rejected_by_reason", pa.string()),  # JSON object reason -> count
+        pa.field("seconds", pa.float64()),
+        pa.field("images_per_s", pa.float64()),
+        pa.field("products_version", pa.int64()),  # the version the `published` tag points to
+        pa.field("rejects_version", pa.int64()),
+    ]
+)
+
+
+def storage_options(uri: str, s3: S3Settings | None = None) -> dict[str, str]:
+    """LanceDB/Lance object-store options for an ``s3://`` URI (no credentials: the AWS chain)."""
+    if not is_s3(uri):
+        return {}
+    settings = (s3 or S3Settings()).resolved()
+    options: dict[str, str] = {}
+    if settings.region:
+        options["region"] = settings.region
+    if settings.endpoint_url:
+        if settings.endpoint_url.startswith("http://") and not settings.allow_http:
+            raise ValueError(
+                f"s3 endpoint {settings.endpoint_url!r} is plain http; set s3.allow_http=true (local test servers only)"
+            )
+        options["endpoint"] = settings.endpoint_url
+        options["allow_http"] = "true" if settings.allow_http else "false"
+    return options
+
+
+def connect(uri: str, s3: S3Settings | None = None):
+    """A LanceDB connection to a local directory or an ``s3://`` URI."""
+    import lancedb
+
+    return lancedb.connect(uri, storage_options=storage_options(uri, s3) or None)
+
+
+def table_names(db) -> list[str]:
+    listed = db.list_tables()
+    return list(getattr(listed, "tables", listed))
+
+
+def open_tagged(db, name: str, tag: str = PUBLISHED):
+    """The table ``name`` checked out at ``tag``, or None when the table or the tag does not exist."""
+    if name not in table_names(db):
+        return None
+    table = db.open_table(name)
+    if tag not in table.tags.list():
+        return None
+    table.checkout(tag)
+    return table
+
+
+def move_tag(table, tag: str, version: int) -> None:
+    """Point ``tag`` at ``version`` of ``table``, creating it on first use."""
+    if tag in table.tags.list():
+        table.tags.update(tag, version)
+    else:
+        table.tags.create(tag, version)
+    logger.info("tag %s -> version %d", tag, version)
+
+
+def published_state(
+    table, columns: Sequence[str] = ("product_id", "content_hash", "model_id")
+) -> pa.Table:
+    """The few columns "unchanged" detection needs, without reading embeddings or images."""
+    return table.search().select(list(columns)).limit(None).to_arrow()
