@@ -126,6 +126,21 @@ class IndexConfig(_Section):
     publish_tag: str = Field(
         "published", min_length=1, description="tag readers open; moved at the end of a run"
     )
+    stage_flush_rows: int = Field(
+        512, gt=0, description="encoded rows saved to the staging table at a time (the resume unit)"
+    )
+    delete_missing: bool = Field(
+        False, description="delete products absent from the source (otherwise they are kept)"
+    )
+    ann_min_rows: int = Field(
+        5000, gt=0, description="build an IVF-type ANN index from this many rows; exact search below"
+    )
+    ann_index_type: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = Field(
+        "IVF_HNSW_SQ", description="LanceDB vector index type (IVF_HNSW_SQ: best recall/latency)"
+    )
+    ann_num_partitions: int | None = Field(
+        None, gt=0, description="IVF partitions; None = about sqrt(rows)"
+    )
 
 
 class S3Config(_Section):
@@ -154,6 +169,7 @@ class EncodeConfig(_Section):
     num_gpus_per_actor: float = Field(
         0.0, ge=0, description="GPUs reserved per encoder actor (0 = CPU)"
     )
+    thumbnail_size: int = Field(256, gt=0, description="longest side of the display thumbnail")
 
 
 class ServeConfig(_Section):

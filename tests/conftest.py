@@ -108,3 +108,29 @@ def s3_bucket(s3_server, monkeypatch):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
     return bucket
+
+
+# ---- Ray: one local Ray per test session (ENV_NOTES: ~3 s to start, ~1 GB idle) -----------------
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray with the CI machine's 2 CPUs; jobs under test reuse it."""
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def index_config(source_uri, index_uri, model_dir, *overrides):
+    """The index job's config: configs/local.yaml with the test's folders and the tiny model."""
+    from pathlib import Path
+
+    from pipelines.config import load_config
+
+    local = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
+    return load_config(
+        local,
+        [f"source.uri={source_uri}", f"index.uri={index_uri}", f"model.name_or_path={model_dir}", *overrides],
+    )

@@ -121,3 +121,48 @@ def published_state(
 ) -> pa.Table:
     """The few columns "unchanged" detection needs, without reading embeddings or images."""
     return table.search().select(list(columns)).limit(None).to_arrow()
+
+
+RUNS_TABLE = "runs"
+REJECTS_TABLE = "rejects"
+
+
+def products_table_name(base: str, model_id: str) -> str:
+    """One products table per embedding space: a new model_id writes a new (shadow) table."""
+    return f"{base}__{model_id}"
+
+
+def published_run(db) -> dict | None:
+    """The newest ``runs`` row at the runs table's ``published`` tag: which products table and
+    version readers should open. Moving that one tag is the atomic switch of a publish."""
+    runs = open_tagged(db, RUNS_TABLE)
+    if runs is None:
+        return None
+    rows = (
+        runs.search()
+        .select(["run_id", "finished_at", "products_table", "products_version", "model_id"])
+        .limit(None)
+        .to_arrow()
+    )
+    # A run that died after writing its row but before tagging its data never completed.
+    existing = set(table_names(db))
+    run_tags = {
+        name: set(db.open_table(name).tags.list()) if name in existing else set()
+        for name in set(rows.column("products_table").to_pylist())
+    }
+    done = [
+        r
+        for r in rows.to_pylist()
+        if f"{RUN_TAG_PREFIX}{r['run_id']}" in run_tags[r["products_table"]]
+    ]
+    return max(done, key=lambda r: r["finished_at"]) if done else None
+
+
+def open_published_products(db):
+    """The published products table, checked out at its published version (None before any run)."""
+    run = published_run(db)
+    if run is None:
+        return None
+    table = db.open_table(run["products_table"])
+    table.checkout(run["products_version"])
+    return table

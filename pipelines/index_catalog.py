@@ -1,0 +1,475 @@
+"""The nightly index job: catalog Parquet (folder or S3) → Ray Data → BLIP on an actor pool → LanceDB.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python pipelines/index_catalog.py --config configs/local.yaml
+    python -m pipelines.index_catalog --config FILE [key=value ...] [--source …] [--index-uri …] [--model …]
+
+Per run: read every row with its source file and row number; validate on CPU (bad rows → ``rejects``
+with a reason); skip rows whose content hash and model_id equal the published row; decode + encode
+the rest in an actor pool (the model loads once per actor); stage the encoded rows, streaming, in a
+staging table; merge them into ``products`` by product_id in one operation; build the indexes;
+write the ``runs`` row; then move the tags. Readers open the tag, so a run that dies leaves
+``published`` where it was, and a rerun picks up the rows the dead run had already staged.
+Every input row is exactly one of indexed, unchanged or rejected, and the job asserts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python pipelines/index_catalog.py` (ray job submit) as well as -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.config import AppConfig, add_config_arguments, cli_config, config_digest
+from pipelines.indexing import tables
+from pipelines.indexing.stages import (
+    DETAIL,
+    PEAK_RSS,
+    REASON,
+    ROW_NUMBER,
+    SOURCE_FILE,
+    STATUS,
+    Columns,
+    RunState,
+    peak_rss_mb,
+)
+from pipelines.indexing.validate import REJECT_REASONS, REJECTS_SCHEMA, duplicated_ids
+from pipelines.storage import S3Settings, filesystem_for
+
+logger = logging.getLogger(__name__)
+
+_STATE_CACHE: dict[str, RunState] = {}
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def list_parquet_files(uri: str, s3: S3Settings) -> list[str]:
+    """The catalog's Parquet files (hidden ``_``/``.`` entries skipped, as dataset readers do)."""
+    fs, root = filesystem_for(uri, s3)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(".parquet")
+        and not any(part.startswith(("_", ".")) for part in i.path[len(root) :].split("/") if part)
+    )
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under source {uri!r}")
+    return files
+
+
+def _source_ids(files: list[str], uri: str, s3: S3Settings, id_col: str) -> pa.ChunkedArray:
+    """Only the id column of every file: duplicates and deletions need the whole run's ids."""
+    fs, _ = filesystem_for(uri, s3)
+    chunks = []
+    for path in files:
+        with fs.open_input_file(path) as f:
+            chunks.extend(pq.read_table(f, columns=[id_col]).column(id_col).chunks)
+    return pa.chunked_array(chunks, pa.string()) if chunks else pa.chunked_array([], pa.string())
+
+
+def _metadata_fields(
+    files: list[str], uri: str, s3: S3Settings, wanted: list[str]
+) -> list[pa.Field]:
+    fs, _ = filesystem_for(uri, s3)
+    with fs.open_input_file(files[0]) as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    return [schema.field(name) for name in wanted if name in schema.names]
+
+
+def _validate_stage(batch: pa.Table, state_ref: list) -> pa.Table:
+    """Validation UDF: fetches the run state (duplicates, published hashes) once per worker."""
+    import ray
+
+    from pipelines.indexing.stages import validate
+
+    key = state_ref[0].hex()
+    if key not in _STATE_CACHE:
+        _STATE_CACHE.clear()
+        _STATE_CACHE[key] = ray.get(state_ref[0])
+    return validate(batch, state=_STATE_CACHE[key])
+
+
+def init_ray(cfg: AppConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if (
+        address
+    ):  # a submitted job or a cluster: resources belong to the cluster (ENV_NOTES pitfall 6)
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    mem = cfg.ray.object_store_memory_mb
+    ray.init(
+        num_cpus=cfg.ray.num_cpus,
+        object_store_memory=mem * 2**20 if mem else None,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+
+
+def _escape(pid: str) -> str:
+    return "'" + pid.replace("'", "''") + "'"
+
+
+def _delete_ids(table, ids: list[str], chunk: int = 500) -> None:
+    for start in range(0, len(ids), chunk):
+        table.delete(f"product_id IN ({', '.join(_escape(p) for p in ids[start : start + chunk])})")
+
+
+def _reject_table(batch: pa.Table, run_id: str) -> pa.Table:
+    reasons = batch.column(REASON).to_pylist()
+    stages = ["validate" if r in REJECT_REASONS else "decode" for r in reasons]
+    return pa.table(
+        {
+            "run_id": pa.array([run_id] * batch.num_rows, pa.string()),
+            "product_id": batch.column("product_id").cast(pa.string()),
+            "source_file": batch.column(SOURCE_FILE),
+            "row_number": batch.column(ROW_NUMBER),
+            "stage": pa.array(stages, pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+            "detail": batch.column(DETAIL),
+        },
+        schema=REJECTS_SCHEMA,
+    )
+
+
+def build_indexes(products, cfg: AppConfig, n_rows: int, *, rebuild: bool) -> str | None:
+    """The ANN index (IVF-type once there are enough rows to train it; exact search below) and the
+    full-text index on the normalised title. Unchanged data keeps its indexes."""
+    from lancedb.index import FTS
+
+    existing = {i.name: i for i in products.list_indices()}
+    ann = None
+    if n_rows >= cfg.index.ann_min_rows:
+        partitions = cfg.index.ann_num_partitions or max(1, int(n_rows**0.5))
+        if rebuild or "image_embedding_idx" not in existing:
+            products.create_index(
+                metric="cosine",
+                vector_column_name="image_embedding",
+                index_type=cfg.index.ann_index_type,
+                num_partitions=partitions,
+                replace=True,
+            )
+            stats = products.index_stats("image_embedding_idx")
+            if (
+                stats is None or stats.num_indexed_rows == 0
+            ):  # an index trained on too few rows indexes nothing
+                raise RuntimeError(f"ANN index on {n_rows} rows indexed nothing: {stats}")
+        ann = f"{cfg.index.ann_index_type}({partitions})"
+    if n_rows and (rebuild or "title_normalized_idx" not in existing):
+        products.create_index("title_normalized", config=FTS(), replace=True)
+    return ann
+
+
+def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
+    """Run the job once and return its summary (also stored as the ``runs`` row)."""
+    import ray
+
+    from blip_ops import load_model
+
+    started_at = datetime.now(timezone.utc)
+    started = time.perf_counter()
+    run_id = run_id or new_run_id()
+    s3 = S3Settings.from_config(cfg.s3)
+    cols = Columns(
+        cfg.source.columns.product_id,
+        cfg.source.columns.title,
+        cfg.source.columns.image,
+        cfg.source.columns.image_uri,
+        tuple(cfg.source.metadata_columns),
+    )
+    files = list_parquet_files(cfg.source.uri, s3)
+    model = load_model(
+        cfg.model.name_or_path, device="cpu", dtype="float32", attention=cfg.model.attention
+    )
+    model_id, dim = model.model_id, model.embedding_dim
+    del model
+
+    db = tables.connect(cfg.index.uri, s3)
+    products_name = tables.products_table_name(cfg.index.table, model_id)
+    staging_name = f"_staging__{model_id}"
+    existing = tables.table_names(db)
+    published = tables.open_tagged(db, products_name, cfg.index.publish_tag)
+    published_hash: dict[str, str] = {}
+    published_ids: list[str] = []
+    if published is not None:
+        state = tables.published_state(published)
+        published_ids = state.column("product_id").to_pylist()
+        published_hash = dict(
+            zip(published_ids, state.column("content_hash").to_pylist(), strict=True)
+        )
+    staged_hash: dict[str, str] = {}
+    staging = db.open_table(staging_name) if staging_name in existing else None
+    if staging is not None:  # an interrupted run of this model saved these rows
+        prior = tables.published_state(staging, ("product_id", "content_hash"))
+        staged_hash = dict(
+            zip(
+                prior.column("product_id").to_pylist(),
+                prior.column("content_hash").to_pylist(),
+                strict=True,
+            )
+        )
+        logger.info("resuming: %d rows staged by an interrupted run", len(staged_hash))
+
+    ids = _source_ids(files, cfg.source.uri, s3, cols.product_id)
+    state = RunState(
+        duplicates=frozenset(duplicated_ids(ids)),
+        published=published_hash,
+        staged=staged_hash,
+        max_image_bytes=cfg.source.max_image_bytes,
+    )
+    metadata = _metadata_fields(files, cfg.source.uri, s3, list(cols.metadata))
+    schema = tables.products_schema(dim, metadata)
+
+    init_ray(cfg)
+    from pipelines.indexing.stages import EncodeBatch, read_files
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    ds = (
+        ray.data.from_items([{"path": p} for p in files], override_num_blocks=len(files))
+        .map_batches(
+            read_files,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"source_uri": cfg.source.uri, "s3": s3, "columns": cols},
+        )
+        .map_batches(
+            _validate_stage,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"state_ref": [ray.put(state)]},
+        )
+        .map_batches(
+            EncodeBatch,
+            batch_format="pyarrow",
+            batch_size=cfg.encode.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.encode.num_actors),
+            num_cpus=cfg.encode.num_cpus_per_actor,
+            num_gpus=cfg.encode.num_gpus_per_actor,
+            fn_constructor_kwargs={
+                "model": cfg.model.name_or_path,
+                "device": cfg.model.device,
+                "dtype": cfg.model.dtype,
+                "attention": cfg.model.attention,
+                "thumbnail_size": cfg.encode.thumbnail_size,
+                "source_uri": cfg.source.uri,
+                "s3": s3,
+                "max_image_bytes": cfg.source.max_image_bytes,
+            },
+        )
+    )
+
+    counts: Counter = Counter()
+    reasons: Counter = Counter()
+    rejects: list[pa.Table] = []
+    keep_staged: set[str] = set()
+    buffer: list[pa.Table] = []
+    encode_started = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal staging
+        if not buffer:
+            return
+        rows = pa.concat_tables(buffer)
+        buffer.clear()
+        if staging is None:
+            staging = db.create_table(staging_name, rows, schema=schema)
+        else:
+            _delete_ids(
+                staging, [p for p in rows.column("product_id").to_pylist() if p in staged_hash]
+            )
+            staging.add(rows)
+
+    worker_rss = 0.0
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        if batch.num_rows:
+            worker_rss = max(worker_rss, float(pc.max(batch.column(PEAK_RSS)).as_py()))
+        status = batch.column(STATUS)
+        counts.update(status.to_pylist())
+        rejected = batch.filter(pc.equal(status, "rejected"))
+        if rejected.num_rows:
+            rejects.append(_reject_table(rejected, run_id))
+            reasons.update(rejected.column(REASON).to_pylist())
+        keep_staged.update(
+            batch.filter(pc.equal(status, "staged")).column("product_id").to_pylist()
+        )
+        indexed = batch.filter(pc.equal(status, "indexed"))
+        if indexed.num_rows:
+            indexed = indexed.append_column(
+                "run_id", pa.array([run_id] * indexed.num_rows, pa.string())
+            )
+            buffer.append(indexed.select(schema.names).cast(schema))
+            keep_staged.update(indexed.column("product_id").to_pylist())
+            if sum(t.num_rows for t in buffer) >= cfg.index.stage_flush_rows:
+                flush()
+    flush()
+    encode_seconds = time.perf_counter() - encode_started
+
+    rows_in = len(ids)
+    indexed_n = counts["indexed"] + counts["staged"]
+    summary_counts = {
+        "in": rows_in,
+        "indexed": indexed_n,
+        "unchanged": counts["unchanged"],
+        "rejected": counts["rejected"],
+    }
+    if rows_in != indexed_n + counts["unchanged"] + counts["rejected"]:
+        raise AssertionError(f"row accounting broken: {summary_counts}")
+
+    # Merge the staged rows into products in one operation (create the table on first use).
+    if products_name in tables.table_names(db):
+        products = db.open_table(products_name)
+    else:
+        products = db.create_table(products_name, schema=schema)
+    if staging is not None:
+        reader = staging.search().limit(None).to_batches()
+        keep = pa.array(sorted(keep_staged), pa.string())
+        filtered = pa.RecordBatchReader.from_batches(
+            reader.schema,
+            (b.filter(pc.is_in(b.column("product_id"), value_set=keep)) for b in reader),
+        )
+        if keep_staged:
+            products.merge_insert(
+                "product_id"
+            ).when_matched_update_all().when_not_matched_insert_all().execute(filtered)
+
+    deleted = 0
+    if cfg.index.delete_missing:
+        source = set(ids.drop_null().to_pylist())
+        current = tables.published_state(products, ("product_id",)).column("product_id").to_pylist()
+        missing = [p for p in current if p not in source]
+        _delete_ids(products, missing)
+        deleted = len(missing)
+
+    n_rows = products.count_rows()
+    changed = bool(keep_staged) or deleted > 0
+    ann = build_indexes(products, cfg, n_rows, rebuild=changed)
+    if tables.REJECTS_TABLE in tables.table_names(db):
+        rejects_table = db.open_table(tables.REJECTS_TABLE)
+        if rejects:
+            rejects_table.add(pa.concat_tables(rejects))
+    else:
+        rejects_table = db.create_table(
+            tables.REJECTS_TABLE,
+            pa.concat_tables(rejects) if rejects else None,
+            schema=REJECTS_SCHEMA,
+        )
+
+    seconds = time.perf_counter() - started
+    summary = {
+        "run_id": run_id,
+        "model_id": model_id,
+        "products_table": products_name,
+        **summary_counts,
+        "deleted": deleted,
+        "rejected_by_reason": dict(reasons),
+        "encoded_this_run": counts["indexed"],
+        "resumed_from_staging": counts["staged"],
+        "seconds": round(seconds, 2),
+        "images_per_s": round(counts["indexed"] / encode_seconds, 2) if encode_seconds > 0 else 0.0,
+        "products_rows": n_rows,
+        "driver_peak_rss_mb": round(peak_rss_mb(), 1),
+        "worker_peak_rss_mb": round(worker_rss, 1),
+        "ann_index": ann,
+        "products_version": products.version,
+        "rejects_version": rejects_table.version,
+    }
+    run_row = {
+        "run_id": run_id,
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc),
+        "config_digest": config_digest(cfg),
+        "model_id": model_id,
+        "source_uri": cfg.source.uri,
+        "products_table": products_name,
+        "rows_in": rows_in,
+        "indexed": indexed_n,
+        "unchanged": counts["unchanged"],
+        "rejected": counts["rejected"],
+        "deleted": deleted,
+        "rejected_by_reason": json.dumps(dict(reasons), sort_keys=True),
+        "seconds": seconds,
+        "images_per_s": summary["images_per_s"],
+        "products_version": products.version,
+        "rejects_version": rejects_table.version,
+    }
+    runs_rows = pa.Table.from_pylist([run_row], schema=tables.RUNS_SCHEMA)
+    if tables.RUNS_TABLE in tables.table_names(db):
+        runs_table = db.open_table(tables.RUNS_TABLE)
+        runs_table.add(runs_rows)
+    else:
+        runs_table = db.create_table(tables.RUNS_TABLE, runs_rows, schema=tables.RUNS_SCHEMA)
+
+    # Publish: data, indexes and the runs row are committed; now the tags. `run-<id>` first (it
+    # marks the run as complete: readers ignore runs rows without it), the runs table's
+    # `published` tag last: that single move is the switch readers see. A run that dies before it
+    # leaves readers where they were.
+    tables.move_tag(products, f"{tables.RUN_TAG_PREFIX}{run_id}", products.version)
+    tables.move_tag(products, cfg.index.publish_tag, products.version)
+    tables.move_tag(rejects_table, cfg.index.publish_tag, rejects_table.version)
+    tables.move_tag(runs_table, cfg.index.publish_tag, runs_table.version)
+    if staging is not None:
+        db.drop_table(staging_name)
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    by_reason = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected_by_reason"].items())) or "none"
+    print(
+        f"run {s['run_id']}  model {s['model_id']}\n"
+        f"  rows in {s['in']}: indexed {s['indexed']} (encoded now {s['encoded_this_run']}, "
+        f"resumed {s['resumed_from_staging']}), unchanged {s['unchanged']}, rejected {s['rejected']}, "
+        f"deleted {s['deleted']}\n"
+        f"  rejected by reason: {by_reason}\n"
+        f"  {s['seconds']}s, {s['images_per_s']} images/s; table {s['products_table']} "
+        f"({s['products_rows']} rows, ANN {s['ann_index'] or 'none: exact search'}) "
+        f"published at version {s['products_version']}\n"
+        f"  peak memory: driver {s['driver_peak_rss_mb']} MB, encoder actor {s['worker_peak_rss_mb']} MB"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.index_catalog", description=__doc__.splitlines()[0]
+    )
+    add_config_arguments(parser, ("source", "index_uri", "model"))
+    parser.add_argument("--run-id", default=None, help="run id (default: UTC time + random suffix)")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = cli_config(args)
+    if cfg is None:
+        return 2
+    from blip_ops.hub import ModelUnavailableError
+
+    try:
+        summary = run_index(cfg, run_id=args.run_id)
+    except (ModelUnavailableError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

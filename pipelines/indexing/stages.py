@@ -1,0 +1,270 @@
+"""The Ray Data stages of the index job, as plain functions and one callable class.
+
+Nothing here imports Ray: each stage takes and returns pyarrow tables, so unit tests call them
+directly and the job wires them with ``map_batches``. Every row carries ``_status``:
+``encode`` (new or changed, to be encoded), ``unchanged`` (same content hash and model_id as the
+published row), ``staged`` (encoded by an earlier, interrupted run of the same model: saved work),
+``rejected`` (with ``_reason`` / ``_detail``) or, after encoding, ``indexed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import PurePosixPath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.indexing.validate import validate_batch
+from pipelines.storage import S3Settings, filesystem_for, is_s3
+
+logger = logging.getLogger(__name__)
+
+STATUS, REASON, DETAIL = "_status", "_reason", "_detail"
+SOURCE_FILE, ROW_NUMBER = "_source_file", "_row_number"
+PEAK_RSS = "_worker_peak_rss_mb"  # memory report of the encoder actor that produced the batch
+READ_BATCH_ROWS = 256  # rows per batch read from a Parquet file
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Catalog column names (``source.columns``) and the metadata passed through."""
+
+    product_id: str = "product_id"
+    title: str = "title"
+    image: str = "image"
+    image_uri: str = "image_uri"
+    metadata: tuple[str, ...] = ()
+
+
+# ---- read --------------------------------------------------------------------------------------
+def read_files(
+    batch: dict, *, source_uri: str, s3: S3Settings, columns: Columns
+) -> Iterator[pa.Table]:
+    """``map_batches`` UDF over a batch of Parquet file paths: yields their rows in small batches,
+    renamed to the canonical columns, with the source file and row number of each row."""
+    fs, _ = filesystem_for(source_uri, s3)
+    rename = {
+        columns.product_id: "product_id",
+        columns.title: "title",
+        columns.image: "image",
+        columns.image_uri: "image_uri",
+    }
+    for path in batch["path"]:
+        path = str(path)
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            present = set(parquet.schema_arrow.names)
+            wanted = [c for c in (*rename, *columns.metadata) if c in present]
+            offset = 0
+            for rb in parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=wanted):
+                table = pa.Table.from_batches([rb]).rename_columns(
+                    [rename.get(c, c) for c in rb.schema.names]
+                )
+                n = table.num_rows
+                for name, typ in (
+                    ("product_id", pa.string()),
+                    ("title", pa.string()),
+                    ("image", pa.binary()),
+                    ("image_uri", pa.string()),
+                ):
+                    if name not in table.column_names:
+                        table = table.append_column(name, pa.nulls(n, typ))
+                table = table.append_column(SOURCE_FILE, pa.array([path] * n, pa.string()))
+                table = table.append_column(
+                    ROW_NUMBER, pa.array(np.arange(offset, offset + n), pa.int64())
+                )
+                offset += n
+                yield table
+
+
+# ---- validate ----------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What validation needs to know about the whole run (shipped once to every task)."""
+
+    duplicates: frozenset[str] = frozenset()
+    published: dict[str, str] = field(
+        default_factory=dict
+    )  # product_id -> content_hash (same model_id)
+    staged: dict[str, str] = field(
+        default_factory=dict
+    )  # product_id -> content_hash, saved by a crashed run
+    max_image_bytes: int = 20_000_000
+
+
+def validate(batch: pa.Table, *, state: RunState) -> pa.Table:
+    """Mark every row encode / unchanged / staged / rejected; drop images of rows not to encode."""
+    v = validate_batch(
+        batch,
+        image_col="image",
+        image_uri_col="image_uri",
+        duplicates=state.duplicates,
+        max_image_bytes=state.max_image_bytes,
+    )
+    ids = batch.column("product_id").to_pylist()
+    status = []
+    for pid, reason, h in zip(ids, v.reason, v.content_hash, strict=True):
+        if reason is not None:
+            status.append("rejected")
+        elif state.published.get(pid) == h:
+            status.append("unchanged")
+        elif state.staged.get(pid) == h:
+            status.append("staged")
+        else:
+            status.append("encode")
+    status_arr = pa.array(status, pa.string())
+    keep_image = pc.equal(status_arr, "encode")
+    out = batch.set_column(
+        batch.schema.get_field_index("image"),
+        "image",
+        pc.if_else(keep_image, batch.column("image"), pa.scalar(None, pa.binary())),
+    )
+    return (
+        out.append_column("content_hash", pa.array(v.content_hash, pa.string()))
+        .append_column(STATUS, status_arr)
+        .append_column(REASON, pa.array(v.reason, pa.string()))
+        .append_column(DETAIL, pa.array(v.detail or [None] * batch.num_rows, pa.string()))
+    )
+
+
+# ---- decode + encode (the actor pool) -------------------------------------------------------------
+class EncodeBatch:
+    """Callable class for ``map_batches``: loads the model once per actor, then per batch fetches
+    referenced images, decodes (GPU JPEG where available), encodes, and makes the table's
+    model-resolution image and thumbnail. Decode failures become rejected rows with the decoder's
+    reason; rows not marked ``encode`` pass through."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        device: str,
+        dtype: str,
+        attention: str,
+        thumbnail_size: int,
+        source_uri: str,
+        s3: S3Settings,
+        max_image_bytes: int,
+    ) -> None:
+        from blip_ops import load_model
+
+        self.model = load_model(model, device=device, dtype=dtype, attention=attention)
+        self.thumbnail_size = thumbnail_size
+        self.source_uri = source_uri.rstrip("/")
+        self.s3 = s3
+        self.max_image_bytes = max_image_bytes
+        self.dim = self.model.embedding_dim
+
+    def _fetch(self, uri: str) -> bytes:
+        """Bytes of an ``image_uri``: ``s3://…``, an absolute path, or a path relative to the catalog."""
+        if not is_s3(uri) and not uri.startswith("/"):
+            uri = (
+                str(PurePosixPath(self.source_uri) / uri)
+                if not is_s3(self.source_uri)
+                else f"{self.source_uri}/{uri}"
+            )
+        fs, path = filesystem_for(uri, self.s3)
+        info = fs.get_file_info(path)
+        if info.size is not None and info.size > self.max_image_bytes:
+            from blip_ops.decode import ImageTooLargeError
+
+            raise ImageTooLargeError(f"{uri} is {info.size} bytes, limit is {self.max_image_bytes}")
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from blip_ops.decode import ImageDecodeError, decode_batch
+        from pipelines.indexing.derivatives import model_resolution_jpeg, thumbnail_jpeg
+
+        n = batch.num_rows
+        status = batch.column(STATUS).to_pylist()
+        reason = batch.column(REASON).to_pylist()
+        detail = batch.column(DETAIL).to_pylist()
+        todo = [i for i, s in enumerate(status) if s == "encode"]
+        images = batch.column("image").to_pylist()
+        uris = batch.column("image_uri").to_pylist()
+        datas: list[bytes] = []
+        fetch_errors: dict[int, Exception] = {}
+        for i in todo:
+            try:
+                datas.append(images[i] if images[i] else self._fetch(uris[i]))
+            except (OSError, ImageDecodeError) as err:
+                fetch_errors[i] = err
+                datas.append(b"")
+        size = self.model.image_settings.size
+        # Decode for the model exactly as blip_ops does (JPEG draft-decoded towards the model's
+        # size), so stored embeddings equal blip_ops' for the same bytes.
+        decoded = decode_batch(
+            datas, target_size=size, max_bytes=self.max_image_bytes, device=str(self.model.device)
+        )
+        ok_rows, ok_images, ok_datas = [], [], []
+        for i, data, im, err in zip(todo, datas, decoded.images, decoded.errors, strict=True):
+            if i in fetch_errors:
+                err_reason = getattr(fetch_errors[i], "reason", "image_unreadable")
+                status[i], reason[i], detail[i] = (
+                    "rejected",
+                    err_reason,
+                    f"{uris[i]}: {fetch_errors[i]}",
+                )
+            elif err is not None:
+                status[i], reason[i], detail[i] = "rejected", err.reason, str(err)
+            else:
+                ok_rows.append(i)
+                ok_images.append(im)
+                ok_datas.append(data)
+        emb = np.zeros((n, self.dim), dtype=np.float32)
+        model_image: list[bytes | None] = [None] * n
+        thumbnail: list[bytes | None] = [None] * n
+        title_norm: list[str | None] = [None] * n
+        if ok_rows:
+            pixels = self.model.preprocess(ok_images, device=self.model.device)
+            emb[ok_rows] = self.model.encode_images(pixels).embeddings.numpy()  # (k, D)
+            titles = batch.column("title").to_pylist()
+            # A model smaller than the thumbnail (the tiny test model) needs a finer decode for it.
+            display = (
+                decode_batch(ok_datas, target_size=self.thumbnail_size).images
+                if self.thumbnail_size > size
+                else ok_images
+            )
+            for i, im, shown in zip(ok_rows, ok_images, display, strict=True):
+                model_image[i] = model_resolution_jpeg(_to_pil(im), size)
+                thumbnail[i] = thumbnail_jpeg(_to_pil(shown), self.thumbnail_size)
+                title_norm[i] = self.model.normalize_text(titles[i])
+                status[i] = "indexed"
+        out = batch.drop_columns(["image", "image_uri", STATUS, REASON, DETAIL])
+        flat = pa.array(emb.reshape(-1), pa.float32())
+        now = datetime.now(timezone.utc)
+        return (
+            out.append_column("title_normalized", pa.array(title_norm, pa.string()))
+            .append_column("image_embedding", pa.FixedSizeListArray.from_arrays(flat, self.dim))
+            .append_column("model_image", pa.array(model_image, pa.binary()))
+            .append_column("thumbnail", pa.array(thumbnail, pa.binary()))
+            .append_column("model_id", pa.array([self.model.model_id] * n, pa.string()))
+            .append_column("indexed_at", pa.array([now] * n, pa.timestamp("us", tz="UTC")))
+            .append_column(STATUS, pa.array(status, pa.string()))
+            .append_column(REASON, pa.array(reason, pa.string()))
+            .append_column(DETAIL, pa.array(detail, pa.string()))
+            .append_column(PEAK_RSS, pa.array([peak_rss_mb()] * n, pa.float32()))
+        )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _to_pil(image):
+    """A decoded image as PIL (GPU-decoded (3, H, W) tensors come back to the host once)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image
+    return Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy())
