@@ -104,7 +104,8 @@ class SourceColumns(_Section):
 
 class SourceConfig(_Section):
     uri: str = Field(
-        str(DEFAULT_DATA_DIR / "catalog" / "products"), description="catalog folder or s3://bucket/prefix"
+        str(DEFAULT_DATA_DIR / "catalog" / "products"),
+        description="catalog folder or s3://bucket/prefix",
     )
     columns: SourceColumns = Field(
         default_factory=SourceColumns, description="catalog column names"
@@ -133,7 +134,9 @@ class IndexConfig(_Section):
         False, description="delete products absent from the source (otherwise they are kept)"
     )
     ann_min_rows: int = Field(
-        5000, gt=0, description="build an IVF-type ANN index from this many rows; exact search below"
+        5000,
+        gt=0,
+        description="build an IVF-type ANN index from this many rows; exact search below",
     )
     ann_index_type: Literal["IVF_HNSW_SQ", "IVF_PQ", "IVF_FLAT"] = Field(
         "IVF_HNSW_SQ", description="LanceDB vector index type (IVF_HNSW_SQ: best recall/latency)"
@@ -170,6 +173,11 @@ class EncodeConfig(_Section):
         0.0, ge=0, description="GPUs reserved per encoder actor (0 = CPU)"
     )
     thumbnail_size: int = Field(256, gt=0, description="longest side of the display thumbnail")
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads per CPU actor; None = Ray's default (its CPU reservation)",
+    )
 
 
 class ServeConfig(_Section):

@@ -127,6 +127,25 @@ def init_ray(cfg: AppConfig) -> None:
     )
 
 
+def _open_staging(db, name: str):
+    """The staging table an interrupted run left, or None when there is none it could read.
+
+    A run killed inside its first staging write can leave data files without a committed
+    manifest: nothing in it was saved, so it is dropped and the run starts its staging afresh.
+    """
+    try:
+        return db.open_table(name)
+    except (ValueError, OSError, RuntimeError) as err:
+        logger.warning(
+            "staging table %s left by an interrupted run is unreadable (%s); dropping it", name, err
+        )
+        try:
+            db.drop_table(name)
+        except Exception as drop_err:  # noqa: BLE001 - the overwrite at the first flush replaces it anyway
+            logger.warning("could not drop %s (%s); it will be overwritten", name, drop_err)
+        return None
+
+
 def _escape(pid: str) -> str:
     return "'" + pid.replace("'", "''") + "'"
 
@@ -219,7 +238,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
             zip(published_ids, state.column("content_hash").to_pylist(), strict=True)
         )
     staged_hash: dict[str, str] = {}
-    staging = db.open_table(staging_name) if staging_name in existing else None
+    staging = _open_staging(db, staging_name) if staging_name in existing else None
     if staging is not None:  # an interrupted run of this model saved these rows
         prior = tables.published_state(staging, ("product_id", "content_hash"))
         staged_hash = dict(
@@ -276,6 +295,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
                 "source_uri": cfg.source.uri,
                 "s3": s3,
                 "max_image_bytes": cfg.source.max_image_bytes,
+                "torch_threads": cfg.encode.torch_threads,
             },
         )
     )
@@ -294,7 +314,8 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
         rows = pa.concat_tables(buffer)
         buffer.clear()
         if staging is None:
-            staging = db.create_table(staging_name, rows, schema=schema)
+            # overwrite: a torn leftover of a run killed inside its first write may still be there
+            staging = db.create_table(staging_name, rows, schema=schema, mode="overwrite")
         else:
             _delete_ids(
                 staging, [p for p in rows.column("product_id").to_pylist() if p in staged_hash]

@@ -237,7 +237,9 @@ def _prepare_output(fs: pafs.FileSystem, root: str, overwrite: bool, image_mode:
     for name in ("manifest.json", "config.resolved.yaml"):
         if fs.get_file_info(join(root, name)).type != pafs.FileType.NotFound:
             fs.delete_file(join(root, name))
-    fs.create_dir(join(products_dir, "_images") if image_mode == "files" else products_dir, recursive=True)
+    fs.create_dir(
+        join(products_dir, "_images") if image_mode == "files" else products_dir, recursive=True
+    )
 
 
 def make_catalog(

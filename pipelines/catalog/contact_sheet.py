@@ -22,17 +22,25 @@ TEXT_H = 74  # room for three lines of title under each thumbnail
 def _font(size: int):
     from pipelines.catalog.render import CJK_FONT_PATH
 
-    return ImageFont.truetype(str(CJK_FONT_PATH), size) if Path(CJK_FONT_PATH).is_file() else ImageFont.load_default(size)
+    return (
+        ImageFont.truetype(str(CJK_FONT_PATH), size)
+        if Path(CJK_FONT_PATH).is_file()
+        else ImageFont.load_default(size)
+    )
 
 
-def pick_samples(products: Sequence[ProductPlan], families_per_axis: int = 1, singles: int = 8) -> list[list[ProductPlan]]:
+def pick_samples(
+    products: Sequence[ProductPlan], families_per_axis: int = 1, singles: int = 8
+) -> list[list[ProductPlan]]:
     """Rows of the sheet: whole families (one per axis), then a row or two of varied kinds."""
     by_family: dict[str, list[ProductPlan]] = {}
     for p in products:
         by_family.setdefault(p.family_id, []).append(p)
     rows: list[list[ProductPlan]] = []
     for axis in ("color", "pattern", "material", "brand"):
-        fams = [f for f in by_family.values() if f[0].differs_by == axis and len(f) >= 3][:families_per_axis]
+        fams = [f for f in by_family.values() if f[0].differs_by == axis and len(f) >= 3][
+            :families_per_axis
+        ]
         rows.extend(fams)
     seen_kinds = {p.kind for row in rows for p in row}
     spread = []
@@ -59,10 +67,17 @@ def write_contact_sheet(products: Sequence[ProductPlan], out: str | Path) -> Pat
             im.thumbnail((CELL - 8, CELL - 8))
             x, y = c * CELL, r * (CELL + TEXT_H)
             sheet.paste(im, (x + (CELL - im.width) // 2, y + 4))
-            tag = f"{p.product_id} [{p.title_lang}] {p.split}" + (f" · varies: {p.differs_by}" if p.differs_by else "")
+            tag = f"{p.product_id} [{p.title_lang}] {p.split}" + (
+                f" · varies: {p.differs_by}" if p.differs_by else ""
+            )
             lines = [tag, *textwrap.wrap(p.title, width=34 if p.title_lang != "zh" else 17)[:3]]
             for i, line in enumerate(lines[:4]):
-                draw.text((x + 4, y + CELL + i * 17), line, fill=(90, 90, 90) if i == 0 else (20, 20, 20), font=font)
+                draw.text(
+                    (x + 4, y + CELL + i * 17),
+                    line,
+                    fill=(90, 90, 90) if i == 0 else (20, 20, 20),
+                    font=font,
+                )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, optimize=True)

@@ -151,8 +151,14 @@ class EncodeBatch:
         source_uri: str,
         s3: S3Settings,
         max_image_bytes: int,
+        torch_threads: int | None = None,
     ) -> None:
         from blip_ops import load_model
+
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
 
         self.model = load_model(model, device=device, dtype=dtype, attention=attention)
         self.thumbnail_size = thumbnail_size
