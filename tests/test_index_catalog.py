@@ -667,3 +667,32 @@ def test_open_reader_keeps_its_version_while_a_run_publishes(changed, base, ray_
         assert new_results[i][0][0] == pid
         assert new_results[i][0][1] == pytest.approx(0.0, abs=1e-5)
         assert changed.before[i][0][1] > 1e-5
+
+
+def test_referenced_images_index_like_inline_ones(base, tiny_model_dir, ray_local, tmp_path):
+    """image_uri rows (relative to the catalog folder) give the same rows as inline images; a
+    reference to a missing file is a rejected row with a reason, not a failed job."""
+    from pipelines.make_catalog import make_catalog
+
+    root = tmp_path / "files-catalog"
+    make_catalog(str(root), N_PRODUCTS, seed=3, workers=1, image_mode="files")
+    products = root / "products"
+    uris = pq.read_table(products).select(["product_id", "image_uri"]).to_pylist()
+    gone = uris[7]
+    (products / gone["image_uri"]).unlink()
+    uri = str(tmp_path / "lancedb")
+    s = _run(index_config(str(products), uri, tiny_model_dir))
+    assert (s["in"], s["indexed"], s["rejected"]) == (N_PRODUCTS, N_PRODUCTS - 1, 1)
+    assert s["rejected_by_reason"] == {"image_unreadable": 1}
+    check_accounting(uri, s)
+    rejects = tables.open_tagged(tables.connect(uri), tables.REJECTS_TABLE).to_arrow().to_pylist()
+    assert [(r["product_id"], r["stage"]) for r in rejects] == [(gone["product_id"], "decode")]
+    got = _rows_by_id(
+        tables.open_published_products(tables.connect(uri)), ("product_id", "image_embedding")
+    )
+    want = _rows_by_id(
+        tables.open_published_products(tables.connect(base.uri)), ("product_id", "image_embedding")
+    )
+    assert set(got) == set(want) - {gone["product_id"]}
+    for pid, row in got.items():
+        np.testing.assert_allclose(row["image_embedding"], want[pid]["image_embedding"], atol=1e-6)
