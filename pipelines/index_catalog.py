@@ -346,6 +346,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
                 flush()
     flush()
     encode_seconds = time.perf_counter() - encode_started
+    logger.info("stream done: driver peak %.0f MB, encoder peak %.0f MB", peak_rss_mb(), worker_rss)
 
     rows_in = len(ids)
     indexed_n = counts["indexed"] + counts["staged"]
@@ -383,6 +384,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
         _delete_ids(products, missing)
         deleted = len(missing)
 
+    logger.info("merge done: driver peak %.0f MB", peak_rss_mb())
     n_rows = products.count_rows()
     changed = bool(keep_staged) or deleted > 0
     ann = build_indexes(products, cfg, n_rows, rebuild=changed)
