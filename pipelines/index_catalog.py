@@ -360,10 +360,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
         raise AssertionError(f"row accounting broken: {summary_counts}")
 
     # Merge the staged rows into products in one operation (create the table on first use).
-    if products_name in tables.table_names(db):
-        products = db.open_table(products_name)
-    else:
-        products = db.create_table(products_name, schema=schema)
+    products = tables.append(db, products_name, schema)
     if staging is not None:
         reader = staging.search().limit(None).to_batches()
         keep = pa.array(sorted(keep_staged), pa.string())
@@ -388,16 +385,9 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     n_rows = products.count_rows()
     changed = bool(keep_staged) or deleted > 0
     ann = build_indexes(products, cfg, n_rows, rebuild=changed)
-    if tables.REJECTS_TABLE in tables.table_names(db):
-        rejects_table = db.open_table(tables.REJECTS_TABLE)
-        if rejects:
-            rejects_table.add(pa.concat_tables(rejects))
-    else:
-        rejects_table = db.create_table(
-            tables.REJECTS_TABLE,
-            pa.concat_tables(rejects) if rejects else None,
-            schema=REJECTS_SCHEMA,
-        )
+    rejects_table = tables.append(
+        db, tables.REJECTS_TABLE, REJECTS_SCHEMA, pa.concat_tables(rejects) if rejects else None
+    )
 
     seconds = time.perf_counter() - started
     summary = {
@@ -438,11 +428,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
         "rejects_version": rejects_table.version,
     }
     runs_rows = pa.Table.from_pylist([run_row], schema=tables.RUNS_SCHEMA)
-    if tables.RUNS_TABLE in tables.table_names(db):
-        runs_table = db.open_table(tables.RUNS_TABLE)
-        runs_table.add(runs_rows)
-    else:
-        runs_table = db.create_table(tables.RUNS_TABLE, runs_rows, schema=tables.RUNS_SCHEMA)
+    runs_table = tables.append(db, tables.RUNS_TABLE, tables.RUNS_SCHEMA, runs_rows)
 
     # Publish: data, indexes and the runs row are committed; now the tags. `run-<id>` first (it
     # marks the run as complete: readers ignore runs rows without it), the runs table's

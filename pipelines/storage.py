@@ -30,12 +30,18 @@ class S3Settings:
         return cls(endpoint_url=s3.endpoint_url, region=s3.region, allow_http=s3.allow_http)
 
     def resolved(self) -> S3Settings:
+        """Endpoint and region filled in from the AWS chain; a plain-http endpoint is refused
+        unless ``allow_http``. Every S3 client of the project (pyarrow, LanceDB) goes through it."""
         endpoint = (
             self.endpoint_url
             or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL")
         )
         region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if endpoint and urlparse(endpoint).scheme == "http" and not self.allow_http:
+            raise ValueError(
+                f"s3 endpoint {endpoint!r} is plain http; set s3.allow_http=true (local test servers only)"
+            )
         return S3Settings(endpoint, region, self.allow_http)
 
 
@@ -54,11 +60,6 @@ def filesystem_for(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSys
         kwargs["region"] = settings.region
     if settings.endpoint_url:
         endpoint = urlparse(settings.endpoint_url)
-        if endpoint.scheme == "http" and not settings.allow_http:
-            raise ValueError(
-                f"s3 endpoint {settings.endpoint_url!r} is plain http; set s3.allow_http=true "
-                "(local test servers only)"
-            )
         kwargs["endpoint_override"] = endpoint.netloc or endpoint.path
         kwargs["scheme"] = endpoint.scheme or "https"
     parsed = urlparse(uri)

@@ -11,22 +11,12 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from pipelines.catalog.plan import ProductPlan
 
 CELL = 220  # thumbnail side in pixels
 TEXT_H = 74  # room for three lines of title under each thumbnail
-
-
-def _font(size: int):
-    from pipelines.catalog.render import CJK_FONT_PATH
-
-    return (
-        ImageFont.truetype(str(CJK_FONT_PATH), size)
-        if Path(CJK_FONT_PATH).is_file()
-        else ImageFont.load_default(size)
-    )
 
 
 def pick_samples(
@@ -60,7 +50,10 @@ def write_contact_sheet(products: Sequence[ProductPlan], out: str | Path) -> Pat
     cols = max(len(r) for r in rows)
     sheet = Image.new("RGB", (cols * CELL, len(rows) * (CELL + TEXT_H)), "white")
     draw = ImageDraw.Draw(sheet)
-    font = _font(12)
+    from pipelines.catalog.render import _brand_font_path, _font
+
+    # The renderer's rule: the CJK font, or an error naming its Debian package when it is missing.
+    font = _font(_brand_font_path(" ".join(p.title for row in rows for p in row)), 12)
     for r, row in enumerate(rows):
         for c, p in enumerate(row):
             im = render_product(render_spec(p))

@@ -75,10 +75,6 @@ def storage_options(uri: str, s3: S3Settings | None = None) -> dict[str, str]:
     if settings.region:
         options["region"] = settings.region
     if settings.endpoint_url:
-        if settings.endpoint_url.startswith("http://") and not settings.allow_http:
-            raise ValueError(
-                f"s3 endpoint {settings.endpoint_url!r} is plain http; set s3.allow_http=true (local test servers only)"
-            )
         options["endpoint"] = settings.endpoint_url
         options["allow_http"] = "true" if settings.allow_http else "false"
     return options
@@ -94,6 +90,17 @@ def connect(uri: str, s3: S3Settings | None = None):
 def table_names(db) -> list[str]:
     listed = db.list_tables()
     return list(getattr(listed, "tables", listed))
+
+
+def append(db, name: str, schema: pa.Schema, rows: pa.Table | None = None):
+    """Open table ``name`` (created with ``schema`` on first use) and add ``rows``, if any."""
+    rows = rows if rows is not None and rows.num_rows else None
+    if name in table_names(db):
+        table = db.open_table(name)
+        if rows is not None:
+            table.add(rows)
+        return table
+    return db.create_table(name, rows, schema=schema)
 
 
 def open_tagged(db, name: str, tag: str = PUBLISHED):
