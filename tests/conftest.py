@@ -110,6 +110,10 @@ def s3_bucket(s3_server, monkeypatch):
     return bucket
 
 
+TEST_API_KEY_ENV = "BLIP_TEST_SEARCH_API_KEY"
+TEST_API_KEY = "test-search-key-0123456789"
+
+
 # ---- Ray: one local Ray per test session (ENV_NOTES: ~3 s to start, ~1 GB idle) -----------------
 @pytest.fixture(scope="session")
 def ray_local():
@@ -117,7 +121,12 @@ def ray_local():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, logging_level="ERROR")
+    # Ray workers (Serve replicas included) inherit this process's environment at ray.init: the
+    # API-key test points serve.api_key_env at this variable.
+    os.environ[TEST_API_KEY_ENV] = TEST_API_KEY
+    ray.init(
+        num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, logging_level="ERROR"
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -132,5 +141,10 @@ def index_config(source_uri, index_uri, model_dir, *overrides):
     local = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
     return load_config(
         local,
-        [f"source.uri={source_uri}", f"index.uri={index_uri}", f"model.name_or_path={model_dir}", *overrides],
+        [
+            f"source.uri={source_uri}",
+            f"index.uri={index_uri}",
+            f"model.name_or_path={model_dir}",
+            *overrides,
+        ],
     )

@@ -1,0 +1,127 @@
+"""The two-stage search (DESIGN.md, HTTP API) over one pinned :class:`Snapshot`.
+
+Stage 1: the ITC query embedding (text, image, or the normalised mean of both) finds the top
+``candidates`` by cosine in the table (ANN once the job has built an index, exact below that),
+optionally filtered. Stage 2: with a text, the first ``rerank_k`` are re-scored with BLIP's rule
+(ITM positive logit + ITC cosine) and sorted; the rest follow in ANN order with ``itm_score`` null.
+Image-only queries keep the ITC order.
+
+The model work goes through a *scorer* with async ``encode_text``, ``encode_image`` and ``itm``:
+Ray Serve deployment handles in the service, :class:`LocalScorer` offline (batch exports, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from blip_ops.rerank import combine_scores
+from pipelines.search.request import SearchQuery
+from pipelines.search.scorer import ItmJob, QueryScorer
+from pipelines.search.snapshot import Snapshot
+
+
+class Scorer(Protocol):
+    async def encode_text(self, text: str) -> np.ndarray: ...
+
+    async def encode_image(self, image: Image.Image) -> np.ndarray: ...
+
+    async def itm(self, job: ItmJob) -> np.ndarray: ...
+
+
+class LocalScorer:
+    """A :class:`QueryScorer` behind the async scorer interface (no Ray, one request at a time)."""
+
+    def __init__(self, scorer: QueryScorer):
+        self.scorer = scorer
+        self.model_id = scorer.model_id
+
+    async def encode_text(self, text: str) -> np.ndarray:
+        return self.scorer.encode_texts([text])[0]
+
+    async def encode_image(self, image: Image.Image) -> np.ndarray:
+        return self.scorer.encode_images([image])[0]
+
+    async def itm(self, job: ItmJob) -> np.ndarray:
+        return self.scorer.itm([job])[0]
+
+
+def query_vector(text_emb: np.ndarray | None, image_emb: np.ndarray | None) -> np.ndarray:
+    """The ANN query: one embedding, or the normalised mean of text and image embeddings."""
+    parts = [e for e in (text_emb, image_emb) if e is not None]
+    if not parts:
+        raise ValueError("a query needs a text or an image embedding")
+    v = np.mean(np.stack(parts), axis=0).astype(np.float32)
+    return v / max(float(np.linalg.norm(v)), 1e-12)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
+    """Run one query; returns the response body without ``request_id``."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    encodes = []
+    if query.text is not None:
+        encodes.append(scorer.encode_text(query.text))
+    if query.image is not None:
+        encodes.append(scorer.encode_image(query.image))
+    embs = await asyncio.gather(*encodes)
+    text_emb = embs[0] if query.text is not None else None
+    image_emb = embs[-1] if query.image is not None else None
+    timings["encode"] = _ms(t0)
+
+    t = time.perf_counter()
+    vector = query_vector(text_emb, image_emb)
+    found = await asyncio.to_thread(snap.candidates, vector, query.candidates, query.filter)
+    timings["ann"] = _ms(t)
+
+    itc = found.column("itc").to_numpy(zero_copy_only=False)
+    r = min(query.rerank_k, found.num_rows) if (query.text is not None and query.rerank) else 0
+    t = time.perf_counter()
+    itm = np.empty(0, np.float32)
+    if r:
+        ids = found.column("product_id").to_pylist()[:r]
+        hashes = found.column("content_hash").to_pylist()[:r]
+        row_ids = found.column("_rowid").to_pylist()[:r]
+        images = await asyncio.to_thread(snap.model_images, row_ids)
+        keys = tuple(f"{p}:{h}" for p, h in zip(ids, hashes, strict=True))
+        itm = await scorer.itm(ItmJob(query.text, keys, tuple(images)))
+    timings["rerank"] = _ms(t)
+    ranked = combine_scores(itc, itm).head(query.k)
+
+    rows = found.select(["product_id", "title", *snap.metadata_columns]).to_pylist()
+    results = []
+    for pos, i in enumerate(ranked.order.tolist()):
+        row = rows[i]
+        results.append(
+            {
+                "product_id": row["product_id"],
+                "title": row["title"],
+                "score": float(ranked.score[pos]),
+                "itc_score": float(ranked.itc[pos]),
+                "itm_score": _num(float(ranked.itm[pos])),
+                "metadata": {c: row[c] for c in snap.metadata_columns},
+            }
+        )
+    timings["total"] = _ms(t0)
+    return {
+        "results": results,
+        "reranked": r,
+        "candidates": found.num_rows,
+        "timings_ms": timings,
+        "table_version": snap.version,
+        "products_table": snap.products_table,
+        "model_id": snap.model_id,
+    }

@@ -1,0 +1,126 @@
+"""The model side of a search: query encoding and ITM re-ranking with a cache of image tokens.
+
+:class:`QueryScorer` works on lists so that one call serves many concurrent requests (Ray Serve's
+``@serve.batch`` hands it a batch; offline callers a list of one). ITM needs each candidate's image
+tokens; they are computed from the model-resolution JPEG stored in the table and kept in a bounded
+LRU cache keyed by (product_id, content_hash), so hot products skip the vision tower and a changed
+product never reuses stale tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ItmJob:
+    """One request's re-rank: its text against candidates (keys and model-resolution JPEGs)."""
+
+    text: str
+    keys: tuple[str, ...]  # "product_id:content_hash" per candidate
+    images: tuple[bytes, ...]  # model-resolution JPEG per candidate (decoded only on a cache miss)
+
+
+class TokenCache:
+    """A bounded LRU of image tokens (one (N, H) tensor per product version)."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max_items
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        if self.max_items <= 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class QueryScorer:
+    """Encodes queries and scores ITM pairs with one loaded ``RetrievalModel``."""
+
+    def __init__(self, model, cache_items: int = 4096):
+        self.model = model
+        self.model_id: str = model.model_id
+        self.cache = TokenCache(cache_items)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(B, D) float32 ITC embeddings of raw query texts (normalised by the checkpoint's rule)."""
+        return self.model.encode_texts(list(texts)).numpy()
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(B, D) float32 ITC embeddings of decoded RGB query images."""
+        return self.model.encode_images(self.model.preprocess(list(images))).embeddings.numpy()
+
+    def image_tokens(self, keys: Sequence[str], images: Sequence[bytes]) -> torch.Tensor:
+        """(k, N, H) tokens for the candidates, from the cache or by one vision pass over the misses."""
+        from blip_ops.decode import decode_image
+
+        found: list[torch.Tensor | None] = [self.cache.get(key) for key in keys]
+        missing = [i for i, t in enumerate(found) if t is None]
+        if missing:
+            size = self.model.image_settings.size
+            decoded = [decode_image(images[i], target_size=size) for i in missing]
+            tokens = self.model.encode_images(decoded, return_tokens=True).tokens  # (m, N, H)
+            for j, i in enumerate(missing):
+                found[i] = tokens[j]
+                self.cache.put(keys[i], tokens[j])
+        if not found:
+            return torch.empty(0)
+        return torch.stack(found)  # type: ignore[arg-type]
+
+    def itm(self, jobs: Sequence[ItmJob]) -> list[np.ndarray]:
+        """ITM positive-class logits per job, (k_i,) float32, all jobs in one forward pass."""
+        texts: list[str] = []
+        keys: list[str] = []
+        images: list[bytes] = []
+        for job in jobs:
+            if len(job.keys) != len(job.images):
+                raise ValueError(f"{len(job.keys)} keys but {len(job.images)} images")
+            texts.extend([job.text] * len(job.keys))
+            keys.extend(job.keys)
+            images.extend(job.images)
+        if not keys:
+            return [np.empty(0, np.float32) for _ in jobs]
+        # The same product in several jobs of the batch is encoded once.
+        first: dict[str, bytes] = {}
+        for key, image in zip(keys, images, strict=True):
+            first.setdefault(key, image)
+        unique = list(first)
+        tokens = self.image_tokens(unique, list(first.values()))
+        index = {key: i for i, key in enumerate(unique)}
+        pair_tokens = tokens[[index[k] for k in keys]]  # (P, N, H)
+        logits = self.model.itm_scores(texts, pair_tokens).numpy()  # (P,)
+        out, start = [], 0
+        for job in jobs:
+            out.append(logits[start : start + len(job.keys)].astype(np.float32))
+            start += len(job.keys)
+        return out

@@ -1,0 +1,215 @@
+"""The index version a replica serves: the products table at the ``published`` version, on local disk.
+
+A replica pins one version (:class:`Snapshot`) and answers every request from it; a watcher opens
+the next published version beside it and swaps the reference, so each request sees one version
+wholly. An ``s3://`` index is copied to a local folder first: no S3 read sits on the query path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.indexing import tables
+from pipelines.search.request import BadRequest
+from pipelines.storage import S3Settings, filesystem_for, is_s3, join
+
+logger = logging.getLogger(__name__)
+
+# Columns the job writes that are not client-visible metadata (never filterable, never returned
+# as metadata): the embedding and image blobs, and bookkeeping.
+SYSTEM_COLUMNS = frozenset(
+    {
+        "product_id",
+        "title",
+        "title_normalized",
+        "image_embedding",
+        "model_image",
+        "thumbnail",
+        "content_hash",
+        "model_id",
+        "indexed_at",
+        "run_id",
+    }
+)
+VECTOR = "image_embedding"
+_CARGO_PATH = re.compile(r",\s*/\S*\.rs:\d+:\d+.*$", re.S)
+
+
+class NoPublishedIndex(RuntimeError):
+    """The index has no published run yet (run the index job first)."""
+
+
+@dataclass
+class Snapshot:
+    """One published version of the products table, opened from local disk."""
+
+    table: object  # lancedb table, checked out at `version`
+    products_table: str
+    version: int
+    model_id: str
+    run_id: str
+    rows: int
+    metadata_columns: tuple[str, ...]
+    local_dir: str | None = None  # the local copy of an s3:// index (removed when replaced)
+    filter_columns: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.filter_columns = ("product_id", "title", *self.metadata_columns)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.products_table, self.version)
+
+    def describe(self) -> dict:
+        return {
+            "products_table": self.products_table,
+            "table_version": self.version,
+            "model_id": self.model_id,
+            "run_id": self.run_id,
+            "rows": self.rows,
+        }
+
+    # ---- queries (blocking: call them from a thread in async code) --------------------------
+    def candidates(self, vector: np.ndarray, n: int, where: str | None = None) -> pa.Table:
+        """ANN (or exact, below the index threshold) top ``n`` by cosine, optionally filtered:
+        product_id, title, content_hash, metadata, ``itc`` (cosine) and ``_rowid``."""
+        from pipelines.search.filters import check_filter
+
+        query = (
+            self.table.search(np.asarray(vector, np.float32), vector_column_name=VECTOR)
+            .distance_type("cosine")
+            .select(["product_id", "title", "content_hash", *self.metadata_columns, "_distance"])
+            .with_row_id(True)
+            .limit(n)
+        )
+        if where:
+            query = query.where(check_filter(where, self.filter_columns), prefilter=True)
+        try:
+            found = query.to_arrow()
+        except ValueError as err:
+            if where and str(err).startswith("Invalid input"):
+                raise BadRequest(f"`filter` is not valid here: {_clean(err)}") from None
+            raise
+        itc = pc.subtract(pa.scalar(1.0, pa.float32()), found.column("_distance"))
+        return found.append_column("itc", itc.cast(pa.float32())).drop_columns(["_distance"])
+
+    def model_images(self, row_ids: list[int]) -> list[bytes]:
+        """The model-resolution JPEGs of rows ``row_ids`` (as ``candidates`` returned them), in order."""
+        if not row_ids:
+            return []
+        got = (
+            self.table.take_row_ids(list(row_ids)).select(["model_image"]).with_row_id().to_arrow()
+        )
+        by_id = dict(
+            zip(
+                got.column("_rowid").to_pylist(), got.column("model_image").to_pylist(), strict=True
+            )
+        )
+        return [by_id[r] for r in row_ids]
+
+    def product(self, product_id: str, columns: list[str] | None = None) -> dict | None:
+        cols = columns or [
+            "product_id",
+            "title",
+            *self.metadata_columns,
+            "content_hash",
+            "model_id",
+            "run_id",
+        ]
+        rows = (
+            self.table.search()
+            .where(f"product_id = '{product_id.replace(chr(39), chr(39) * 2)}'")
+            .select(cols)
+            .limit(1)
+            .to_arrow()
+            .to_pylist()
+        )
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        if self.local_dir:
+            shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
+def _clean(err: Exception) -> str:
+    """LanceDB's message without the Rust source path it appends."""
+    return _CARGO_PATH.sub("", str(err)).strip()[:300]
+
+
+def published_pointer(index_uri: str, s3: S3Settings | None = None) -> dict | None:
+    """The newest completed run at the ``published`` tag (table name, version, model_id)."""
+    db = tables.connect(index_uri, s3)
+    return tables.published_run(db)
+
+
+def _local_copy(
+    index_uri: str, table_name: str, s3: S3Settings | None, cache_dir: str | None
+) -> str:
+    """Copy ``<index>/<table>.lance`` from S3 to a fresh local folder; return that folder."""
+    import pyarrow.fs as pafs
+
+    base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "blip-search-cache"
+    base.mkdir(parents=True, exist_ok=True)
+    dest = Path(tempfile.mkdtemp(prefix=f"{table_name}-", dir=base))
+    fs, root = filesystem_for(join(index_uri, f"{table_name}.lance"), s3)
+    pafs.copy_files(
+        root,
+        str(dest / f"{table_name}.lance"),
+        source_filesystem=fs,
+        destination_filesystem=pafs.LocalFileSystem(),
+        use_threads=True,
+    )
+    return str(dest)
+
+
+def open_snapshot(
+    index_uri: str,
+    s3: S3Settings | None = None,
+    *,
+    cache_dir: str | None = None,
+    pointer: dict | None = None,
+) -> Snapshot:
+    """Open the published version (``pointer`` from :func:`published_pointer`, or looked up)."""
+    pointer = pointer or published_pointer(index_uri, s3)
+    if pointer is None:
+        raise NoPublishedIndex(
+            f"no published index at {index_uri}: run `python -m pipelines.index_catalog` first"
+        )
+    name, version = pointer["products_table"], int(pointer["products_version"])
+    local_dir = None
+    if is_s3(index_uri):
+        local_dir = _local_copy(index_uri, name, s3, cache_dir)
+        db = tables.connect(local_dir)
+    else:
+        db = tables.connect(index_uri, s3)
+    table = db.open_table(name)
+    table.checkout(version)
+    names = table.schema.names
+    snap = Snapshot(
+        table=table,
+        products_table=name,
+        version=version,
+        model_id=pointer["model_id"],
+        run_id=pointer["run_id"],
+        rows=table.count_rows(),
+        metadata_columns=tuple(c for c in names if c not in SYSTEM_COLUMNS),
+        local_dir=local_dir,
+    )
+    logger.info(
+        "opened %s version %d (%d rows, model %s)%s",
+        name,
+        version,
+        snap.rows,
+        snap.model_id,
+        f" from a local copy in {local_dir}" if local_dir else "",
+    )
+    return snap

@@ -1,0 +1,559 @@
+"""The search service: Ray Serve, FastAPI ingress (ANN recall) + model deployment (encode, ITM).
+
+    serve run pipelines.serve_search:app_builder config=configs/local.yaml [key=value ...]
+    serve deploy configs/serve_local.yaml        # or: serve run configs/serve_local.yaml
+    python -m pipelines.serve_search --config configs/local.yaml [--index-uri …] [--model …] [--host …] [--port …]
+
+Two deployments composed with ``.bind()``: ``SearchIngress`` (CPU) parses and checks requests,
+runs stage 1 (ANN on its pinned table version) and builds responses; ``QueryModel`` (GPU when
+``serve.model.num_gpus`` > 0) encodes queries and ITM-scores candidates, batching concurrent
+requests with ``@serve.batch``. The logic lives in ``pipelines/search/``; nothing heavy happens at
+import: models and tables load in the replicas.
+
+Index versions: each ingress replica serves one pinned version of the published products table
+and checks every ``serve.refresh_seconds`` for a newer one; it opens the new version beside the old
+and swaps the reference, so a request is answered wholly from one version and none is dropped. A
+published version whose model_id differs from the model deployment's is refused (logged as an
+error, reported by ``/healthz``; at startup the replica fails to start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python pipelines/serve_search.py` as well as -m
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastapi import Request  # route signatures are resolved from module globals
+from pydantic import BaseModel, ConfigDict
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from pipelines.config import AppConfig, add_config_arguments, cli_config, load_config
+from pipelines.search.request import BadRequest
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_NAME = "search"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ModelMismatchError(RuntimeError):
+    """The published table was encoded by another model than the one this service loaded."""
+
+
+# ------------------------------------------------------------------------------ model deployment
+@serve.deployment
+class QueryModel:
+    """Query encoder + ITM re-ranker; one model per replica, image tokens cached per replica."""
+
+    def __init__(self, config: dict):
+        from blip_ops import load_model
+        from pipelines.search.scorer import QueryScorer
+
+        cfg = AppConfig.model_validate(config)
+        model = load_model(
+            cfg.model.name_or_path,
+            device=cfg.model.device,
+            dtype=cfg.model.dtype,
+            attention=cfg.model.attention,
+        )
+        self.scorer = QueryScorer(model, cfg.serve.token_cache_items)
+        self.batching = cfg.serve.batching
+        self.batch_sizes: list[int] = []  # sizes of recent @serve.batch calls (bounded)
+        for method in (self._text_batch, self._image_batch, self._itm_batch):
+            method.set_max_batch_size(cfg.serve.max_batch_size)
+            method.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        logger.info("query model %s ready on %s", model.model_id, model.device)
+
+    def _seen(self, n: int) -> None:
+        self.batch_sizes.append(n)
+        del self.batch_sizes[:-1000]
+
+    def info(self) -> dict:
+        cache = self.scorer.cache
+        return {
+            "model_id": self.scorer.model_id,
+            "batching": self.batching,
+            "cache_items": len(cache),
+            "cache_hits": cache.hits,
+            "cache_misses": cache.misses,
+            "batch_sizes": list(self.batch_sizes),
+        }
+
+    async def encode_text(self, text: str):
+        if self.batching:
+            return await self._text_batch(text)
+        return self.scorer.encode_texts([text])[0]
+
+    async def encode_image(self, image):
+        if self.batching:
+            return await self._image_batch(image)
+        return self.scorer.encode_images([image])[0]
+
+    async def itm(self, job):
+        if self.batching:
+            return await self._itm_batch(job)
+        return self.scorer.itm([job])[0]
+
+    @serve.batch
+    async def _text_batch(self, texts: list[str]):
+        self._seen(len(texts))
+        return list(self.scorer.encode_texts(texts))
+
+    @serve.batch
+    async def _image_batch(self, images: list):
+        self._seen(len(images))
+        return list(self.scorer.encode_images(images))
+
+    @serve.batch
+    async def _itm_batch(self, jobs: list):
+        self._seen(len(jobs))
+        return self.scorer.itm(jobs)
+
+
+class HandleScorer:
+    """The engine's scorer interface over the model deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def encode_text(self, text):
+        return await self.handle.encode_text.remote(text)
+
+    async def encode_image(self, image):
+        return await self.handle.encode_image.remote(image)
+
+    async def itm(self, job):
+        return await self.handle.itm.remote(job)
+
+
+# ------------------------------------------------------------------------------ HTTP guard
+def _json_bytes(body: dict) -> bytes:
+    return json.dumps(body, ensure_ascii=False, default=str).encode()
+
+
+class Guard:
+    """Pure ASGI middleware in front of every route: request id, API key, body size limit.
+
+    Serve's proxy passes the client's ``X-Request-ID`` (or one it generates) and echoes it on the
+    response; the guard makes it available to the routes (``scope["state"]["request_id"]``).
+
+    The size check reads the Content-Length header (413 before any of the body is read) and also
+    counts a streamed body, so a chunked upload cannot get past it either.
+    """
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def _reply(self, send, status: int, body: dict, rid: str, extra=()) -> None:
+        data = _json_bytes(body)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get("x-request-id", "")
+        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        path, root = scope["path"], scope.get("root_path", "")
+        path = path[len(root) :] if root and path.startswith(root) else path
+        if self.api_key is not None and path != "/healthz":
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix(
+                "Bearer "
+            )
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return await self._reply(
+                    send,
+                    401,
+                    {
+                        "error": "missing or invalid API key (send it as X-API-Key)",
+                        "request_id": rid,
+                    },
+                    rid,
+                    [(b"www-authenticate", b"ApiKey")],
+                )
+        length = headers.get("content-length")
+        too_large = {
+            "error": f"request body over {self.max_body_bytes} bytes",
+            "request_id": rid,
+        }
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return await self._reply(send, 413, too_large, rid)
+
+        seen = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise BodyTooLarge(too_large["error"])
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:  # raised where no route handled it (routes answer it as a 413)
+            if not started:
+                await self._reply(send, 413, too_large, rid)
+
+
+class BodyTooLarge(BadRequest):
+    """A streamed body went past the limit; the routes' BadRequest handler answers 413."""
+
+    def __init__(self, message: str):
+        super().__init__(message, status=413)
+
+
+# ------------------------------------------------------------------------------ ingress
+@serve.deployment
+@serve.ingress()
+class SearchIngress:
+    """HTTP API (DESIGN.md): /search, /products/{id}, /products/{id}/thumbnail, /healthz."""
+
+    def __init__(self, config: dict, model: DeploymentHandle):
+        from pipelines.search.request import Limits
+        from pipelines.storage import S3Settings
+
+        self.cfg = AppConfig.model_validate(config)
+        self.model = model
+        self.scorer = HandleScorer(model)
+        self.limits = Limits.from_config(self.cfg.serve)
+        self.s3 = S3Settings.from_config(self.cfg.s3)
+        self.api_key = os.environ.get(self.cfg.serve.api_key_env) or None
+        self.snapshot = None
+        self.retired: list = []  # replaced snapshots, kept while requests may still use them
+        self.refused: dict | None = None  # a published version refused for its model_id
+        self.model_id: str | None = None
+        self._lock = threading.Lock()
+
+    # ---- index versions ---------------------------------------------------------------------
+    def _open(self, pointer: dict | None = None):
+        from pipelines.search.snapshot import open_snapshot
+
+        return open_snapshot(
+            self.cfg.index.uri, self.s3, cache_dir=self.cfg.serve.cache_dir, pointer=pointer
+        )
+
+    def _mismatch_message(self, pointer_model: str, products_table: str, version: int) -> str:
+        return (
+            f"REFUSED: published table {products_table} version {version} was encoded by model "
+            f"{pointer_model}, but this service loaded {self.model_id} "
+            f"({self.cfg.model.name_or_path}); deploy the matching checkpoint or move the "
+            f"published tag back"
+        )
+
+    def refresh(self) -> bool:
+        """Swap in a newly published version; True when the served version changed."""
+        from pipelines.search.snapshot import published_pointer
+
+        with self._lock:
+            pointer = published_pointer(self.cfg.index.uri, self.s3)
+            if pointer is None:
+                return False
+            key = (pointer["products_table"], int(pointer["products_version"]))
+            if self.snapshot is not None and key == self.snapshot.key:
+                self.refused = None
+                return False
+            if pointer["model_id"] != self.model_id:
+                if self.refused != pointer:
+                    logger.error(self._mismatch_message(pointer["model_id"], *key))
+                self.refused = pointer
+                return False
+            new = self._open(pointer)
+            old, self.snapshot, self.refused = self.snapshot, new, None
+            if old is not None:
+                self.retired.append(old)
+                while len(self.retired) > 2:  # two refresh periods: no request lives that long
+                    self.retired.pop(0).close()
+            logger.info("now serving %s version %d", new.products_table, new.version)
+            return True
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.serve.refresh_seconds)
+            try:
+                await asyncio.to_thread(self.refresh)
+            except RuntimeError as err:
+                if "shutdown" in str(err):  # the replica is stopping
+                    return
+                logger.exception("looking for a newly published version failed")
+            except Exception:  # noqa: BLE001 - keep serving the pinned version; retry next period
+                logger.exception("looking for a newly published version failed")
+
+    def check_health(self) -> None:
+        if self.snapshot is None:
+            raise RuntimeError("no index version loaded")
+
+    # ---- the ASGI app, built in the replica after the constructor ---------------------------
+    async def __serve_build_asgi_app__(self):
+        info = await self.model.info.remote()
+        self.model_id = info["model_id"]
+        await asyncio.to_thread(self.refresh)
+        if self.snapshot is None:
+            if self.refused is not None:
+                p = self.refused
+                raise ModelMismatchError(
+                    self._mismatch_message(
+                        p["model_id"], p["products_table"], int(p["products_version"])
+                    )
+                )
+            from pipelines.search.snapshot import NoPublishedIndex
+
+            raise NoPublishedIndex(
+                f"no published index at {self.cfg.index.uri}: run the index job first"
+            )
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return build_http_app(self)
+
+
+def build_http_app(self: SearchIngress):
+    """The ingress's FastAPI app behind :class:`Guard`. Module-level on purpose: Serve pickles the
+    ingress class by value, and routes defined here resolve their annotations in this module."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    from pipelines.search.engine import search
+    from pipelines.search.request import BadRequest, parse_search
+
+    app = FastAPI(title="blip-catalog-search", version="0.1.0")
+
+    def rid(request: Request) -> str:
+        return request.scope.get("state", {}).get("request_id", "")
+
+    def error(request: Request, status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message, "request_id": rid(request)}, status_code=status)
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, err: BadRequest):
+        logger.info("request %s: %d %s", rid(request), err.status, err)
+        return error(request, err.status, str(err))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, err: HTTPException):
+        return error(request, err.status_code, str(err.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        return error(request, 400, f"invalid request: {err.errors()[:3]}")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception):
+        logger.exception("request %s failed", rid(request))
+        return error(
+            request, 500, f"internal error ({type(err).__name__}); request id {rid(request)}"
+        )
+
+    @app.post("/search")
+    async def search_route(request: Request):
+        body = await request.body()
+        query = await asyncio.to_thread(parse_search, body, self.limits)
+        snap = self.snapshot  # pinned for this request: one version, start to end
+        result = await search(query, snap, self.scorer)
+        result["request_id"] = rid(request)
+        logger.info(
+            "request %s: 200 search v%d %s",
+            rid(request),
+            snap.version,
+            json.dumps(result["timings_ms"]),
+        )
+        return Response(_json_bytes(result), media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz(request: Request):
+        snap = self.snapshot
+        body = {"status": "ok", **snap.describe(), "request_id": rid(request)}
+        if self.refused is not None:
+            body["status"] = "refusing_published_version"
+            body["refused"] = {
+                "products_table": self.refused["products_table"],
+                "table_version": int(self.refused["products_version"]),
+                "model_id": self.refused["model_id"],
+            }
+        return body
+
+    @app.get("/products/{product_id}")
+    async def product(request: Request, product_id: str):
+        snap = self.snapshot
+        row = await asyncio.to_thread(snap.product, product_id)
+        if row is None:
+            return error(request, 404, f"no product {product_id!r} in version {snap.version}")
+        row.update(table_version=snap.version, request_id=rid(request))
+        return Response(_json_bytes(row), media_type="application/json")
+
+    @app.get("/products/{product_id}/thumbnail")
+    async def thumbnail(request: Request, product_id: str):
+        snap = self.snapshot
+        row = await asyncio.to_thread(snap.product, product_id, ["thumbnail"])
+        if row is None or not row["thumbnail"]:
+            return error(request, 404, f"no thumbnail for product {product_id!r}")
+        return Response(row["thumbnail"], media_type="image/jpeg")
+
+    return Guard(app, api_key=self.api_key, max_body_bytes=self.cfg.serve.max_body_bytes)
+
+
+# ------------------------------------------------------------------------------ application
+def _options(d) -> dict:
+    return {
+        "num_replicas": d.num_replicas,
+        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "max_queued_requests": d.max_queued_requests,
+        "max_constructor_retry_count": d.max_constructor_retry_count,
+    }
+
+
+def build_app(cfg: AppConfig) -> Application:
+    """The Serve application for ``cfg``: ingress bound to the model deployment."""
+    config = cfg.model_dump(mode="python")
+    model = QueryModel.options(**_options(cfg.serve.model)).bind(config)
+    return SearchIngress.options(**_options(cfg.serve.ingress)).bind(config, model)
+
+
+class ServeArgs(BaseModel):
+    """Arguments of ``serve run pipelines.serve_search:app_builder config=FILE [key=value ...]``:
+    ``config`` names the YAML file; every other key is a config override (``serve.rerank_k=16``)."""
+
+    model_config = ConfigDict(extra="allow")
+    config: str | None = None
+
+
+def _config_path(path: str | None) -> str | None:
+    """A relative path is looked up from the working directory, then from the repository root
+    (a Serve config deployed to a cluster runs the builder in another working directory)."""
+    if path is None or Path(path).is_absolute() or Path(path).exists():
+        return path
+    candidate = REPO_ROOT / path
+    return str(candidate) if candidate.exists() else path
+
+
+def app_builder(args: ServeArgs) -> Application:
+    extra = args.model_extra or {}
+    overrides = [f"{k}={v}" for k, v in extra.items()]
+    return build_app(load_config(_config_path(args.config), overrides))
+
+
+# ------------------------------------------------------------------------------ CLI
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start(cfg: AppConfig, *, blocking_ready: bool = True) -> str:
+    """Start Serve on ``serve.host:serve.port`` in the connected Ray and deploy the app;
+    returns the base URL."""
+    host = cfg.serve.host
+    port = cfg.serve.port or _free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def deployment_errors(app_name: str = APP_NAME) -> str:
+    """Why an application's deployments failed (the replicas' last error lines), for messages."""
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception as err:  # noqa: BLE001 - only used to explain another failure
+        return f"(no status: {err})"
+    if app is None:
+        return ""
+    lines = []
+    for name, dep in app.deployments.items():
+        if dep.message:
+            last = [ln for ln in dep.message.strip().splitlines() if ln.strip()]
+            lines.append(f"{name}: {last[-1] if last else dep.message}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.serve_search", description=__doc__.splitlines()[0]
+    )
+    add_config_arguments(parser, ("index_uri", "model", "host", "port"))
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = cli_config(args)
+    if cfg is None:
+        return 2
+    from pipelines.index_catalog import init_ray
+    from pipelines.search.snapshot import published_pointer
+    from pipelines.storage import S3Settings
+
+    try:
+        pointer = published_pointer(cfg.index.uri, S3Settings.from_config(cfg.s3))
+    except (OSError, ValueError) as err:
+        pointer, reason = None, f"{type(err).__name__}: {err}"
+    else:
+        reason = "no published run"
+    if pointer is None:
+        print(
+            f"error: nothing to serve at {cfg.index.uri} ({reason}): run "
+            f"`python -m pipelines.index_catalog --config …` first",
+            file=sys.stderr,
+        )
+        return 2
+    init_ray(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    # Deploy the classes of the importable module, not of __main__ (`python -m` runs this file
+    # as __main__, whose classes would be pickled by value without their module's globals).
+    from pipelines import serve_search
+
+    try:
+        url = serve_search.start(cfg)
+    except RuntimeError as err:
+        print(
+            f"error: the search service did not start: {err}\n{deployment_errors()}",
+            file=sys.stderr,
+        )
+        serve.shutdown()
+        return 2
+    print(
+        f"serving {cfg.index.uri} on {url}  (POST /search, GET /healthz, /docs); Ctrl-C stops",
+        flush=True,
+    )
+    started = time.time()
+    stop.wait()
+    logger.info("stopping after %.0f s", time.time() - started)
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Request parsing, filter checking and the scorer's token cache: plain functions, no Ray."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.search.filters import check_filter
+from pipelines.search.request import BadRequest, Limits, parse_search
+from pipelines.search.scorer import ItmJob, QueryScorer, TokenCache
+from tests.conftest import draw_product, encode_image_bytes
+
+LIMITS = Limits(k=10, candidates=100, rerank_k=32)
+COLUMNS = ("product_id", "title", "category", "price", "brand")
+
+
+def test_defaults_and_bounds():
+    q = parse_search(b'{"text": "  red sofa "}', LIMITS)
+    assert (q.text, q.k, q.candidates, q.rerank_k, q.rerank, q.filter) == (
+        "red sofa",
+        10,
+        100,
+        32,
+        True,
+        None,
+    )
+    q = parse_search({"text": "x", "candidates": 5}, LIMITS)
+    assert (q.k, q.rerank_k) == (5, 5)  # defaults shrink to fit a smaller candidate list
+    q = parse_search({"text": "x", "k": 3, "rerank_k": 0, "rerank": False, "filter": " "}, LIMITS)
+    assert (q.k, q.rerank_k, q.rerank, q.filter) == (3, 0, False, None)
+
+
+def test_image_queries_decode_with_the_safe_decoder():
+    data = encode_image_bytes(draw_product(1))
+    b64 = base64.b64encode(data).decode()
+    assert parse_search({"image": b64}, LIMITS).image.mode == "RGB"
+    assert parse_search({"image": "data:image/jpeg;base64," + b64}, LIMITS).image.size == (120, 90)
+    small = Limits(max_image_bytes=100)
+    with pytest.raises(BadRequest, match="the limit is 100"):
+        parse_search({"image": b64}, small)
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("not json", "not valid JSON"),
+        (json.dumps("a string"), "must be a JSON object"),
+        (json.dumps({"text": None, "image": None}), "give `text`, `image`"),
+        (json.dumps({"text": True}), "`text` must be a string"),
+        (json.dumps({"text": "x", "k": 1.5}), "`k` must be an integer"),
+        (json.dumps({"text": "x", "k": True}), "`k` must be an integer"),
+        (json.dumps({"text": "x", "rerank_k": -1}), "`rerank_k` must be between 0"),
+        (json.dumps({"text": "x", "filter": 3}), "`filter` must be a string"),
+        (json.dumps({"text": "x", "filter": "a" * 1001}), "the limit is 1000"),
+        (json.dumps({"image": ""}), "`image` is empty"),
+        (json.dumps({"image": 12}), "`image` must be a base64 string"),
+    ],
+)
+def test_bad_bodies(body, message):
+    with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace("`", "`")) as err:
+        parse_search(body, LIMITS)
+    assert err.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "category = 'sofa'",
+        "price >= 10 AND price < 99.5 OR NOT (brand IN ('Kido', 'O''Neil'))",
+        "title LIKE '%lamp%' AND brand IS NOT NULL",
+        "price BETWEEN 1 AND 2e3",
+        "`category` != 'x'",
+        "price > -1",  # a minus sign, not a comment
+    ],
+)
+def test_filters_over_metadata_pass(expr):
+    assert check_filter(expr, COLUMNS) == expr
+
+
+@pytest.mark.parametrize(
+    "expr,message",
+    [
+        ("image_embedding IS NULL", "not a metadata column"),
+        ("thumbnail = 'x'", "not a metadata column"),
+        ("upper(category) = 'X'", "not a metadata column"),
+        ("category = 'a'; DROP TABLE products", "unexpected text"),
+        ('category = "a"', "unexpected text"),
+        ("price > 1 -- comment", "may not contain comments"),
+        ("price > 1 /* x */", "may not contain comments"),
+        ("(price > 1", "unmatched '('"),
+        ("price > 1)", "unmatched ')'"),
+        ("category = 'unterminated", "unexpected text"),
+    ],
+)
+def test_filters_refused(expr, message):
+    with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_filter(expr, COLUMNS)
+
+
+def test_token_cache_is_a_bounded_lru():
+    cache = TokenCache(2)
+    a, b, c = (torch.full((3, 4), float(i)) for i in range(3))
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # a is now the most recent
+    cache.put("c", c)  # evicts b
+    assert cache.get("b") is None and cache.get("c") is c and len(cache) == 2
+    assert (cache.hits, cache.misses) == (2, 1)
+    off = TokenCache(0)
+    off.put("a", a)
+    assert off.get("a") is None
+
+
+def test_scorer_batches_equal_single_requests_and_cache_tokens(tiny_model):
+    images = [encode_image_bytes(draw_product(s)) for s in range(6)]
+    keys = [f"p{s}:h{s}" for s in range(6)]
+    jobs = [
+        ItmJob("red sofa", tuple(keys[:4]), tuple(images[:4])),
+        ItmJob("blue lamp", tuple(keys[2:]), tuple(images[2:])),
+        ItmJob("empty", (), ()),
+    ]
+    single = [QueryScorer(tiny_model).itm([job])[0] for job in jobs]
+    scorer = QueryScorer(tiny_model, cache_items=100)
+    batched = scorer.itm(jobs)
+    for s, b in zip(single, batched, strict=True):
+        np.testing.assert_allclose(b, s, atol=1e-5)
+    assert len(batched[2]) == 0
+    assert scorer.cache.misses == 6 and len(scorer.cache) == 6  # shared products encoded once
+    again = scorer.itm(jobs[:1])[0]
+    np.testing.assert_allclose(again, single[0], atol=1e-5)
+    assert scorer.cache.hits == 4
+    # the rule's reference: ITM of the same pairs straight from the model
+    from blip_ops import decode_image
+
+    decoded = [decode_image(d) for d in images[:4]]
+    tokens = tiny_model.encode_images(decoded, return_tokens=True).tokens
+    np.testing.assert_allclose(
+        single[0], tiny_model.itm_scores("red sofa", tokens).numpy(), atol=1e-5
+    )
+    texts = scorer.encode_texts(["red sofa", "蓝色台灯"])
+    assert texts.shape == (2, tiny_model.embedding_dim)
+    np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
