@@ -460,9 +460,16 @@ def _config_path(path: str | None) -> str | None:
 
 
 def app_builder(args: ServeArgs) -> Application:
+    if not isinstance(args, ServeArgs):  # a plain dict from an older Serve or a direct call
+        args = ServeArgs.model_validate(args)
     extra = args.model_extra or {}
     overrides = [f"{k}={v}" for k, v in extra.items()]
     return build_app(load_config(_config_path(args.config), overrides))
+
+
+# Serve validates builder arguments against the annotation only when it is a class, not the
+# string that `from __future__ import annotations` leaves.
+app_builder.__annotations__["args"] = ServeArgs
 
 
 # ------------------------------------------------------------------------------ CLI

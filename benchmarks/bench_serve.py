@@ -1,0 +1,173 @@
+"""The search service under load over real HTTP: latency, throughput and where the time goes.
+
+    python benchmarks/bench_serve.py --config configs/local.yaml --index-uri DIR \
+        [--model PATH] [--seconds 8] [--clients 1 4 16] [--json FILE]
+
+Starts a local Ray (2 CPUs unless ``ray.num_cpus`` says otherwise) and Serve on 127.0.0.1, deploys
+the application twice (``serve.batching`` true, then false) and, for each, measures:
+  * single-client p50/p99 of text queries with the ITM re-rank (rerank_k from config) and without;
+  * queries/s and p50/p99 at each client count (closed loop: each client sends its next query as
+    soon as the last one answers), re-rank on;
+  * the share of server time per stage (the responses' timings_ms: encode, ann, rerank).
+Queries are shortened product titles drawn from the table (English, pinyin and mixed, as the
+catalog's titles are), so every query is realistic for the index being measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+
+from pipelines.config import add_config_arguments, cli_config  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def sample_queries(cfg, n: int = 200, seed: int = 0) -> list[str]:
+    from pipelines.search.snapshot import open_snapshot
+    from pipelines.storage import S3Settings
+
+    snap = open_snapshot(cfg.index.uri, S3Settings.from_config(cfg.s3))
+    titles = (
+        snap.table.search().select(["title"]).limit(None).to_arrow().column("title").to_pylist()
+    )
+    rng = random.Random(seed)
+    out = []
+    for title in rng.sample(titles, min(n, len(titles))):
+        words = title.split()
+        start = rng.randrange(max(1, len(words) - 3))
+        out.append(" ".join(words[start : start + rng.randint(2, 5)]))
+    return out
+
+
+def run_load(url: str, queries: list[str], clients: int, seconds: float, body: dict) -> dict:
+    """Closed-loop load: ``clients`` threads, each with its own connection, for ``seconds``."""
+    latencies: list[float] = []
+    stages: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0, "total": 0.0}
+    statuses: dict[int, int] = {}
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        with httpx.Client(base_url=url, timeout=120) as c:
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                r = c.post("/search", json={**body, "text": rng.choice(queries)})
+                dt = time.perf_counter() - t
+                with lock:
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    if r.status_code == 200:
+                        latencies.append(dt * 1000)
+                        for k, v in r.json()["timings_ms"].items():
+                            stages[k] = stages.get(k, 0.0) + v
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    total = stages.pop("total") or 1.0
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "statuses": statuses,
+        "qps": round(len(latencies) / wall, 2),
+        "p50_ms": round(_pct(latencies, 50), 2),
+        "p99_ms": round(_pct(latencies, 99), 2),
+        "mean_ms": round(statistics.fmean(latencies), 2) if latencies else None,
+        "stage_share": {k: round(v / total, 3) for k, v in stages.items()},
+        "server_ms_per_request": round(total / max(1, len(latencies)), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_config_arguments(parser, ("index_uri", "model"))
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per measurement")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_intermixed_args(argv)
+    cfg = cli_config(args)
+    if cfg is None:
+        return 2
+    import ray
+    from ray import serve
+
+    from pipelines.index_catalog import init_ray
+    from pipelines.serve_search import build_app
+
+    queries = sample_queries(cfg)
+    init_ray(cfg)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    results: dict = {
+        "index_uri": cfg.index.uri,
+        "model": cfg.model.name_or_path,
+        "candidates": cfg.serve.candidates,
+        "rerank_k": cfg.serve.rerank_k,
+        "cpus": ray.cluster_resources().get("CPU"),
+        "runs": [],
+    }
+    for batching in (True, False):
+        app_cfg = cfg.model_copy(
+            update={"serve": cfg.serve.model_copy(update={"batching": batching})}
+        )
+        serve.run(build_app(app_cfg), name="bench", route_prefix="/")
+        health = httpx.get(url + "/healthz", timeout=30).json()
+        results["rows"], results["model_id"] = health["rows"], health["model_id"]
+        run_load(url, queries, 2, 3.0, {})  # warm-up: caches, JIT paths, connections
+        single = {
+            "rerank": run_load(url, queries, 1, args.seconds, {}),
+            "no_rerank": run_load(url, queries, 1, args.seconds, {"rerank": False}),
+        }
+        by_clients = [run_load(url, queries, n, args.seconds, {}) for n in args.clients]
+        results["runs"].append(
+            {"batching": batching, "single_client": single, "concurrency": by_clients}
+        )
+        print(f"\n@serve.batch {'on' if batching else 'off'} ({health['rows']} products)")
+        for name, r in single.items():
+            print(
+                f"  1 client, {name:9s}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                f"{r['qps']} q/s, stages {r['stage_share']}"
+            )
+        for r in by_clients:
+            print(
+                f"  {r['clients']:2d} clients: {r['qps']} q/s, p50 {r['p50_ms']} ms, "
+                f"p99 {r['p99_ms']} ms, statuses {r['statuses']}, stages {r['stage_share']}"
+            )
+        serve.delete("bench")
+    serve.shutdown()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+        print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
