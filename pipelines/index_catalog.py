@@ -6,8 +6,10 @@
 
 Per run: read every row with its source file and row number; validate on CPU (bad rows → ``rejects``
 with a reason); skip rows whose content hash and model_id equal the published row; decode + encode
-the rest in an actor pool (the model loads once per actor); stage the encoded rows, streaming, in a
-staging table; merge them into ``products`` by product_id in one operation; build the indexes;
+the rest in an actor pool (the model loads once per actor); stage the encoded rows in a staging
+table (Ray Data tasks write them, the driver commits every ``index.stage_flush_rows`` rows and never
+holds image bytes); merge them into ``products`` by product_id in one commit, streaming
+(``pipelines/indexing/staging.py``); build the indexes;
 write the ``runs`` row; then move the tags. Readers open the tag, so a run that dies leaves
 ``published`` where it was, and a rerun picks up the rows the dead run had already staged.
 Every input row is exactly one of indexed, unchanged or rejected, and the job asserts it.
@@ -35,6 +37,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.config import AppConfig, add_config_arguments, cli_config, config_digest
+from pipelines.indexing import staging as stage_io
 from pipelines.indexing import tables
 from pipelines.indexing.stages import (
     DETAIL,
@@ -48,7 +51,7 @@ from pipelines.indexing.stages import (
     peak_rss_mb,
 )
 from pipelines.indexing.validate import REJECT_REASONS, REJECTS_SCHEMA, duplicated_ids
-from pipelines.storage import S3Settings, filesystem_for
+from pipelines.storage import S3Settings, filesystem_for, is_s3
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,20 @@ def _validate_stage(batch: pa.Table, state_ref: list) -> pa.Table:
     return validate(batch, state=_STATE_CACHE[key])
 
 
+_AWS_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def _staging_task_env(index_uri: str) -> dict:
+    """Ray options for the staging tasks, which write to the index store themselves. On S3 they
+    need credentials: the AWS chain of the worker's node normally provides them (instance role,
+    pod identity); when the driver's own chain is environment variables, they are forwarded too,
+    so that a cluster started before they were set (a laptop, the tests) can write."""
+    if not is_s3(index_uri):
+        return {}
+    env = {k: os.environ[k] for k in _AWS_CREDENTIAL_VARS if os.environ.get(k)}
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def init_ray(cfg: AppConfig) -> None:
     import ray
 
@@ -141,18 +158,9 @@ def _open_staging(db, name: str):
         )
         try:
             db.drop_table(name)
-        except Exception as drop_err:  # noqa: BLE001 - the overwrite at the first flush replaces it anyway
+        except Exception as drop_err:  # noqa: BLE001 - the first staging commit overwrites it anyway
             logger.warning("could not drop %s (%s); it will be overwritten", name, drop_err)
         return None
-
-
-def _escape(pid: str) -> str:
-    return "'" + pid.replace("'", "''") + "'"
-
-
-def _delete_ids(table, ids: list[str], chunk: int = 500) -> None:
-    for start in range(0, len(ids), chunk):
-        table.delete(f"product_id IN ({', '.join(_escape(p) for p in ids[start : start + chunk])})")
 
 
 def _reject_table(batch: pa.Table, run_id: str) -> pa.Table:
@@ -227,6 +235,8 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     db = tables.connect(cfg.index.uri, s3)
     products_name = tables.products_table_name(cfg.index.table, model_id)
     staging_name = f"_staging__{model_id}"
+    staging_uri = stage_io.dataset_uri(cfg.index.uri, staging_name)
+    storage_options = tables.storage_options(cfg.index.uri, s3) or None
     existing = tables.table_names(db)
     published = tables.open_tagged(db, products_name, cfg.index.publish_tag)
     published_hash: dict[str, str] = {}
@@ -298,30 +308,30 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
                 "torch_threads": cfg.encode.torch_threads,
             },
         )
+        # Workers write the encoded rows into the staging dataset themselves (uncommitted files);
+        # only accounting rows and fragment metadata come back to the driver.
+        .map_batches(
+            stage_io.write_staged_rows,
+            batch_format="pyarrow",
+            batch_size=cfg.index.stage_flush_rows,
+            fn_kwargs={
+                "uri": staging_uri,
+                "schema": schema,
+                "run_id": run_id,
+                "storage_options": storage_options,
+            },
+            **_staging_task_env(cfg.index.uri),
+        )
     )
 
     counts: Counter = Counter()
     reasons: Counter = Counter()
     rejects: list[pa.Table] = []
-    keep_staged: set[str] = set()
-    buffer: list[pa.Table] = []
+    keep: dict[str, str] = {}  # product_id -> content hash of the rows this run publishes
+    committer = stage_io.StagingCommitter(
+        staging_uri, schema, exists=staging is not None, storage_options=storage_options
+    )
     encode_started = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal staging
-        if not buffer:
-            return
-        rows = pa.concat_tables(buffer)
-        buffer.clear()
-        if staging is None:
-            # overwrite: a torn leftover of a run killed inside its first write may still be there
-            staging = db.create_table(staging_name, rows, schema=schema, mode="overwrite")
-        else:
-            _delete_ids(
-                staging, [p for p in rows.column("product_id").to_pylist() if p in staged_hash]
-            )
-            staging.add(rows)
-
     worker_rss = 0.0
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if batch.num_rows:
@@ -332,19 +342,20 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
         if rejected.num_rows:
             rejects.append(_reject_table(rejected, run_id))
             reasons.update(rejected.column(REASON).to_pylist())
-        keep_staged.update(
-            batch.filter(pc.equal(status, "staged")).column("product_id").to_pylist()
-        )
-        indexed = batch.filter(pc.equal(status, "indexed"))
-        if indexed.num_rows:
-            indexed = indexed.append_column(
-                "run_id", pa.array([run_id] * indexed.num_rows, pa.string())
+        kept = batch.filter(pc.is_in(status, value_set=pa.array(["indexed", "staged"])))
+        keep.update(
+            zip(
+                kept.column("product_id").to_pylist(),
+                kept.column("content_hash").to_pylist(),
+                strict=True,
             )
-            buffer.append(indexed.select(schema.names).cast(schema))
-            keep_staged.update(indexed.column("product_id").to_pylist())
-            if sum(t.num_rows for t in buffer) >= cfg.index.stage_flush_rows:
-                flush()
-    flush()
+        )
+        committer.add(batch.column(stage_io.FRAGMENTS).drop_null().to_pylist())
+        if committer.pending_rows >= cfg.index.stage_flush_rows:
+            committer.commit()
+    committer.commit()
+    if committer.committed_rows != counts["indexed"]:
+        raise AssertionError(f"staged {committer.committed_rows} rows, encoded {counts['indexed']}")
     encode_seconds = time.perf_counter() - encode_started
     logger.info("stream done: driver peak %.0f MB, encoder peak %.0f MB", peak_rss_mb(), worker_rss)
 
@@ -359,31 +370,20 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     if rows_in != indexed_n + counts["unchanged"] + counts["rejected"]:
         raise AssertionError(f"row accounting broken: {summary_counts}")
 
-    # Merge the staged rows into products in one operation (create the table on first use).
-    products = tables.append(db, products_name, schema)
-    if staging is not None:
-        reader = staging.search().limit(None).to_batches()
-        keep = pa.array(sorted(keep_staged), pa.string())
-        filtered = pa.RecordBatchReader.from_batches(
-            reader.schema,
-            (b.filter(pc.is_in(b.column("product_id"), value_set=keep)) for b in reader),
-        )
-        if keep_staged:
-            products.merge_insert(
-                "product_id"
-            ).when_matched_update_all().when_not_matched_insert_all().execute(filtered)
-
-    deleted = 0
-    if cfg.index.delete_missing:
-        source = set(ids.drop_null().to_pylist())
-        current = tables.published_state(products, ("product_id",)).column("product_id").to_pylist()
-        missing = [p for p in current if p not in source]
-        _delete_ids(products, missing)
-        deleted = len(missing)
-
+    # Merge the staged rows into products in one commit (create the table on first use); with
+    # delete_missing the same commit deletes the products absent from the source.
+    tables.append(db, products_name, schema)
+    _version, _merged, deleted = stage_io.merge_staged(
+        stage_io.dataset_uri(cfg.index.uri, products_name),
+        staging_uri if committer.exists else None,
+        keep,
+        source_ids=ids.drop_null().combine_chunks() if cfg.index.delete_missing else None,
+        storage_options=storage_options,
+    )
+    products = db.open_table(products_name)
     logger.info("merge done: driver peak %.0f MB", peak_rss_mb())
     n_rows = products.count_rows()
-    changed = bool(keep_staged) or deleted > 0
+    changed = bool(keep) or deleted > 0
     ann = build_indexes(products, cfg, n_rows, rebuild=changed)
     rejects_table = tables.append(
         db, tables.REJECTS_TABLE, REJECTS_SCHEMA, pa.concat_tables(rejects) if rejects else None
@@ -438,7 +438,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     tables.move_tag(products, cfg.index.publish_tag, products.version)
     tables.move_tag(rejects_table, cfg.index.publish_tag, rejects_table.version)
     tables.move_tag(runs_table, cfg.index.publish_tag, runs_table.version)
-    if staging is not None:
+    if committer.exists:
         db.drop_table(staging_name)
     return summary
 

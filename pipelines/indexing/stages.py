@@ -155,6 +155,7 @@ class EncodeBatch:
     ) -> None:
         from blip_ops import load_model
 
+        cap_malloc_retention()
         if torch_threads:
             import torch
 
@@ -258,6 +259,28 @@ class EncodeBatch:
             .append_column(DETAIL, pa.array(detail, pa.string()))
             .append_column(PEAK_RSS, pa.array([peak_rss_mb()] * n, pa.float32()))
         )
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+
+
+def cap_malloc_retention(threshold: int = 1 << 20) -> bool:
+    """Serve allocations of ``threshold`` bytes and more from mmap, so freeing them returns the
+    memory to the OS. glibc otherwise raises its mmap threshold after the first large free (up to
+    32 MiB) and keeps later large buffers in its per-thread arenas; with the many threads of Lance,
+    Arrow, torch and Ray, freed Parquet row groups, image batches and Lance pages then stay resident
+    and the process's RSS climbs with the work done, not with what it holds (measured: scanning 570
+    MB of staged rows left 300-420 MB resident; with this, 75 MB). No-op off glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
 
 
 def peak_rss_mb() -> float:
