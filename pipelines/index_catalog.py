@@ -51,7 +51,7 @@ from pipelines.indexing.stages import (
     peak_rss_mb,
 )
 from pipelines.indexing.validate import REJECT_REASONS, REJECTS_SCHEMA, duplicated_ids
-from pipelines.storage import S3Settings, filesystem_for, is_s3
+from pipelines.storage import S3Settings, filesystem_for
 
 logger = logging.getLogger(__name__)
 
@@ -108,20 +108,6 @@ def _validate_stage(batch: pa.Table, state_ref: list) -> pa.Table:
         _STATE_CACHE.clear()
         _STATE_CACHE[key] = ray.get(state_ref[0])
     return validate(batch, state=_STATE_CACHE[key])
-
-
-_AWS_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-
-def _staging_task_env(index_uri: str) -> dict:
-    """Ray options for the staging tasks, which write to the index store themselves. On S3 they
-    need credentials: the AWS chain of the worker's node normally provides them (instance role,
-    pod identity); when the driver's own chain is environment variables, they are forwarded too,
-    so that a cluster started before they were set (a laptop, the tests) can write."""
-    if not is_s3(index_uri):
-        return {}
-    env = {k: os.environ[k] for k in _AWS_CREDENTIAL_VARS if os.environ.get(k)}
-    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def init_ray(cfg: AppConfig) -> None:
@@ -320,7 +306,6 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
                 "run_id": run_id,
                 "storage_options": storage_options,
             },
-            **_staging_task_env(cfg.index.uri),
         )
     )
 

@@ -92,6 +92,15 @@ def s3_server():
     server.stop()
 
 
+# The test S3 server's credentials, through the standard AWS variables only. Ray workers get them
+# from the environment the local Ray was started in (see ray_local), as a node's AWS chain would.
+TEST_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
 @pytest.fixture
 def s3_bucket(s3_server, monkeypatch):
     """A fresh bucket; test credentials through the standard AWS environment variables."""
@@ -99,11 +108,7 @@ def s3_bucket(s3_server, monkeypatch):
 
     import boto3
 
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing-key-id",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
+    for name, value in TEST_AWS_ENV.items():
         monkeypatch.setenv(name, value)
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -124,6 +129,7 @@ def ray_local():
     # Ray workers (Serve replicas included) inherit this process's environment at ray.init: the
     # API-key test points serve.api_key_env at this variable.
     os.environ[TEST_API_KEY_ENV] = TEST_API_KEY
+    os.environ.update(TEST_AWS_ENV)
     ray.init(
         num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, logging_level="ERROR"
     )
