@@ -233,6 +233,14 @@ class ServeConfig(_Section):
     token_cache_items: int = Field(
         4096, ge=0, description="ITM image tokens kept in memory per model replica (hot products)"
     )
+    hybrid: Literal["off", "rrf", "weighted"] = Field(
+        "off",
+        description="fuse BM25 on the normalised title with the vector candidates (off until measured)",
+    )
+    hybrid_rrf_k: float = Field(60.0, gt=0, description="reciprocal-rank fusion constant")
+    hybrid_weight: float = Field(
+        0.5, ge=0, le=1, description="weighted fusion: share of the ITC cosine (rest: BM25)"
+    )
     batching: bool = Field(True, description="@serve.batch query encoding and ITM across requests")
     max_batch_size: int = Field(16, gt=0, description="requests per @serve.batch call")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")

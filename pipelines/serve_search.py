@@ -88,6 +88,7 @@ class QueryModel:
         cache = self.scorer.cache
         return {
             "model_id": self.scorer.model_id,
+            "text_settings": self.scorer.model.text_settings.to_dict(),
             "batching": self.batching,
             "cache_items": len(cache),
             "cache_hits": cache.hits,
@@ -130,7 +131,15 @@ class HandleScorer:
     """The engine's scorer interface over the model deployment's handle."""
 
     def __init__(self, handle: DeploymentHandle):
+        from blip_ops.text import TextSettings
+
         self.handle = handle
+        self.text_settings = TextSettings()  # replaced by the model's own at replica start
+
+    def normalize_text(self, text: str) -> str:
+        from blip_ops.text import normalize_text
+
+        return normalize_text(text, self.text_settings)
 
     async def encode_text(self, text):
         return await self.handle.encode_text.remote(text)
@@ -317,8 +326,11 @@ class SearchIngress:
 
     # ---- the ASGI app, built in the replica after the constructor ---------------------------
     async def __serve_build_asgi_app__(self):
+        from blip_ops.text import TextSettings
+
         info = await self.model.info.remote()
         self.model_id = info["model_id"]
+        self.scorer.text_settings = TextSettings.from_dict(info["text_settings"])
         await asyncio.to_thread(self.refresh)
         if self.snapshot is None:
             if self.refused is not None:

@@ -144,3 +144,26 @@ def test_scorer_batches_equal_single_requests_and_cache_tokens(tiny_model):
     texts = scorer.encode_texts(["red sofa", "蓝色台灯"])
     assert texts.shape == (2, tiny_model.embedding_dim)
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
+
+
+def test_fusion_rules():
+    from pipelines.search.hybrid import fused_order, rrf_scores, weighted_scores
+
+    fused = rrf_scores([["a", "b", "c"], ["c", "d"]], k=60)
+    assert fused["c"] == pytest.approx(1 / 63 + 1 / 61)
+    assert fused["a"] == pytest.approx(1 / 61) and fused["d"] == pytest.approx(1 / 62)
+    order = fused_order(["a", "b", "c"], [0.9, 0.8, 0.7], ["c", "d"], [5.0, 1.0], mode="rrf", n=3)
+    # c is in both lists; b ties d on rank (2nd in its list): the vector list's item first
+    assert order == ["c", "a", "b"]
+    w = weighted_scores({"a": 0.9, "c": 0.5}, {"c": 4.0, "d": 2.0}, weight=0.5)
+    assert w == pytest.approx({"a": 0.45, "c": 0.75, "d": 0.25})
+    assert fused_order(["a", "c"], [0.9, 0.5], ["c", "d"], [4.0, 2.0], mode="weighted", n=2) == [
+        "c",
+        "a",
+    ]
+    with pytest.raises(ValueError, match="hybrid mode"):
+        fused_order(["a"], [1.0], [], [], mode="bm25", n=1)
+    assert parse_search({"text": "x", "hybrid": True}, LIMITS).hybrid == "rrf"
+    assert parse_search({"text": "x"}, Limits(hybrid="weighted")).hybrid == "weighted"
+    with pytest.raises(BadRequest, match="`hybrid` must be"):
+        parse_search({"text": "x", "hybrid": "bm25"}, LIMITS)

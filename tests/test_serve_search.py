@@ -491,3 +491,50 @@ def test_cli_refuses_an_index_with_nothing_published(tmp_path, capsys):
     assert main(["--config", str(LOCAL_CONFIG), "--index-uri", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "nothing to serve" in err and str(tmp_path / "empty") in err
+
+
+def test_hybrid_finds_model_numbers_that_vectors_miss(client, indexed):
+    """A bare model number ("DV67"-style code in a title): BM25 on the normalised title finds the
+    product; the (random tiny) embedding space does not."""
+    import re
+
+    cfg, _ = indexed
+    rows = _published(cfg, client.get("/healthz").json()["table_version"])
+    codes: dict[str, set[str]] = {}
+    for pid, title in zip(
+        rows.column("product_id").to_pylist(), rows.column("title").to_pylist(), strict=True
+    ):
+        for code in re.findall(r"\b[A-Z]{2}\d{2}\b", title):
+            codes.setdefault(code, set()).add(pid)
+    shown = 0
+    for code, owners in sorted(codes.items())[:25]:
+        plain = client.post("/search", json={"text": code, "k": 10, "rerank": False}).json()
+        if owners & {x["product_id"] for x in plain["results"]}:
+            continue  # the vectors found it by chance: not the case this test is about
+        fused = client.post(
+            "/search", json={"text": code, "k": 10, "rerank": False, "hybrid": "rrf"}
+        ).json()
+        assert fused["hybrid"] == "rrf" and "lexical" in fused["timings_ms"]
+        assert owners & {x["product_id"] for x in fused["results"]}, (code, fused["results"][:2])
+        # when the vector list holds every product, the exact match is in both lists: it leads
+        everything = client.post(
+            "/search",
+            json={
+                "text": code,
+                "k": 10,
+                "candidates": N_PRODUCTS,
+                "rerank": False,
+                "hybrid": "rrf",
+            },
+        ).json()
+        assert everything["results"][0]["product_id"] in owners
+        assert everything["results"][0]["lexical_score"] > 0
+        # with the ITM re-rank on, the product is still among the re-ranked candidates
+        reranked = client.post(
+            "/search", json={"text": code, "k": 32, "rerank_k": 32, "hybrid": "rrf"}
+        ).json()
+        assert owners & {x["product_id"] for x in reranked["results"] if x["itm_score"] is not None}
+        shown += 1
+    assert shown >= 3, f"only {shown} codes where vector search missed: {sorted(codes)[:25]}"
+    bad = client.post("/search", json={"text": "sofa", "hybrid": "bm99"})
+    assert bad.status_code == 400 and "`hybrid` must be" in bad.json()["error"]

@@ -18,15 +18,19 @@ import time
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from blip_ops.rerank import combine_scores
+from pipelines.search.hybrid import cosine, fused_order
 from pipelines.search.request import SearchQuery
 from pipelines.search.scorer import ItmJob, QueryScorer
 from pipelines.search.snapshot import Snapshot
 
 
 class Scorer(Protocol):
+    def normalize_text(self, text: str) -> str: ...
+
     async def encode_text(self, text: str) -> np.ndarray: ...
 
     async def encode_image(self, image: Image.Image) -> np.ndarray: ...
@@ -40,6 +44,9 @@ class LocalScorer:
     def __init__(self, scorer: QueryScorer):
         self.scorer = scorer
         self.model_id = scorer.model_id
+
+    def normalize_text(self, text: str) -> str:
+        return self.scorer.model.normalize_text(text)
 
     async def encode_text(self, text: str) -> np.ndarray:
         return self.scorer.encode_texts([text])[0]
@@ -68,6 +75,43 @@ def _num(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
+def fuse(found: pa.Table, lexical: pa.Table | None, vector: np.ndarray, query) -> pa.Table:
+    """The vector candidates and the BM25 hits in fused order (first ``query.candidates``), with
+    ``itc`` for every row (from the stored embedding where only BM25 found it) and ``bm25``."""
+    n = found.num_rows
+    if lexical is None or lexical.num_rows == 0:
+        return found.append_column("bm25", pa.nulls(n, pa.float32()))
+    vec_ids = found.column("product_id").to_pylist()
+    lex_ids = lexical.column("product_id").to_pylist()
+    order = fused_order(
+        vec_ids,
+        found.column("itc").to_pylist(),
+        lex_ids,
+        lexical.column("bm25").to_pylist(),
+        mode=query.hybrid,
+        n=query.candidates,
+        rrf_k=query.rrf_k,
+        weight=query.hybrid_weight,
+    )
+    bm25 = dict(zip(lex_ids, lexical.column("bm25").to_pylist(), strict=True))
+    in_vector = set(vec_ids)
+    only_lexical = [i for i, p in enumerate(lex_ids) if p not in in_vector]
+    extra = lexical.take(pa.array(only_lexical, pa.int64()))
+    emb = (
+        np.stack(extra.column("image_embedding").to_numpy(zero_copy_only=False))
+        if only_lexical
+        else np.empty((0, len(vector)))
+    )
+    extra = extra.drop_columns(["image_embedding", "bm25"]).append_column(
+        "itc", pa.array(cosine(emb, vector), pa.float32())
+    )
+    both = pa.concat_tables([found, extra.select(found.column_names)])
+    position = {p: i for i, p in enumerate(both.column("product_id").to_pylist())}
+    fused = both.take(pa.array([position[p] for p in order], pa.int64()))
+    scores = [bm25.get(p) for p in order]
+    return fused.append_column("bm25", pa.array(scores, pa.float32()))
+
+
 async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
     """Run one query; returns the response body without ``request_id``."""
     t0 = time.perf_counter()
@@ -87,6 +131,15 @@ async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
     found = await asyncio.to_thread(snap.candidates, vector, query.candidates, query.filter)
     timings["ann"] = _ms(t)
 
+    hybrid = query.hybrid if query.text is not None else "off"
+    if hybrid != "off":
+        t = time.perf_counter()
+        lexical = await asyncio.to_thread(
+            snap.lexical, scorer.normalize_text(query.text), query.candidates, query.filter
+        )
+        found = fuse(found, lexical, vector, query)
+        timings["lexical"] = _ms(t)
+
     itc = found.column("itc").to_numpy(zero_copy_only=False)
     r = min(query.rerank_k, found.num_rows) if (query.text is not None and query.rerank) else 0
     t = time.perf_counter()
@@ -102,6 +155,9 @@ async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
     ranked = combine_scores(itc, itm).head(query.k)
 
     rows = found.select(["product_id", "title", *snap.metadata_columns]).to_pylist()
+    lexical_scores = (
+        found.column("bm25").to_pylist() if "bm25" in found.column_names else [None] * len(rows)
+    )
     results = []
     for pos, i in enumerate(ranked.order.tolist()):
         row = rows[i]
@@ -112,6 +168,7 @@ async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
                 "score": float(ranked.score[pos]),
                 "itc_score": float(ranked.itc[pos]),
                 "itm_score": _num(float(ranked.itm[pos])),
+                "lexical_score": lexical_scores[i],
                 "metadata": {c: row[c] for c in snap.metadata_columns},
             }
         )
@@ -119,6 +176,7 @@ async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
     return {
         "results": results,
         "reranked": r,
+        "hybrid": hybrid,
         "candidates": found.num_rows,
         "timings_ms": timings,
         "table_version": snap.version,

@@ -38,6 +38,9 @@ class Limits:
     max_image_bytes: int = 5_000_000
     max_image_pixels: int = 40_000_000
     max_filter_chars: int = 1000
+    hybrid: str = "off"  # default fusion mode (serve.hybrid)
+    hybrid_rrf_k: float = 60.0
+    hybrid_weight: float = 0.5
 
     @classmethod
     def from_config(cls, serve) -> Limits:
@@ -50,6 +53,9 @@ class Limits:
             max_text_chars=serve.max_text_chars,
             max_image_bytes=serve.max_image_bytes,
             max_image_pixels=serve.max_image_pixels,
+            hybrid=serve.hybrid,
+            hybrid_rrf_k=serve.hybrid_rrf_k,
+            hybrid_weight=serve.hybrid_weight,
         )
 
 
@@ -62,9 +68,13 @@ class SearchQuery:
     rerank_k: int
     rerank: bool
     filter: str | None
+    hybrid: str = "off"  # "off" | "rrf" | "weighted": BM25 fused with the vector candidates
+    rrf_k: float = 60.0
+    hybrid_weight: float = 0.5
 
 
-FIELDS = ("text", "image", "k", "candidates", "rerank_k", "rerank", "filter")
+FIELDS = ("text", "image", "k", "candidates", "rerank_k", "rerank", "filter", "hybrid")
+HYBRID_MODES = ("off", "rrf", "weighted")
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
 
 
@@ -152,4 +162,24 @@ def parse_search(body: bytes | str | dict, limits: Limits) -> SearchQuery:
             raise BadRequest(
                 f"`filter` has {len(flt)} characters; the limit is {limits.max_filter_chars}"
             )
-    return SearchQuery(text, image, k, candidates, rerank_k, rerank, flt)
+    hybrid = body.get("hybrid")
+    if hybrid is None:
+        hybrid = limits.hybrid
+    elif isinstance(hybrid, bool):
+        hybrid = ("rrf" if limits.hybrid == "off" else limits.hybrid) if hybrid else "off"
+    elif hybrid not in HYBRID_MODES:
+        raise BadRequest(
+            f"`hybrid` must be true, false or one of {list(HYBRID_MODES)}, got {json.dumps(hybrid)[:40]}"
+        )
+    return SearchQuery(
+        text,
+        image,
+        k,
+        candidates,
+        rerank_k,
+        rerank,
+        flt,
+        hybrid,
+        limits.hybrid_rrf_k,
+        limits.hybrid_weight,
+    )

@@ -61,9 +61,12 @@ class Snapshot:
     metadata_columns: tuple[str, ...]
     local_dir: str | None = None  # the local copy of an s3:// index (removed when replaced)
     filter_columns: tuple[str, ...] = field(init=False)
+    has_fts: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.filter_columns = ("product_id", "title", *self.metadata_columns)
+        indexed = {c for i in self.table.list_indices() for c in i.columns}
+        self.has_fts = "title_normalized" in indexed
 
     @property
     def key(self) -> tuple[str, int]:
@@ -101,6 +104,32 @@ class Snapshot:
             raise
         itc = pc.subtract(pa.scalar(1.0, pa.float32()), found.column("_distance"))
         return found.append_column("itc", itc.cast(pa.float32())).drop_columns(["_distance"])
+
+    def lexical(self, text: str, n: int, where: str | None = None) -> pa.Table | None:
+        """BM25 top ``n`` on ``title_normalized`` (``text`` already normalised): the columns of
+        :meth:`candidates` with ``bm25`` instead of ``itc``, plus ``image_embedding``; None when
+        there is no full-text index or nothing to search for."""
+        from pipelines.search.filters import check_filter
+
+        columns = ["product_id", "title", "content_hash", *self.metadata_columns]
+        if not text.strip() or not self.has_fts:
+            return None
+        query = (
+            self.table.search(text, query_type="fts", fts_columns="title_normalized")
+            .select([*columns, "image_embedding", "_score"])
+            .with_row_id(True)
+            .limit(n)
+        )
+        if where:
+            query = query.where(check_filter(where, self.filter_columns), prefilter=True)
+        try:
+            found = query.to_arrow()
+        except ValueError as err:
+            if where and str(err).startswith("Invalid input"):
+                raise BadRequest(f"`filter` is not valid here: {_clean(err)}") from None
+            logger.warning("full-text query failed, vector candidates only: %s", _clean(err))
+            return None
+        return found.rename_columns(["bm25" if c == "_score" else c for c in found.column_names])
 
     def model_images(self, row_ids: list[int]) -> list[bytes]:
         """The model-resolution JPEGs of rows ``row_ids`` (as ``candidates`` returned them), in order."""
