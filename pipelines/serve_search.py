@@ -43,6 +43,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import AppConfig, add_config_arguments, cli_config, load_config
+from pipelines.search.metrics import log_json, setup_json_logging
 from pipelines.search.request import BadRequest
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class QueryModel:
         from blip_ops import load_model
         from pipelines.search.scorer import QueryScorer
 
+        setup_json_logging()
         cfg = AppConfig.model_validate(config)
         model = load_model(
             cfg.model.name_or_path,
@@ -80,9 +82,14 @@ class QueryModel:
             method.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         logger.info("query model %s ready on %s", model.model_id, model.device)
 
-    def _seen(self, n: int) -> None:
+    def _seen(self, kind: str, request_ids: list[str], started: float, **extra) -> dict:
+        """Stats for one model call: batch size (+ cache counts), logged with the request ids."""
+        n = len(request_ids)
         self.batch_sizes.append(n)
         del self.batch_sizes[:-1000]
+        ms = round((time.perf_counter() - started) * 1000, 3)
+        log_json(logger, "model_call", kind=kind, batch=n, ms=ms, request_ids=request_ids, **extra)
+        return {"batch": n, "ms": ms, **extra}
 
     def info(self) -> dict:
         cache = self.scorer.cache
@@ -96,59 +103,93 @@ class QueryModel:
             "batch_sizes": list(self.batch_sizes),
         }
 
-    async def encode_text(self, text: str):
+    # Each call returns {"value": …, "batch": n, "ms": …} so the ingress can record batch sizes
+    # (and, for ITM, image-token cache hits) in its metrics.
+    async def encode_text(self, text: str, request_id: str = "") -> dict:
         if self.batching:
-            return await self._text_batch(text)
-        return self.scorer.encode_texts([text])[0]
+            return await self._text_batch(text, request_id)
+        return self._texts([text], [request_id])[0]
 
-    async def encode_image(self, image):
+    async def encode_image(self, image, request_id: str = "") -> dict:
         if self.batching:
-            return await self._image_batch(image)
-        return self.scorer.encode_images([image])[0]
+            return await self._image_batch(image, request_id)
+        return self._images([image], [request_id])[0]
 
-    async def itm(self, job):
+    async def itm(self, job, request_id: str = "") -> dict:
         if self.batching:
-            return await self._itm_batch(job)
-        return self.scorer.itm([job])[0]
+            return await self._itm_batch(job, request_id)
+        return self._itms([job], [request_id])[0]
 
     @serve.batch
-    async def _text_batch(self, texts: list[str]):
-        self._seen(len(texts))
-        return list(self.scorer.encode_texts(texts))
+    async def _text_batch(self, texts: list[str], request_ids: list[str]) -> list[dict]:
+        return self._texts(texts, request_ids)
 
     @serve.batch
-    async def _image_batch(self, images: list):
-        self._seen(len(images))
-        return list(self.scorer.encode_images(images))
+    async def _image_batch(self, images: list, request_ids: list[str]) -> list[dict]:
+        return self._images(images, request_ids)
 
     @serve.batch
-    async def _itm_batch(self, jobs: list):
-        self._seen(len(jobs))
-        return self.scorer.itm(jobs)
+    async def _itm_batch(self, jobs: list, request_ids: list[str]) -> list[dict]:
+        return self._itms(jobs, request_ids)
+
+    def _texts(self, texts: list[str], request_ids: list[str]) -> list[dict]:
+        t = time.perf_counter()
+        values = self.scorer.encode_texts(texts)
+        stats = self._seen("text", request_ids, t)
+        return [{"value": v, **stats} for v in values]
+
+    def _images(self, images: list, request_ids: list[str]) -> list[dict]:
+        t = time.perf_counter()
+        values = self.scorer.encode_images(images)
+        stats = self._seen("image", request_ids, t)
+        return [{"value": v, **stats} for v in values]
+
+    def _itms(self, jobs: list, request_ids: list[str]) -> list[dict]:
+        t = time.perf_counter()
+        hits, misses = self.scorer.cache.hits, self.scorer.cache.misses
+        values = self.scorer.itm(jobs)
+        stats = self._seen(
+            "itm",
+            request_ids,
+            t,
+            hits=self.scorer.cache.hits - hits,
+            misses=self.scorer.cache.misses - misses,
+        )
+        # the batch's cache counts go with its first request only, so they are never summed twice
+        rest = {k: v for k, v in stats.items() if k not in ("hits", "misses")}
+        return [{"value": v, **(stats if i == 0 else rest)} for i, v in enumerate(values)]
 
 
 class HandleScorer:
-    """The engine's scorer interface over the model deployment's handle."""
+    """The engine's scorer interface over the model deployment's handle, for one request: it
+    passes the request id along (the model replica logs it) and records batch sizes and cache
+    counts in the ingress's metrics."""
 
-    def __init__(self, handle: DeploymentHandle):
-        from blip_ops.text import TextSettings
-
+    def __init__(self, handle: DeploymentHandle, text_settings, metrics=None, request_id: str = ""):
         self.handle = handle
-        self.text_settings = TextSettings()  # replaced by the model's own at replica start
+        self.text_settings = text_settings
+        self.metrics = metrics
+        self.request_id = request_id
 
     def normalize_text(self, text: str) -> str:
         from blip_ops.text import normalize_text
 
         return normalize_text(text, self.text_settings)
 
+    async def _call(self, kind: str, method, arg):
+        out = await method.remote(arg, self.request_id)
+        if self.metrics is not None:
+            self.metrics.observe_model_call(kind, out)
+        return out["value"]
+
     async def encode_text(self, text):
-        return await self.handle.encode_text.remote(text)
+        return await self._call("text", self.handle.encode_text, text)
 
     async def encode_image(self, image):
-        return await self.handle.encode_image.remote(image)
+        return await self._call("image", self.handle.encode_image, image)
 
     async def itm(self, job):
-        return await self.handle.itm.remote(job)
+        return await self._call("itm", self.handle.itm, job)
 
 
 # ------------------------------------------------------------------------------ HTTP guard
@@ -166,10 +207,11 @@ class Guard:
     counts a streamed body, so a chunked upload cannot get past it either.
     """
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics=None):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
 
     async def _reply(self, send, status: int, body: dict, rid: str, extra=()) -> None:
         data = _json_bytes(body)
@@ -184,13 +226,43 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def recorded_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, recorded_send)
+        finally:
+            self._record(scope, status["code"], time.perf_counter() - started)
+
+    def _record(self, scope, status: int, seconds: float) -> None:
+        from pipelines.search.metrics import access_log, log_json, route_of
+
+        route = route_of(_relative_path(scope))
+        if self.metrics is not None:
+            self.metrics.observe_request(route, status, seconds)
+        state = scope.get("state", {})
+        log_json(
+            access_log,
+            "request",
+            request_id=state.get("request_id"),
+            method=scope.get("method"),
+            route=route,
+            status=status,
+            ms=round(seconds * 1000, 3),
+            **state.get("log", {}),
+        )
+
+    async def _guarded(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         rid = headers.get("x-request-id", "")
         rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        path, root = scope["path"], scope.get("root_path", "")
-        path = path[len(root) :] if root and path.startswith(root) else path
-        if self.api_key is not None and path != "/healthz":
+        if self.api_key is not None and _relative_path(scope) != "/healthz":
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix(
                 "Bearer "
             )
@@ -237,6 +309,12 @@ class Guard:
                 await self._reply(send, 413, too_large, rid)
 
 
+def _relative_path(scope) -> str:
+    """The request path below the application's route prefix."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 class BodyTooLarge(BadRequest):
     """A streamed body went past the limit; the routes' BadRequest handler answers 413."""
 
@@ -255,8 +333,13 @@ class SearchIngress:
         from pipelines.storage import S3Settings
 
         self.cfg = AppConfig.model_validate(config)
+        from blip_ops.text import TextSettings
+        from pipelines.search.metrics import SearchMetrics
+
+        setup_json_logging()
         self.model = model
-        self.scorer = HandleScorer(model)
+        self.text_settings = TextSettings()  # replaced by the model's own at replica start
+        self.metrics = SearchMetrics()
         self.limits = Limits.from_config(self.cfg.serve)
         self.s3 = S3Settings.from_config(self.cfg.s3)
         self.api_key = os.environ.get(self.cfg.serve.api_key_env) or None
@@ -301,6 +384,7 @@ class SearchIngress:
                 return False
             new = self._open(pointer)
             old, self.snapshot, self.refused = self.snapshot, new, None
+            self.metrics.set_version(new.version, new.rows)
             if old is not None:
                 self.retired.append(old)
                 while len(self.retired) > 2:  # two refresh periods: no request lives that long
@@ -330,7 +414,7 @@ class SearchIngress:
 
         info = await self.model.info.remote()
         self.model_id = info["model_id"]
-        self.scorer.text_settings = TextSettings.from_dict(info["text_settings"])
+        self.text_settings = TextSettings.from_dict(info["text_settings"])
         await asyncio.to_thread(self.refresh)
         if self.snapshot is None:
             if self.refused is not None:
@@ -393,15 +477,38 @@ def build_http_app(self: SearchIngress):
         body = await request.body()
         query = await asyncio.to_thread(parse_search, body, self.limits)
         snap = self.snapshot  # pinned for this request: one version, start to end
-        result = await search(query, snap, self.scorer)
+        scorer = HandleScorer(self.model, self.text_settings, self.metrics, rid(request))
+        result = await search(query, snap, scorer)
         result["request_id"] = rid(request)
-        logger.info(
-            "request %s: 200 search v%d %s",
-            rid(request),
-            snap.version,
-            json.dumps(result["timings_ms"]),
-        )
+        self.metrics.observe_stages(result["timings_ms"])
+        # what the access log adds for a search (never the query itself)
+        request.scope["state"]["log"] = {
+            "table_version": snap.version,
+            "timings_ms": result["timings_ms"],
+            "results": len(result["results"]),
+            "reranked": result["reranked"],
+            "query_kind": "+".join(
+                k for k, v in (("text", query.text), ("image", query.image)) if v is not None
+            ),
+        }
         return Response(_json_bytes(result), media_type="application/json")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    page = (Path(__file__).parent / "search" / "static" / "index.html").read_bytes()
+
+    @app.get("/", include_in_schema=False)
+    async def index_page():
+        return Response(page, media_type="text/html; charset=utf-8")
+
+    @app.get("/facets")
+    async def facets(request: Request):
+        """Filter choices for clients such as the search page (per served version)."""
+        snap = self.snapshot
+        values = await asyncio.to_thread(snap.facets)
+        return {"table_version": snap.version, "facets": values, "request_id": rid(request)}
 
     @app.get("/healthz")
     async def healthz(request: Request):
@@ -433,7 +540,12 @@ def build_http_app(self: SearchIngress):
             return error(request, 404, f"no thumbnail for product {product_id!r}")
         return Response(row["thumbnail"], media_type="image/jpeg")
 
-    return Guard(app, api_key=self.api_key, max_body_bytes=self.cfg.serve.max_body_bytes)
+    return Guard(
+        app,
+        api_key=self.api_key,
+        max_body_bytes=self.cfg.serve.max_body_bytes,
+        metrics=self.metrics,
+    )
 
 
 # ------------------------------------------------------------------------------ application

@@ -154,3 +154,49 @@ def index_config(source_uri, index_uri, model_dir, *overrides):
             *overrides,
         ],
     )
+
+
+# ---- the search service: one catalog, one index run and one Serve app per session -------------
+SEARCH_PRODUCTS = 120
+SEARCH_LIGHT = [  # small reservations so the index job still gets CPUs beside the service
+    "serve.ingress.num_cpus=0.1",
+    "serve.model.num_cpus=0.1",
+    "serve.refresh_seconds=0.5",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def search_index(tmp_path_factory, tiny_model_dir, ray_local):
+    """The demo catalog (120 products) indexed by the real index job: (config, root folder)."""
+    from pipelines.index_catalog import run_index
+    from pipelines.make_catalog import make_catalog
+
+    root = tmp_path_factory.mktemp("search")
+    make_catalog(str(root / "catalog"), SEARCH_PRODUCTS, seed=3, workers=1)
+    cfg = index_config(root / "catalog" / "products", root / "db", tiny_model_dir, *SEARCH_LIGHT)
+    summary = run_index(cfg)
+    assert summary["indexed"] == SEARCH_PRODUCTS
+    return cfg, root
+
+
+@pytest.fixture(scope="session")
+def search_url(search_index):
+    """The search service on real Ray Serve over HTTP on 127.0.0.1 (app "search" at /)."""
+    from ray import serve
+
+    from pipelines.serve_search import build_app
+
+    cfg, _ = search_index
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg), name="search", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

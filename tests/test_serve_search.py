@@ -24,52 +24,22 @@ import pytest
 from PIL import Image
 
 from pipelines.indexing import tables
-from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV, index_config
+from tests.conftest import SEARCH_PRODUCTS, TEST_API_KEY, TEST_API_KEY_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
-N_PRODUCTS = 120
+N_PRODUCTS = SEARCH_PRODUCTS
 LOCAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "local.yaml"
-LIGHT = [  # small reservations so the index job still gets CPUs beside the service on 2 cores
-    "serve.ingress.num_cpus=0.1",
-    "serve.model.num_cpus=0.1",
-    "serve.refresh_seconds=0.5",
-]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory, tiny_model_dir, ray_local):
-    from pipelines.index_catalog import run_index
-    from pipelines.make_catalog import make_catalog
-
-    root = tmp_path_factory.mktemp("serve")
-    make_catalog(str(root / "catalog"), N_PRODUCTS, seed=3, workers=1)
-    cfg = index_config(root / "catalog" / "products", root / "db", tiny_model_dir, *LIGHT)
-    summary = run_index(cfg)
-    assert summary["indexed"] == N_PRODUCTS
-    return cfg, root
+def indexed(search_index):
+    return search_index
 
 
 @pytest.fixture(scope="module")
-def serve_url(indexed):
-    from ray import serve
-
-    from pipelines.serve_search import build_app
-
-    cfg, _ = indexed
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="search", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+def serve_url(search_url):
+    return search_url
 
 
 @pytest.fixture(scope="module")
@@ -538,3 +508,60 @@ def test_hybrid_finds_model_numbers_that_vectors_miss(client, indexed):
     assert shown >= 3, f"only {shown} codes where vector search missed: {sorted(codes)[:25]}"
     bad = client.post("/search", json={"text": "sofa", "hybrid": "bm99"})
     assert bad.status_code == 400 and "`hybrid` must be" in bad.json()["error"]
+
+
+def test_metrics_and_json_logs_carry_the_request_id(client, serve_url):
+    """/metrics in Prometheus format; one JSON access-log line per request and the model replica's
+    JSON lines name the request id; the query text never reaches a log."""
+    import json
+    import re
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    secret_query = "zebra-quilt-7731 unusual words"
+    rid = "metrics-test-0001"
+    assert (
+        client.post(
+            "/search", json={"text": secret_query}, headers={"X-Request-ID": rid}
+        ).status_code
+        == 200
+    )
+    assert client.post("/search", json={"text": ""}).status_code == 400
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    assert samples[("search_requests_total", (("route", "/search"), ("status", "200")))] >= 1
+    assert samples[("search_requests_total", (("route", "/search"), ("status", "400")))] >= 1
+    for stage in ("encode", "ann", "rerank", "total"):
+        assert samples[("search_stage_seconds_count", (("stage", stage),))] >= 1
+    assert samples[("search_model_batch_size_count", (("kind", "itm"),))] >= 1
+    assert any(k[0] == "search_image_token_cache_total" for k in samples)
+    health = client.get("/healthz").json()
+    assert samples[("search_table_version", ())] == health["table_version"]
+
+    logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
+    deadline = time.time() + 20
+    access = model_calls = None
+    while time.time() < deadline:
+        lines = []
+        for path in logs_dir.glob("worker-*"):
+            lines += [ln for ln in path.read_text(errors="replace").splitlines() if rid in ln]
+        records = [json.loads(ln[ln.index("{") :]) for ln in lines if "{" in ln]
+        access = [x for x in records if x.get("event") == "request" and x.get("request_id") == rid]
+        model_calls = [
+            x for x in records if x.get("event") == "model_call" and rid in x.get("request_ids", [])
+        ]
+        if access and {m["kind"] for m in model_calls} >= {"text", "itm"}:
+            break
+        time.sleep(0.5)
+    assert access and access[0]["status"] == 200 and access[0]["route"] == "/search"
+    assert set(access[0]["timings_ms"]) >= {"encode", "ann", "rerank", "total"}
+    assert {m["kind"] for m in model_calls} >= {"text", "itm"}
+    everything = "".join(p.read_text(errors="replace") for p in logs_dir.glob("worker-*"))
+    assert "zebra-quilt" not in everything and re.search(r'"event": "request"', everything)

@@ -62,6 +62,7 @@ class Snapshot:
     local_dir: str | None = None  # the local copy of an s3:// index (removed when replaced)
     filter_columns: tuple[str, ...] = field(init=False)
     has_fts: bool = field(init=False)
+    _facets: dict | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.filter_columns = ("product_id", "title", *self.metadata_columns)
@@ -163,6 +164,24 @@ class Snapshot:
             .to_pylist()
         )
         return rows[0] if rows else None
+
+    def facets(self, max_values: int = 100) -> dict:
+        """Filter choices for the metadata columns, computed once per version: the distinct values
+        of string columns with at most ``max_values`` of them, min/max of numeric ones."""
+        if self._facets is None:
+            data = self.table.search().select(list(self.metadata_columns)).limit(None).to_arrow()
+            out: dict[str, dict] = {}
+            for name in self.metadata_columns:
+                col = data.column(name)
+                if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                    values = pc.unique(col.drop_null()).to_pylist()
+                    if len(values) <= max_values:
+                        out[name] = {"values": sorted(values)}
+                elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+                    mm = pc.min_max(col)
+                    out[name] = {"min": mm["min"].as_py(), "max": mm["max"].as_py()}
+            self._facets = out
+        return self._facets
 
     def close(self) -> None:
         if self.local_dir:
