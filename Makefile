@@ -22,7 +22,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
-.PHONY: help venv fonts test demo catalog lint bench lock clean
+.PHONY: help venv fonts browser test demo catalog lint bench lock clean
 
 help:
 	@echo "make demo   - tiny model + generated catalog -> encode, rank held-out queries (EN / 汉字 / pinyin)"
@@ -51,7 +51,19 @@ $(CJK_FONT):
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fonts-wqy-microhei >/dev/null; \
 	else echo "error: $(CJK_FONT) is missing: install the Debian package fonts-wqy-microhei" >&2; exit 1; fi
 
-test: venv fonts
+# The search page test drives Debian's Chromium through Playwright (no browser download). Without
+# it the suite still runs and that test fails, saying what to install.
+CHROMIUM := /usr/bin/chromium
+browser: $(CHROMIUM)
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo ">> installing chromium"; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  echo "warning: installing chromium failed; tests/test_search_page.py will fail" >&2; \
+	else echo "warning: $(CHROMIUM) is missing (install the Debian package chromium); tests/test_search_page.py will fail" >&2; fi
+
+test: venv fonts browser
 	$(VENV)/bin/ruff check blip_ops pipelines tests benchmarks
 	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
