@@ -122,6 +122,10 @@ def init_ray(cfg: AppConfig) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     mem = cfg.ray.object_store_memory_mb
+    # Arrow's default allocator (mimalloc) kept freed batch memory in the encoder actor: its peak
+    # grew from 0.89 GB at 1k products to 1.88 GB at 10k; the system allocator gave 0.70 -> 1.28 GB.
+    # Workers inherit this process's environment (the container image sets it for clusters).
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
     ray.init(
         num_cpus=cfg.ray.num_cpus,
         object_store_memory=mem * 2**20 if mem else None,
