@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -25,10 +27,15 @@ DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 INFRA_README = ROOT / "infra" / "README.md"
 
 ENTRYPOINT = "python pipelines/index_catalog.py --config configs/prod.yaml"
+SERVE_IMPORT_PATH = "pipelines.serve_search:app_builder"
+SERVE_PORT = 8000
+METRICS_PORT = 8080
+API_KEY_ENV = "BLIP_SEARCH_API_KEY"
 ROLE_VERBS = {"create", "get", "delete"}
 # Env var names that hold secrets: they may only come from a Secret (valueFrom / envFrom).
 SECRET_ENV = re.compile(
-    r"(?:^|_)(?:TOKEN|SECRET|PASSWORD|PASSWD|ACCESS_KEY|SESSION_KEY|CREDENTIALS?)(?:_|$)", re.I
+    r"(?:^|_)(?:TOKEN|SECRET|PASSWORD|PASSWD|ACCESS_KEY|SESSION_KEY|API_KEY|CREDENTIALS?)(?:_|$)",
+    re.I,
 )
 # Things that look like a literal credential anywhere in a deployment file. A value starting with
 # `$`, `<` or `{` is a reference or a placeholder, not a literal.
@@ -42,6 +49,12 @@ CREDENTIAL_PATTERNS = {
     ),
     "RAY_AUTH_TOKEN with a literal value:": re.compile(
         r"name:[ \t]*[\"']?RAY_AUTH_TOKEN[\"']?[ \t]*\n[ \t]*value:"
+    ),
+    "a literal BLIP_SEARCH_API_KEY": re.compile(
+        r"BLIP_SEARCH_API_KEY[\"']?[ \t]*[:=][ \t]*[\"']?(?![$<{\"'\s])\S"
+    ),
+    "BLIP_SEARCH_API_KEY with a literal value:": re.compile(
+        r"name:[ \t]*[\"']?BLIP_SEARCH_API_KEY[\"']?[ \t]*\n[ \t]*value:"
     ),
     "a private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
 }
@@ -150,7 +163,24 @@ def ray_auth_problems(where: str, container: dict) -> list[str]:
     return problems
 
 
-def ray_cluster_problems(where: str, spec) -> list[str]:
+def operator_auth_problems(where: str, spec: dict, containers: list[dict]) -> list[str]:
+    """Token auth managed by KubeRay (`authOptions`, needed where the operator calls the
+    dashboard itself, as for a RayService): the mode is token and no container sets the token by
+    hand (the operator adds RAY_AUTH_MODE / RAY_AUTH_TOKEN from the Secret it creates)."""
+    problems = []
+    if ((spec.get("authOptions") or {}).get("mode")) != "token":
+        problems.append(f"{where}: authOptions.mode is not 'token' (the Ray token auth)")
+    for c in containers:
+        for e in c.get("env") or []:
+            if e.get("name") in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+                problems.append(
+                    f"{where}[{c.get('name', '?')}]: {e['name']} set by hand; with authOptions the "
+                    "operator sets it (the dashboard would refuse the operator otherwise)"
+                )
+    return problems
+
+
+def ray_cluster_problems(where: str, spec, operator_auth: bool = False) -> list[str]:
     if not isinstance(spec, dict):
         return [f"{where}: no Ray cluster spec"]
     problems = []
@@ -168,7 +198,7 @@ def ray_cluster_problems(where: str, spec) -> list[str]:
     for c in head_containers:
         if gpu_limit(c):
             problems.append(f"{where}: the head asks for nvidia.com/gpu; the head is CPU only")
-    if head_containers:
+    if head_containers and not operator_auth:
         problems += ray_auth_problems(f"{where}.head", head_containers[0])
 
     groups = spec.get("workerGroupSpecs") or []
@@ -182,9 +212,17 @@ def ray_cluster_problems(where: str, spec) -> list[str]:
             problems.append(f"{name}: no containers")
             continue
         gpu_groups += gpu_limit(containers[0]) >= 1
-        problems += ray_auth_problems(name, containers[0])
+        if not operator_auth:
+            problems += ray_auth_problems(name, containers[0])
     if groups and not gpu_groups:
         problems.append(f"{where}: no worker group with a nvidia.com/gpu limit")
+    if operator_auth:
+        ray_containers = head_containers[:1] + [
+            c
+            for g in groups
+            for c in (((g.get("template") or {}).get("spec") or {}).get("containers") or [])[:1]
+        ]
+        problems += operator_auth_problems(where, spec, ray_containers)
     return problems
 
 
@@ -216,6 +254,135 @@ def rayjob_problems(where: str, spec: dict) -> list[str]:
     if submitter:  # our own submitter must carry the token (KubeRay's default one would not)
         problems += ray_auth_problems(f"{where}.submitterPodTemplate", submitter[0])
     return problems
+
+
+def container_port(container: dict, port) -> int | None:
+    """The number of a container port given by number or by name (None if the name is unknown)."""
+    if isinstance(port, int):
+        return port
+    for p in container.get("ports") or []:
+        if p.get("name") == port:
+            return p.get("containerPort")
+    return None
+
+
+def named_ports(container: dict) -> dict:
+    return {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+
+
+def ray_start_resources(params: dict) -> dict:
+    """Custom resources of a group's rayStartParams (KubeRay's '"{\\"name\\": n}"' form)."""
+    raw = (params or {}).get("resources")
+    if not raw:
+        return {}
+    raw = raw.strip()
+    if raw.startswith('"') and raw.endswith('"'):
+        raw = raw[1:-1].replace('\\"', '"')
+    return json.loads(raw)
+
+
+def serve_app_deployments(app: dict) -> dict[str, dict]:
+    return {d.get("name"): d for d in app.get("deployments") or []}
+
+
+def rayservice_problems(where: str, spec: dict) -> list[str]:
+    """The search service: the Serve application, its placement on the worker groups, the
+    probes, the metrics port and the API key (see rayservice-search.yaml)."""
+    cluster = spec.get("rayClusterConfig")
+    problems = ray_cluster_problems(f"{where}.rayClusterConfig", cluster, operator_auth=True)
+    if not isinstance(cluster, dict):
+        return problems
+    try:
+        serve_config = yaml.safe_load(spec.get("serveConfigV2") or "") or {}
+    except yaml.YAMLError as e:
+        return problems + [f"{where}: serveConfigV2 is not YAML ({e})"]
+    apps = [a for a in serve_config.get("applications") or [] if a.get("name") == "search"]
+    if len(apps) != 1:
+        return problems + [f"{where}: serveConfigV2 has no single application named 'search'"]
+    app = apps[0]
+    if app.get("import_path") != SERVE_IMPORT_PATH:
+        problems.append(f"{where}: import_path {app.get('import_path')!r} != {SERVE_IMPORT_PATH!r}")
+    if app.get("route_prefix", "/") != "/":
+        problems.append(f"{where}: route_prefix {app.get('route_prefix')!r} is not '/'")
+    if not ((app.get("args") or {}).get("config")):
+        problems.append(f"{where}: the application's args name no config file")
+    if ((serve_config.get("http_options") or {}).get("port", SERVE_PORT)) != SERVE_PORT:
+        problems.append(f"{where}: Serve's http_options.port is not {SERVE_PORT}")
+
+    groups = cluster.get("workerGroupSpecs") or []
+    gpu_groups = [g for g in groups if _group_gpu(g)]
+    cpu_groups = [g for g in groups if not _group_gpu(g)]
+    deployments = serve_app_deployments(app)
+    model = (deployments.get("QueryModel") or {}).get("ray_actor_options") or {}
+    ingress = (deployments.get("SearchIngress") or {}).get("ray_actor_options") or {}
+    if model.get("num_gpus") != 1:
+        problems.append(f"{where}: QueryModel does not ask for num_gpus: 1")
+    if ingress.get("num_gpus", 0) != 0:
+        problems.append(f"{where}: SearchIngress asks for a GPU")
+    # The ingress must land on the CPU group: a custom resource that only CPU groups offer.
+    wanted = set(ingress.get("resources") or {})
+    offered_cpu = set().union(*(ray_start_resources(g.get("rayStartParams")) for g in cpu_groups))
+    offered_gpu = set().union(*(ray_start_resources(g.get("rayStartParams")) for g in gpu_groups))
+    if not wanted or not wanted <= offered_cpu or wanted & offered_gpu:
+        problems.append(
+            f"{where}: SearchIngress is not pinned to a CPU worker group by a custom resource"
+        )
+
+    head = _group_container(cluster.get("headGroupSpec") or {})
+    for name, group in [("head", cluster.get("headGroupSpec") or {})] + [
+        (f"worker[{g.get('groupName', '?')}]", g) for g in groups
+    ]:
+        container = _group_container(group)
+        if container is None:
+            continue
+        ports = named_ports(container)
+        if ports.get("metrics") != METRICS_PORT:
+            problems.append(f"{where}.{name}: no container port 'metrics' {METRICS_PORT}")
+        if ports.get("serve") != SERVE_PORT:
+            problems.append(f"{where}.{name}: no container port 'serve' {SERVE_PORT}")
+        params = group.get("rayStartParams") or {}
+        if str(params.get("metrics-export-port")) != str(METRICS_PORT):
+            problems.append(f"{where}.{name}: rayStartParams metrics-export-port is not 8080")
+        if name == "head":
+            continue
+        ready = (container.get("readinessProbe") or {}).get("httpGet") or {}
+        if (
+            ready.get("path") != "/healthz"
+            or container_port(container, ready.get("port")) != SERVE_PORT
+        ):
+            problems.append(f"{where}.{name}: no readiness probe on GET /healthz, serve port")
+        alive = json.dumps(container.get("livenessProbe") or {})
+        if not container.get("livenessProbe") or "/healthz" in alive:
+            problems.append(
+                f"{where}.{name}: liveness probe missing or tied to the application's /healthz"
+            )
+    if head is not None and "/healthz" in json.dumps(
+        [head.get("readinessProbe"), head.get("livenessProbe")]
+    ):
+        problems.append(
+            f"{where}.head: a head probe on /healthz never passes (KubeRay deploys the app only "
+            "once the head is Ready)"
+        )
+    # The API key comes from a Secret, into the containers that run the ingress.
+    for g in cpu_groups:
+        container = _group_container(g) or {}
+        env = {e.get("name"): e for e in container.get("env") or []}
+        ref = ((env.get(API_KEY_ENV) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        if not ref.get("name") or not ref.get("key"):
+            problems.append(
+                f"{where}.worker[{g.get('groupName')}]: {API_KEY_ENV} is not from a secretKeyRef"
+            )
+    return problems
+
+
+def _group_container(group: dict) -> dict | None:
+    containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or []
+    return containers[0] if containers else None
+
+
+def _group_gpu(group: dict) -> bool:
+    container = _group_container(group)
+    return container is not None and gpu_limit(container) >= 1
 
 
 def cronjob_problems(where: str, spec: dict) -> list[str]:
@@ -272,6 +439,8 @@ def manifest_problems(where: str, doc) -> list[str]:
         problems += ray_cluster_problems(f"{where}.spec", spec)
     elif kind == "RayJob":
         problems += rayjob_problems(f"{where}.spec", spec)
+    elif kind == "RayService":
+        problems += rayservice_problems(f"{where}.spec", spec)
     elif kind == "CronJob":
         problems += cronjob_problems(f"{where}.spec", spec)
     elif kind == "Role":
@@ -471,6 +640,134 @@ def test_dockerfile_is_pinned_minimal_and_credential_free():
     assert re.search(r"^\s*HF_HUB_OFFLINE=0\b", text, re.M)
 
 
+def _rayservice() -> tuple[dict, dict, dict]:
+    """The RayService, its parsed serveConfigV2 and its one application."""
+    service = the("RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    [app] = config["applications"]
+    return service, config, app
+
+
+def test_rayservice_serve_config_is_valid_for_ray_and_our_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    service, config, app = _rayservice()
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    ServeDeploySchema.model_validate(config)  # Ray's own schema of a Serve config
+    assert app["name"] == "search" and app["route_prefix"] == "/"
+    assert config["http_options"]["port"] == SERVE_PORT
+
+    # The import path resolves to our builder, which builds the app from the named config.
+    module_name, _, attr = app["import_path"].partition(":")
+    assert app["import_path"] == SERVE_IMPORT_PATH
+    module = importlib.import_module(module_name)
+    builder = getattr(module, attr)
+    assert callable(builder)
+    # The config is the project's copy inside the image (its WORKDIR), and that file is in git.
+    config_path = Path(app["args"]["config"])
+    workdir = next(
+        a
+        for i, a in reversed(dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8")))
+        if i == "WORKDIR"
+    )
+    assert config_path.is_absolute() and config_path.is_relative_to(workdir), config_path
+    relative = config_path.relative_to(workdir)
+    assert (ROOT / relative).is_file(), relative
+    assert relative.parts[0] in {
+        s.rstrip("/")
+        for i, a in dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
+        if i == "COPY"
+        for s in [t for t in a.split() if not t.startswith("--")][:-1]
+    }
+    other_args = {k: v for k, v in app["args"].items() if k != "config"}
+    assert builder({"config": str(ROOT / relative), **other_args}) is not None
+
+    # Overrides name the app's real deployments, and agree with configs/prod.yaml's `serve:`.
+    deployments = serve_app_deployments(app)
+    assert set(deployments) == {module.QueryModel.name, module.SearchIngress.name}
+    prod = yaml.safe_load((ROOT / relative).read_text(encoding="utf-8"))["serve"]
+    model = deployments["QueryModel"]["ray_actor_options"]
+    ingress = deployments["SearchIngress"]["ray_actor_options"]
+    assert model["num_gpus"] == prod["model"]["num_gpus"] == 1
+    assert model["num_cpus"] == prod["model"]["num_cpus"]
+    assert ingress.get("num_gpus", 0) == prod["ingress"].get("num_gpus", 0) == 0
+    assert ingress["num_cpus"] == prod["ingress"]["num_cpus"]
+    assert prod["api_key_env"] == API_KEY_ENV
+
+
+def test_rayservice_cluster_places_model_on_gpu_and_ingress_on_cpu():
+    service, _, app = _rayservice()
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray_pin()
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    gpu = [g for g in groups.values() if _group_gpu(g)]
+    cpu = [g for g in groups.values() if not _group_gpu(g)]
+    assert len(gpu) == 1 and len(cpu) == 1, sorted(groups)
+    gpu_pod = gpu[0]["template"]["spec"]
+    gpu_container = gpu_pod["containers"][0]
+    assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] in ("1", 1)
+    assert gpu_pod["nodeSelector"] and any(
+        t.get("key") == "nvidia.com/gpu" for t in gpu_pod["tolerations"]
+    )
+    assert gpu_limit(_group_container(cluster["headGroupSpec"])) == 0
+    assert gpu_limit(_group_container(cpu[0])) == 0
+    # Enough GPU pods for the model's replicas, enough ingress pods for one replica each.
+    prod = yaml.safe_load((ROOT / "configs" / "prod.yaml").read_text(encoding="utf-8"))["serve"]
+    assert gpu[0]["replicas"] * gpu_limit(gpu_container) >= prod["model"]["num_replicas"]
+    ingress = serve_app_deployments(app)["SearchIngress"]
+    assert ingress["max_replicas_per_node"] == 1
+    assert cpu[0]["replicas"] >= prod["ingress"]["num_replicas"]
+    assert set(ingress["ray_actor_options"]["resources"]) <= set(
+        ray_start_resources(cpu[0]["rayStartParams"])
+    )
+    # Same identity, image and working directory as the other Ray pods.
+    for group in [cluster["headGroupSpec"], *groups.values()]:
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == "blip-ray"
+        container = pod["containers"][0]
+        assert container["image"] == "REGISTRY/blip-catalog-search:VERSION"
+        assert container["workingDir"] == "/home/ray/app"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["HF_HUB_OFFLINE"] == "1" and env["ARROW_DEFAULT_MEMORY_POOL"] == "system"
+
+
+def test_rayservice_health_metrics_and_api_key():
+    service, _, _ = _rayservice()
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        container = _group_container(group)
+        assert named_ports(container)["metrics"] == METRICS_PORT
+        assert named_ports(container)["serve"] == SERVE_PORT
+        assert group["rayStartParams"]["metrics-export-port"] == str(METRICS_PORT)
+        annotations = group["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+    for group in cluster["workerGroupSpecs"]:
+        container = _group_container(group)
+        probe = container["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/healthz"
+        assert container_port(container, probe["port"]) == SERVE_PORT
+    [ingress] = [g for g in cluster["workerGroupSpecs"] if not _group_gpu(g)]
+    [key] = [e for e in _group_container(ingress)["env"] if e["name"] == API_KEY_ENV]
+    assert key["valueFrom"]["secretKeyRef"] == {
+        "name": "blip-search-api-key",
+        "key": "key",
+        "optional": True,
+    }
+    # Only the ingress reads the key; the other pods do not get it.
+    for group in [
+        cluster["headGroupSpec"],
+        *[g for g in cluster["workerGroupSpecs"] if _group_gpu(g)],
+    ]:
+        assert API_KEY_ENV not in {e["name"] for e in _group_container(group)["env"]}
+    # No literal credentials anywhere in the file, and it is part of `kubectl apply -k`.
+    path = KUBERAY / "rayservice-search.yaml"
+    assert credential_problems(path.name, path.read_text(encoding="utf-8")) == []
+    assert "rayservice-search.yaml" in the("Kustomization")["resources"]
+
+
 # ----------------------------------------------------------------------------------------------
 # The checkers reject what they should (mutations of the real documents)
 
@@ -586,6 +883,145 @@ MUTATIONS = {
 }
 
 
+def _serve_config(doc) -> dict:
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+def _set_serve_config(doc, mutate) -> None:
+    config = _serve_config(doc)
+    mutate(config)
+    doc["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+
+
+def _deployment(config, name) -> dict:
+    return next(d for d in config["applications"][0]["deployments"] if d["name"] == name)
+
+
+def _service_group(doc, name) -> dict:
+    groups = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return next(g for g in groups if g["groupName"] == name)
+
+
+def _service_container(doc, name) -> dict:
+    return _service_group(doc, name)["template"]["spec"]["containers"][0]
+
+
+MUTATIONS.update(
+    {
+        "service: wrong import path": (
+            "RayService",
+            lambda d: _set_serve_config(
+                d, lambda c: c["applications"][0].update(import_path="pipelines.serve:app")
+            ),
+            "import_path",
+        ),
+        "service: serveConfigV2 not YAML": (
+            "RayService",
+            lambda d: d["spec"].update(serveConfigV2="applications: [unclosed"),
+            "not YAML",
+        ),
+        "service: model without GPU": (
+            "RayService",
+            lambda d: _set_serve_config(
+                d, lambda c: _deployment(c, "QueryModel")["ray_actor_options"].update(num_gpus=0)
+            ),
+            "num_gpus: 1",
+        ),
+        "service: ingress on GPU": (
+            "RayService",
+            lambda d: _set_serve_config(
+                d,
+                lambda c: _deployment(c, "SearchIngress")["ray_actor_options"].update(num_gpus=1),
+            ),
+            "SearchIngress asks for a GPU",
+        ),
+        "service: ingress not pinned": (
+            "RayService",
+            lambda d: _set_serve_config(
+                d,
+                lambda c: _deployment(c, "SearchIngress")["ray_actor_options"].pop("resources"),
+            ),
+            "not pinned",
+        ),
+        "service: no GPU group": (
+            "RayService",
+            lambda d: _service_container(d, "gpu")["resources"]["limits"].pop("nvidia.com/gpu"),
+            "nvidia.com/gpu",
+        ),
+        "service: readiness not on /healthz": (
+            "RayService",
+            lambda d: _service_container(d, "ingress")["readinessProbe"]["httpGet"].update(
+                path="/"
+            ),
+            "readiness",
+        ),
+        "service: readiness on the metrics port": (
+            "RayService",
+            lambda d: _service_container(d, "ingress")["readinessProbe"]["httpGet"].update(
+                port="metrics"
+            ),
+            "readiness",
+        ),
+        "service: liveness on the app": (
+            "RayService",
+            lambda d: _service_container(d, "gpu").update(
+                livenessProbe={"httpGet": {"path": "/healthz", "port": "serve"}}
+            ),
+            "liveness",
+        ),
+        "service: head probe on the app": (
+            "RayService",
+            lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+                "containers"
+            ][0].update(readinessProbe={"httpGet": {"path": "/healthz", "port": "serve"}}),
+            "head",
+        ),
+        "service: no metrics port": (
+            "RayService",
+            lambda d: _service_container(d, "ingress").update(
+                ports=[
+                    p for p in _service_container(d, "ingress")["ports"] if p["name"] != "metrics"
+                ]
+            ),
+            "metrics",
+        ),
+        "service: API key literal": (
+            "RayService",
+            lambda d: _set_env(_service_container(d, "ingress"), API_KEY_ENV, {"value": "k3y"}),
+            "literal value",
+        ),
+        "service: API key missing": (
+            "RayService",
+            lambda d: _service_container(d, "ingress").update(
+                env=[e for e in _service_container(d, "ingress")["env"] if e["name"] != API_KEY_ENV]
+            ),
+            "secretKeyRef",
+        ),
+        "service: no token auth": (
+            "RayService",
+            lambda d: d["spec"]["rayClusterConfig"].pop("authOptions"),
+            "authOptions",
+        ),
+        "service: token set by hand": (
+            "RayService",
+            lambda d: _set_env(
+                _service_container(d, "gpu"),
+                "RAY_AUTH_TOKEN",
+                {"valueFrom": {"secretKeyRef": {"name": "blip-ray-auth", "key": "auth_token"}}},
+            ),
+            "by hand",
+        ),
+        "service: head takes work": (
+            "RayService",
+            lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"].pop(
+                "num-cpus"
+            ),
+            "num-cpus",
+        ),
+    }
+)
+
+
 def _containers_cron(doc):
     return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
 
@@ -616,6 +1052,8 @@ FAKE_SECRET = "wJalrXUtnFEMI" + "K7MDENG" * 4
         ("env_vars:\n  RAY_AUTH_TOKEN: 3f9c1e0d\n", "literal RAY_AUTH_TOKEN"),
         ("- name: RAY_AUTH_TOKEN\n  value: 3f9c1e0d\n", "literal value:"),
         ("-----BEGIN RSA PRIVATE KEY-----", "private key"),
+        ("export BLIP_SEARCH_API_KEY=s3cr3t-k3y", "literal BLIP_SEARCH_API_KEY"),
+        ("- name: BLIP_SEARCH_API_KEY\n  value: s3cr3t\n", "BLIP_SEARCH_API_KEY with a literal"),
     ],
 )
 def test_credential_checker_rejects(text, expected):
@@ -629,6 +1067,7 @@ def test_credential_checker_rejects(text, expected):
         "--from-literal=AWS_SECRET_ACCESS_KEY='<AWS_SECRET_ACCESS_KEY>'",
         'export RAY_AUTH_TOKEN="$(kubectl get secret blip-ray-auth -o jsonpath=...)"',
         "- name: RAY_AUTH_TOKEN\n  valueFrom:\n    secretKeyRef: {name: blip-ray-auth, key: auth_token}\n",
+        'export BLIP_SEARCH_API_KEY="$(kubectl get secret blip-search-api-key -o jsonpath=...)"',
     ],
 )
 def test_credential_checker_accepts_references(text):
