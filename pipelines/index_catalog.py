@@ -36,9 +36,16 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.config import AppConfig, add_config_arguments, cli_config, config_digest
+from pipelines.config import (
+    AppConfig,
+    add_config_arguments,
+    cli_config,
+    config_digest,
+    dump_config,
+)
 from pipelines.indexing import staging as stage_io
 from pipelines.indexing import tables
+from pipelines.indexing.report import Timeline, write_run_report
 from pipelines.indexing.stages import (
     DETAIL,
     PEAK_RSS,
@@ -322,6 +329,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     )
     encode_started = time.perf_counter()
     worker_rss = 0.0
+    timeline = Timeline()
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if batch.num_rows:
             worker_rss = max(worker_rss, float(pc.max(batch.column(PEAK_RSS)).as_py()))
@@ -340,6 +348,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
             )
         )
         committer.add(batch.column(stage_io.FRAGMENTS).drop_null().to_pylist())
+        timeline.add(sum(counts.values()), counts["indexed"])
         if committer.pending_rows >= cfg.index.stage_flush_rows:
             committer.commit()
     committer.commit()
@@ -429,6 +438,11 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     tables.move_tag(runs_table, cfg.index.publish_tag, runs_table.version)
     if committer.exists:
         db.drop_table(staging_name)
+    try:  # the report is for people: a failure to write it never fails a published run
+        summary["report"] = write_run_report(cfg.index.uri, s3, summary, timeline, dump_config(cfg))
+    except OSError as err:
+        logger.warning("could not write the run report: %s", err)
+        summary["report"] = None
     return summary
 
 
@@ -443,7 +457,8 @@ def print_summary(s: dict) -> None:
         f"  {s['seconds']}s, {s['images_per_s']} images/s; table {s['products_table']} "
         f"({s['products_rows']} rows, ANN {s['ann_index'] or 'none: exact search'}) "
         f"published at version {s['products_version']}\n"
-        f"  peak memory: driver {s['driver_peak_rss_mb']} MB, encoder actor {s['worker_peak_rss_mb']} MB"
+        f"  peak memory: driver {s['driver_peak_rss_mb']} MB, encoder actor {s['worker_peak_rss_mb']} MB\n"
+        f"  report: {s.get('report') or 'not written'}"
     )
 
 

@@ -119,7 +119,25 @@ def check_accounting(index_uri: str, summary: dict) -> dict:
     mine = [r for r in rejects.to_arrow().to_pylist() if r["run_id"] == summary["run_id"]]
     assert len(mine) == summary["rejected"]
     assert Counter(r["reason"] for r in mine) == Counter(summary["rejected_by_reason"])
+    check_report(index_uri, summary)
     return row
+
+
+def check_report(index_uri: str, summary: dict) -> None:
+    """The run's HTML report and resolved config sit in <index>/_runs/<run_id>/."""
+    from pipelines.config import load_config
+
+    if index_uri.startswith("s3://"):
+        assert summary["report"] == f"{index_uri}/_runs/{summary['run_id']}/report.html"
+        return
+    report = Path(summary["report"])
+    assert report.is_file() and report.parent == Path(index_uri) / "_runs" / summary["run_id"]
+    page = report.read_text()
+    assert summary["run_id"] in page and page.count("<svg") == 2
+    assert f"<th>rows in</th><td>{summary['in']}</td>" in page
+    for reason, n in summary["rejected_by_reason"].items():
+        assert f"<td>{reason}</td><td style='text-align:right'>{n:,}</td>" in page
+    assert load_config(report.parent / "config.resolved.yaml").index.uri == index_uri
 
 
 # ---------------------------------------------------------------- shared setup
