@@ -262,7 +262,7 @@ class Guard:
         rid = headers.get("x-request-id", "")
         rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        if self.api_key is not None and _relative_path(scope) != "/healthz":
+        if self.api_key is not None and not _public(scope):
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix(
                 "Bearer "
             )
@@ -307,6 +307,18 @@ class Guard:
         except BodyTooLarge:  # raised where no route handled it (routes answer it as a 413)
             if not started:
                 await self._reply(send, 413, too_large, rid)
+
+
+_THUMBNAIL = re.compile(r"^/products/[^/]+/thumbnail$")
+
+
+def _public(scope) -> bool:
+    """Routes that need no API key: health probes, the search page itself (static HTML; its
+    searches send the key) and product thumbnails (public catalog images an <img> tag loads)."""
+    path = _relative_path(scope)
+    return path in ("/healthz", "/") or (
+        scope.get("method") == "GET" and bool(_THUMBNAIL.match(path))
+    )
 
 
 def _relative_path(scope) -> str:

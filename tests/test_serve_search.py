@@ -303,6 +303,12 @@ def test_api_key_and_overload(serve_url, indexed):
         )
         assert bearer.status_code == 200
         assert c.get("/healthz").status_code == 200  # probes need no key
+        # nor the page (static HTML; its searches send the key) or public product thumbnails
+        assert c.get("/").status_code == 200
+        pid = ok.json()["results"][0]["product_id"]
+        assert c.get(f"/products/{pid}/thumbnail").status_code == 200
+        assert c.get(f"/products/{pid}").status_code == 401
+        assert c.get("/metrics").status_code == 401
 
     heavy = {"text": "red wooden chair", "candidates": N_PRODUCTS, "rerank_k": N_PRODUCTS, "k": 10}
 

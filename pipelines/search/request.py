@@ -76,6 +76,7 @@ class SearchQuery:
 FIELDS = ("text", "image", "k", "candidates", "rerank_k", "rerank", "filter", "hybrid")
 HYBRID_MODES = ("off", "rrf", "weighted")
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
@@ -126,7 +127,8 @@ def decode_query_image(data: Any, limits: Limits) -> Image.Image:
             raw, max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes
         )
     except ImageDecodeError as err:
-        raise BadRequest(f"`image` could not be decoded ({err.reason}): {err}") from None
+        detail = _OBJECT_REPR.sub("the image", str(err))  # PIL names its in-memory file object
+        raise BadRequest(f"`image` could not be decoded ({err.reason}): {detail}") from None
 
 
 def parse_search(body: bytes | str | dict, limits: Limits) -> SearchQuery:
