@@ -1,0 +1,195 @@
+"""The BLIP retrieval train step: ITC + ITM with hard negatives, on an :class:`HFBlipModel`.
+
+One call = one forward of BLIP's retrieval objective (``models/blip_retrieval.py``) with grad
+enabled; the caller owns ``backward``, the optimiser, the schedule and ``model.model.train()``.
+``HFBlipModel.encode_*`` run under ``torch.inference_mode`` and cannot train, so the vision,
+text and ITM paths are repeated here with grad, calling the same submodules in the same way
+(vision CLS → ``vision_proj``; text CLS → ``text_proj``; ITM = text encoder with cross-attention
+to the image tokens → ``itm_head`` on CLS, as transformers does for HF checkpoints).
+
+A batch holds B images and T >= B titles (several per product: English, 汉字, pinyin). ITM pairs:
+every title with its product's image (T positives), one hard negative title per image (B) and
+one hard negative image per title (T); with one title per product that is BLIP's B + 2B.
+With ``torch.distributed`` initialised, ITC runs over the batch gathered from all ranks and the
+negatives are drawn from all ranks (BLIP's ``negative_all_rank``), gradients flowing back to the
+rank that owns each example.
+
+Imports only torch at module load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from blip_ops.losses import (
+    NEGATIVE_MODES,
+    gather_features,
+    itc_loss,
+    itm_loss,
+    product_id_tensor,
+    sample_hard_negatives,
+)
+
+if TYPE_CHECKING:
+    from blip_ops.hf_blip import HFBlipModel
+
+
+@dataclass
+class RetrievalBatch:
+    """One training batch: B images and T titles, each with its product id."""
+
+    pixel_values: torch.Tensor  # (B, 3, S, S) float, as ``model.preprocess`` returns
+    image_ids: Sequence[str | int] | torch.Tensor  # (B,) product id of each image
+    texts: Sequence[str]  # T raw titles (normalised by the model's own text rule)
+    text_ids: Sequence[str | int] | torch.Tensor  # (T,) product id of each title
+
+    @classmethod
+    def coerce(cls, batch: RetrievalBatch | Mapping[str, Any]) -> RetrievalBatch:
+        if isinstance(batch, cls):
+            return batch
+        if isinstance(batch, Mapping):
+            missing = {"pixel_values", "image_ids", "texts", "text_ids"} - set(batch)
+            if missing:
+                raise KeyError(f"batch lacks {sorted(missing)}; got keys {sorted(batch)}")
+            return cls(batch["pixel_values"], batch["image_ids"], batch["texts"], batch["text_ids"])
+        raise TypeError(f"expected a RetrievalBatch or a mapping, got {type(batch).__name__}")
+
+
+def _pad_tokens(enc: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    # Right-padding with masked pad tokens leaves every unpadded position's output unchanged.
+    extra = length - enc["input_ids"].shape[1]
+    if extra <= 0:
+        return enc
+    return {
+        "input_ids": F.pad(enc["input_ids"], (0, extra), value=pad_id),
+        "attention_mask": F.pad(enc["attention_mask"], (0, extra), value=0),
+    }
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def retrieval_train_step(
+    model: HFBlipModel,
+    batch: RetrievalBatch | Mapping[str, Any],
+    temp_param: torch.Tensor,
+    *,
+    negatives: str = "hard",
+    generator: torch.Generator | None = None,
+    extra_negatives: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+) -> dict[str, Any]:
+    """Forward of ITC + ITM (hard or random negatives) with grad; returns the losses.
+
+    ``temp_param``: the learnable temperature (:func:`blip_ops.losses.make_temperature`), clamped
+    in place. ``negatives``: ``"hard"`` (BLIP) or ``"random"`` (the ablation). ``generator``
+    seeds the negative sampling. ``extra_negatives``: (B, T_all) / (T, B_all) weights for mined
+    negatives, see :func:`blip_ops.losses.sample_hard_negatives`.
+
+    Returns ``loss`` (ITC + ITM, equal weights, with grad), ``itc`` and ``itm`` (detached),
+    ``temp``, ``itm_accuracy``, the sampled ``negatives`` and the pair counts.
+    """
+    if negatives not in NEGATIVE_MODES:
+        raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
+    batch = RetrievalBatch.coerce(batch)
+    net = model.model
+    device = model.device
+    image_ids = product_id_tensor(batch.image_ids).to(device)  # (B,)
+    text_ids = product_id_tensor(batch.text_ids).to(device)  # (T,)
+    texts = list(batch.texts)
+    if isinstance(batch.texts, str) or len(texts) != text_ids.numel():
+        raise ValueError(f"got {len(texts)} texts for {text_ids.numel()} text ids")
+    pixels = model._pixels(batch.pixel_values)  # (B, 3, S, S), model device and dtype
+    if pixels.shape[0] != image_ids.numel():
+        raise ValueError(f"got {pixels.shape[0]} images for {image_ids.numel()} image ids")
+
+    with torch.enable_grad():
+        # Encoders (ITC).
+        image_embeds = net.vision_model(pixel_values=pixels).last_hidden_state  # (B, N, H)
+        image_feat = F.normalize(net.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)  # (B, D)
+        enc = model._tokenize(texts)  # input_ids / attention_mask (T, L)
+        distributed = _distributed()
+        if distributed:  # a fixed length so that token ids gather across ranks
+            pad_id = model.tokenizer.pad_token_id or 0
+            enc = _pad_tokens(enc, model.text_settings.max_length, pad_id)
+        text_hidden = net.text_encoder(**enc).last_hidden_state  # (T, L, H)
+        text_feat = F.normalize(net.text_proj(text_hidden[:, 0, :]).float(), dim=-1)  # (T, D)
+
+        # The pool: this rank's examples, or all ranks' (gradient back to the owner).
+        image_feat_all = gather_features(image_feat)  # (B', D)
+        text_feat_all = gather_features(text_feat)  # (T', D)
+        image_ids_all = gather_features(image_ids)  # (B',)
+        text_ids_all = gather_features(text_ids)  # (T',)
+        itc = itc_loss(image_feat_all, text_feat_all, temp_param, image_ids_all, text_ids_all)
+
+        # Negatives: local rows against the pool's columns.
+        if distributed:
+            with torch.no_grad():
+                sim_i2t = image_feat.detach() @ text_feat_all.detach().t()  # (B, T')
+                sim_t2i = text_feat.detach() @ image_feat_all.detach().t()  # (T, B')
+            image_embeds_all = gather_features(image_embeds)  # (B', N, H)
+            ids_all = gather_features(enc["input_ids"])  # (T', L)
+            mask_all = gather_features(enc["attention_mask"])  # (T', L)
+        else:
+            sim_i2t, sim_t2i = itc.sim_i2t.detach(), itc.sim_t2i.detach()
+            image_embeds_all = image_embeds
+            ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
+        neg = sample_hard_negatives(
+            sim_i2t, sim_t2i, image_ids, text_ids, temp_param, generator=generator,
+            mode=negatives, extra_negatives=extra_negatives,
+            all_image_ids=image_ids_all, all_text_ids=text_ids_all,
+        )  # fmt: skip
+
+        # Each title's positive image: the first local image of its product.
+        same = text_ids.view(-1, 1) == image_ids.view(1, -1)  # (T, B)
+        if not bool(same.any(dim=1).all()):
+            lonely = torch.nonzero(~same.any(dim=1)).view(-1)[:8].tolist()
+            raise ValueError(f"texts {lonely} have no image of their product in this batch")
+        pos_image = same.float().argmax(dim=1)  # (T,)
+
+        # ITM over [T positives | B negative titles | T negative images].
+        n_text, n_image = text_ids.numel(), image_ids.numel()
+        itm_ids = torch.cat(
+            [enc["input_ids"], ids_all[neg.text_for_image], enc["input_ids"]]
+        )  # (2T+B, L)
+        itm_mask = torch.cat(
+            [enc["attention_mask"], mask_all[neg.text_for_image], enc["attention_mask"]]
+        )
+        itm_images = torch.cat(
+            [image_embeds[pos_image], image_embeds, image_embeds_all[neg.image_for_text]]
+        )  # (2T+B, N, H)
+        image_mask = torch.ones(itm_images.shape[:-1], dtype=torch.long, device=device)
+        itm_hidden = net.text_encoder(
+            input_ids=itm_ids,
+            attention_mask=itm_mask,
+            encoder_hidden_states=itm_images,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state  # (2T+B, L, H)
+        itm_logits = net.itm_head(itm_hidden[:, 0, :]).float()  # (2T+B, 2)
+        labels = torch.cat(
+            [
+                torch.ones(n_text, dtype=torch.long, device=device),
+                torch.zeros(n_image + n_text, dtype=torch.long, device=device),
+            ]
+        )
+        itm = itm_loss(itm_logits, labels)
+
+    with torch.no_grad():
+        itm_accuracy = (itm_logits.argmax(dim=1) == labels).float().mean()
+    return {
+        "loss": itc.loss + itm,
+        "itc": itc.loss.detach(),
+        "itm": itm.detach(),
+        "temp": float(temp_param.detach() if isinstance(temp_param, torch.Tensor) else temp_param),
+        "itm_accuracy": float(itm_accuracy),
+        "negatives": neg,
+        "n_images": n_image,
+        "n_texts": n_text,
+        "n_itm_pairs": int(labels.numel()),
+    }
