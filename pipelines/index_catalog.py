@@ -349,6 +349,8 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
         )
         committer.add(batch.column(stage_io.FRAGMENTS).drop_null().to_pylist())
         timeline.add(sum(counts.values()), counts["indexed"])
+        encoded_now = batch.filter(pc.equal(status, "indexed")).column("indexed_at")
+        timeline.add_encoded(t.timestamp() for t in encoded_now.to_pylist())
         if committer.pending_rows >= cfg.index.stage_flush_rows:
             committer.commit()
     committer.commit()
@@ -399,6 +401,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
         "resumed_from_staging": counts["staged"],
         "seconds": round(seconds, 2),
         "images_per_s": round(counts["indexed"] / encode_seconds, 2) if encode_seconds > 0 else 0.0,
+        "steady_images_per_s": round(steady, 2) if (steady := timeline.steady_rate()) else None,
         "products_rows": n_rows,
         "driver_peak_rss_mb": round(peak_rss_mb(), 1),
         "worker_peak_rss_mb": round(worker_rss, 1),
@@ -454,7 +457,8 @@ def print_summary(s: dict) -> None:
         f"resumed {s['resumed_from_staging']}), unchanged {s['unchanged']}, rejected {s['rejected']}, "
         f"deleted {s['deleted']}\n"
         f"  rejected by reason: {by_reason}\n"
-        f"  {s['seconds']}s, {s['images_per_s']} images/s; table {s['products_table']} "
+        f"  {s['seconds']}s, {s['images_per_s']} images/s (steady, model loaded: "
+        f"{s['steady_images_per_s'] or 'n/a'}); table {s['products_table']} "
         f"({s['products_rows']} rows, ANN {s['ann_index'] or 'none: exact search'}) "
         f"published at version {s['products_version']}\n"
         f"  peak memory: driver {s['driver_peak_rss_mb']} MB, encoder actor {s['worker_peak_rss_mb']} MB\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from pipelines.storage import S3Settings, filesystem_for, join
@@ -20,13 +21,37 @@ REPORTS_DIR = "_runs"
 
 @dataclass
 class Timeline:
-    """Rows finished over time, one point per batch the driver received."""
+    """Rows finished over time (one point per batch the driver received) and, from the encoder
+    side, when each batch of images was encoded (the ``indexed_at`` the actor stamps)."""
 
     started: float = field(default_factory=time.perf_counter)
+    started_wall: float = field(default_factory=time.time)
     points: list[tuple[float, int, int]] = field(default_factory=list)  # (s, rows done, encoded)
+    encoded: Counter = field(default_factory=Counter)  # encoder timestamp (epoch s) -> images
 
     def add(self, rows_done: int, encoded: int) -> None:
         self.points.append((time.perf_counter() - self.started, rows_done, encoded))
+
+    def add_encoded(self, timestamps) -> None:
+        """Encoder finish times (epoch seconds), one per image encoded."""
+        self.encoded.update(timestamps)
+
+    def encode_curve(self) -> list[tuple[float, int]]:
+        """(seconds since the run started, images encoded so far) per encoder batch."""
+        total, out = 0, []
+        for ts in sorted(self.encoded):
+            total += self.encoded[ts]
+            out.append((max(0.0, ts - self.started_wall), total))
+        return out
+
+    def steady_rate(self) -> float | None:
+        """Images encoded per second from the end of the first encoder batch to the end of the
+        last: the pipeline's rate once the actors are up and the model is loaded (what
+        ``blip_ops.bench`` compares with); None with fewer than two encoder batches."""
+        curve = self.encode_curve()
+        if len(curve) < 2 or curve[-1][0] <= curve[0][0]:
+            return None
+        return (curve[-1][1] - curve[0][1]) / (curve[-1][0] - curve[0][0])
 
 
 def _svg_line(
@@ -72,7 +97,7 @@ def render_html(summary: dict, timeline: Timeline) -> str:
     """The report page for one run's summary (the dict ``run_index`` returns)."""
     rates = []
     prev_t, prev_enc = 0.0, 0
-    for t, _done, enc in timeline.points:
+    for t, enc in timeline.encode_curve():
         if t - prev_t >= 0.5:  # images/s per interval of at least half a second
             rates.append((t, (enc - prev_enc) / (t - prev_t)))
             prev_t, prev_enc = t, enc
@@ -86,6 +111,7 @@ def render_html(summary: dict, timeline: Timeline) -> str:
         ("deleted", "deleted"),
         ("seconds", "seconds"),
         ("images/s (encode stream)", "images_per_s"),
+        ("images/s (steady, model loaded)", "steady_images_per_s"),
         ("products rows", "products_rows"),
         ("published version", "products_version"),
         ("ANN index", "ann_index"),

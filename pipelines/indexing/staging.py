@@ -52,6 +52,7 @@ ACCOUNTING_COLUMNS = (
     SOURCE_FILE,
     ROW_NUMBER,
     PEAK_RSS,
+    "indexed_at",  # when the encoder finished the row's batch: the job's throughput timeline
 )
 # The Lance writer holds about one data file's worth of pages until it finishes the file, so the
 # file size bounds the memory of staging tasks and of the merge (measured: 64 MiB files kept the
