@@ -46,7 +46,14 @@ FLAG_ALIASES: dict[str, str] = {
 }
 
 # Keys holding a local path or a URI; relative local paths are resolved against the layer's base.
-PATH_KEYS = ("source.uri", "index.uri", "output.dir", "serve.cache_dir")
+PATH_KEYS = (
+    "source.uri",
+    "index.uri",
+    "output.dir",
+    "serve.cache_dir",
+    "finetune.catalog",
+    "finetune.out_dir",
+)
 # Holds a path *or* a hub id; only treated as a path when it clearly is one (see _resolve_model).
 MODEL_PATH_KEY = "model.name_or_path"
 
@@ -269,6 +276,44 @@ class ServeConfig(_Section):
         return self
 
 
+class FinetuneConfig(_Section):
+    """``python -m pipelines.finetune``: ITC + ITM fine-tuning on the catalog's train split."""
+
+    catalog: str = Field(
+        str(DEFAULT_DATA_DIR / "catalog"),
+        description="catalog folder of pipelines.make_catalog (products/, pairs.parquet, queries)",
+    )
+    out_dir: str = Field(
+        str(DEFAULT_DATA_DIR / "finetune"), description="checkpoints: best/, last/ and the summary"
+    )
+    steps: int = Field(300, gt=0, description="optimiser steps (the schedule spans them)")
+    batch_size: int = Field(
+        16, ge=2, description="products per step over all workers (each with all its titles)"
+    )
+    lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (BLIP: 0.05)")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up steps before the cosine decay")
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm (0 = no clipping)")
+    negatives: Literal["hard", "random"] = Field(
+        "hard", description="ITM negatives: similarity-weighted (BLIP) or uniform (the ablation)"
+    )
+    seed: int = Field(0, description="seeds init order, batch order and negative sampling")
+    eval_every: int = Field(
+        100, ge=0, description="evaluate + checkpoint every N steps (0 = at the end only)"
+    )
+    eval_k_test: int = Field(
+        16, gt=0, description="ITC→ITM re-rank depth of the periodic evaluation"
+    )
+    resume: bool = Field(True, description="continue from out_dir/last when it exists")
+    workers: int = Field(1, gt=0, description="1 = this process; >1 = Ray Train TorchTrainer")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs per Ray Train worker (fractions on small machines)"
+    )
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (>0: NCCL, else gloo)")
+    mixed_precision: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    log_every: int = Field(10, gt=0, description="progress line every N steps")
+
+
 class OutputConfig(_Section):
     dir: str | None = Field(
         None, description="where commands like the demo write results; None = none"
@@ -288,6 +333,9 @@ class AppConfig(_Section):
     encode: EncodeConfig = Field(default_factory=EncodeConfig, description="encoder actor pool")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="search server")
     output: OutputConfig = Field(default_factory=OutputConfig, description="result files")
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig, description="fine-tuning (pipelines.finetune)"
+    )
 
 
 # --------------------------------------------------------------------------- key checking

@@ -1,0 +1,334 @@
+"""The fine-tuning loop: optimiser, schedule, clipping, mixed precision, evaluation, checkpoints.
+
+:func:`fit` drives :func:`blip_ops.training.retrieval_train_step` for a number of steps:
+
+- AdamW over the model's parameters and the learnable ITC temperature (no weight decay on biases,
+  LayerNorms or the temperature), linear warm-up then cosine decay to zero;
+- gradient clipping by global norm; bf16 autocast on CUDA only (weights stay float32);
+- with ``torch.distributed`` initialised, the gradients are averaged over ranks explicitly after
+  backward (:func:`sync_gradients`). The train step calls the model's submodules directly, never
+  ``forward``, so a DDP wrapper would never see the backward pass and would sync nothing;
+- every ``eval_every`` steps (and at the end) ``eval_fn(model)`` is asked for metrics with a
+  ``mean`` recall; the best so far is saved to ``out_dir/best``, and ``out_dir/last`` always holds
+  the latest state: the ``save_pretrained`` files of ``HFBlipModel.save``, the resolved config
+  (when given) and ``trainer_state.pt`` (step, optimiser, schedule, temperature, RNG states, best
+  recall, history), from which a later :func:`fit` resumes.
+
+Batches come from ``next_batch(step)``, so a resumed run asks for exactly the batches an
+uninterrupted one would have (with a deterministic ``next_batch``, 2 + 2 steps equal 4 steps).
+
+No Ray; imports only torch at module load.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from blip_ops.losses import TEMP_INIT, make_temperature
+
+if TYPE_CHECKING:
+    from blip_ops.hf_blip import HFBlipModel
+
+TRAINER_STATE = "trainer_state.pt"
+CONFIG_FILE = "finetune.config.resolved.yaml"
+OPTIMIZERS = ("adamw", "sgd")
+
+
+# ---- distributed --------------------------------------------------------------------------------
+def world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def sync_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of ``params`` over all ranks (one all-reduce of a flat buffer).
+
+    A parameter without a gradient on this rank counts as zero, so every rank reduces the same
+    buffer layout. Nothing happens without ``torch.distributed`` or with one rank.
+    """
+    world = world_size()
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])  # (sum of numels,)
+    torch.distributed.all_reduce(flat)  # sum over ranks
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+# ---- optimiser and schedule ---------------------------------------------------------------------
+def _param_groups(model: torch.nn.Module, temp: torch.nn.Parameter, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Biases and norms (1-d) get no weight decay, as BLIP / timm / HF trainers do.
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": [*no_decay, temp], "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, *, steps: int, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps`` then cosine decay to 0 at ``steps`` (step is 0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def current_model_id(model: HFBlipModel) -> str:
+    """The model_id the weights would have once saved and reloaded (DESIGN.md: family + digest)."""
+    from blip_ops.family import weights_digest
+    from blip_ops.hf_blip import FAMILY, _stable_config
+
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.model.state_dict().items()}
+    return f"{FAMILY}-" + weights_digest(
+        _stable_config(model.model.config), state, extra=model.text_settings.to_json()
+    )
+
+
+def save_checkpoint(
+    model: HFBlipModel, path: Path, trainer_state: dict | None, config_yaml: str | None
+) -> str:
+    """Write ``path`` atomically (a temp folder renamed over it); returns the saved model_id."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+    if config_yaml is not None:
+        (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
+    model_id = current_model_id(model)
+    (tmp / "model_id.txt").write_text(model_id + "\n", encoding="utf-8")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+    return model_id
+
+
+def load_weights(model: HFBlipModel, path: Path) -> None:
+    """Load the weights saved at ``path`` into ``model`` in place (device and dtype kept)."""
+    from transformers import BlipForImageTextRetrieval
+
+    saved = BlipForImageTextRetrieval.from_pretrained(path, dtype=torch.float32)
+    model.model.load_state_dict(saved.state_dict())
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+def fit(
+    model: HFBlipModel,
+    next_batch: Callable[[int], Any],
+    *,
+    steps: int,
+    lr: float = 1e-4,
+    weight_decay: float = 0.05,
+    warmup_steps: int = 0,
+    grad_clip: float = 1.0,
+    negatives: str = "hard",
+    seed: int = 0,
+    eval_fn: Callable[[HFBlipModel], Mapping[str, Any]] | None = None,
+    eval_every: int = 0,
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    mixed_precision: bool = True,
+    optimizer: str = "adamw",
+    config_yaml: str | None = None,
+    log_every: int = 10,
+    stop_at: int | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Train ``model`` in place for ``steps`` optimiser steps; returns a summary dict.
+
+    ``next_batch(step)`` gives the batch of 0-based ``step`` (this rank's share under
+    ``torch.distributed``). ``eval_fn(model)`` returns metrics with a ``mean`` recall (higher is
+    better); only rank 0 evaluates and writes checkpoints. ``optimizer="sgd"`` (plain SGD, no
+    momentum) exists for exactness tests; training uses AdamW. ``stop_at`` ends this run early
+    (at that step, checkpointed) without changing the schedule, which spans ``steps``.
+    ``log`` None is silent.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    from blip_ops.training import RetrievalBatch, retrieval_train_step
+
+    log = log or (lambda _msg: None)
+    main_rank = rank() == 0
+    out = Path(out_dir) if out_dir is not None else None
+    device = model.device
+    net = model.model
+    temp = make_temperature(TEMP_INIT).to(device)
+    temp = torch.nn.Parameter(temp.detach())
+    groups = _param_groups(net, temp, weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    else:
+        opt = torch.optim.SGD(groups, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps)
+    )
+    generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + rank())
+    start_step, best, history = 0, None, []
+
+    last = out / "last" if out is not None else None
+    if resume and last is not None and (last / TRAINER_STATE).is_file():
+        state = torch.load(last / TRAINER_STATE, map_location="cpu", weights_only=False)
+        load_weights(model, last)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        with torch.no_grad():
+            temp.fill_(float(state["temperature"]))
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        saved = rng["negatives"]
+        generator.set_state(saved[rank()] if rank() < len(saved) else saved[0])
+        start_step, best, history = state["step"], state.get("best"), state.get("history", [])
+        log(f"resumed from {last} at step {start_step} (best mean recall {best})")
+    else:
+        torch.manual_seed(seed)
+
+    autocast = mixed_precision and device.type == "cuda"
+    net.train()
+
+    def trainer_state(step: int) -> dict:
+        neg_states = [generator.get_state()]
+        if world_size() > 1:  # every rank's sampler, so a resume on as many ranks continues each
+            neg_states = [torch.empty(0)] * world_size()
+            torch.distributed.all_gather_object(neg_states, generator.get_state())
+        return {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "temperature": float(temp.detach()),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "negatives": neg_states,
+            },
+            "best": best,
+            "history": history,
+            "settings": {"steps": steps, "lr": lr, "negatives": negatives, "seed": seed},
+        }
+
+    def evaluate_and_save(step: int) -> None:
+        nonlocal best
+        metrics = None
+        state = trainer_state(step)  # collective under torch.distributed: every rank calls it
+        if main_rank and eval_fn is not None:
+            net.eval()
+            started = time.perf_counter()
+            metrics = dict(eval_fn(model))
+            net.train()
+            mean = metrics.get("mean")
+            entry = {"step": step, "mean": mean, "seconds": round(time.perf_counter() - started, 2)}
+            history.append(entry)
+            state["history"] = history
+            log(f"eval step {step}: mean recall {mean if mean is None else round(mean, 4)} "
+                f"({entry['seconds']}s)")  # fmt: skip
+            if mean is not None and (best is None or mean > best):
+                best = mean
+                state["best"] = best
+                if out is not None:
+                    best_id = save_checkpoint(model, out / "best", None, config_yaml)
+                    log(f"new best checkpoint {out / 'best'} ({best_id})")
+        if main_rank and out is not None:
+            save_checkpoint(model, out / "last", state, config_yaml)
+        if world_size() > 1:
+            torch.distributed.barrier()
+
+    end = min(steps, stop_at) if stop_at is not None else steps
+    step = start_step
+    window_start, window_samples = time.perf_counter(), 0
+    total_samples, train_started = 0, time.perf_counter()
+    last_out: dict = {}
+    losses: list[float] = []  # this run's per-step losses (this rank's share)
+    while step < end:
+        batch = RetrievalBatch.coerce(next_batch(step))
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+            out_step = retrieval_train_step(
+                model, batch, temp, negatives=negatives, generator=generator
+            )
+        loss = out_step["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {float(loss)} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_gradients(params)
+        grad_norm = None
+        if grad_clip and grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        lr_used = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        step += 1
+        n = out_step["n_images"] * world_size()
+        window_samples += n
+        total_samples += n
+        losses.append(float(loss.detach()))
+        last_out = {
+            "step": step,
+            "loss": float(loss.detach()),
+            "itc": float(out_step["itc"]),
+            "itm": float(out_step["itm"]),
+            "itm_accuracy": out_step["itm_accuracy"],
+            "temp": float(temp.detach()),
+            "lr": lr_used,
+            "grad_norm": grad_norm,
+        }
+        if main_rank and (step % max(1, log_every) == 0 or step == end or step == start_step + 1):
+            elapsed = time.perf_counter() - window_start
+            log(
+                f"step {step}/{steps} loss {last_out['loss']:.4f} (itc {last_out['itc']:.4f} "
+                f"itm {last_out['itm']:.4f}, acc {last_out['itm_accuracy']:.2f}) temp "
+                f"{last_out['temp']:.4f} lr {last_out['lr']:.2e} "
+                f"{window_samples / max(elapsed, 1e-9):.1f} samples/s"
+            )
+            window_start, window_samples = time.perf_counter(), 0
+        if eval_every and step % eval_every == 0 and step < end:
+            evaluate_and_save(step)
+    seconds = time.perf_counter() - train_started
+    if step > start_step or eval_fn is not None:
+        evaluate_and_save(step)
+    net.eval()
+    return {
+        "steps": step,
+        "start_step": start_step,
+        "samples": total_samples,
+        "seconds": round(seconds, 2),
+        "samples_per_s": total_samples / seconds if seconds > 0 else None,
+        "best_mean_recall": best,
+        "history": history,
+        "last": last_out,
+        "losses": losses,
+        "temperature": float(temp.detach()),
+        "model_id": current_model_id(model),
+        "best_dir": str(out / "best") if out is not None and (out / "best").exists() else None,
+        "last_dir": str(out / "last") if out is not None else None,
+    }
