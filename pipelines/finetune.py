@@ -1,0 +1,460 @@
+"""Fine-tune BLIP on the catalog's train split: ITC + ITM with hard negatives, then evaluate.
+
+    python -m pipelines.finetune --config configs/finetune_demo.yaml [key=value ...] [--model PATH]
+
+Reads ``finetune.catalog`` (what ``pipelines.make_catalog`` writes): the products of split
+``train`` only (a ``test`` product in a batch is an error), each product's image with all of its
+titles from ``pairs.parquet`` (English, 汉字, pinyin: positives of one image). Every
+``finetune.eval_every`` steps the model is evaluated on the held-out queries over the ``test``
+split (``blip_ops.evaluate``, ITC→ITM at ``finetune.eval_k_test``); the best mean recall is kept in
+``out_dir/best``, the latest state in ``out_dir/last`` (a later run resumes from it).
+
+``finetune.workers == 1``: this process. ``> 1``: Ray Train ``TorchTrainer`` (gloo on CPU, NCCL
+with ``gpus_per_worker > 0``), the catalog read with Ray Data and split into one shard per worker;
+``cpus_per_worker`` may be fractional (on 2 cores, 0.5 leaves Ray Data a CPU: ENV_NOTES pitfall 1).
+The train step calls the model's submodules directly, so gradients are averaged by an explicit
+all-reduce (``blip_ops.train_loop.sync_gradients``), not by a DDP wrapper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.config import AppConfig, add_config_arguments, cli_config, dump_config
+
+logger = logging.getLogger(__name__)
+
+TRAIN_SPLIT = "train"
+TITLE_COLUMNS = ("title_en", "title_zh", "title_pinyin")
+
+
+class TrainSplitError(ValueError):
+    """A product outside the train split reached a training batch."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_titles(catalog: str | Path) -> dict[str, list[str]]:
+    """{product_id: its distinct titles (English, 汉字, pinyin)} for the train split."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(catalog) / "pairs.parquet")
+    titles: dict[str, list[str]] = {}
+    for row in table.to_pylist():
+        if row["split"] != TRAIN_SPLIT:
+            continue
+        seen = [t for t in (row.get(c) for c in TITLE_COLUMNS) if t]
+        titles[row["product_id"]] = list(dict.fromkeys(seen))
+    if not titles:
+        raise ValueError(f"{catalog}/pairs.parquet has no titles for split {TRAIN_SPLIT!r}")
+    return titles
+
+
+def read_train_products(catalog: str | Path, cfg: AppConfig) -> list[dict]:
+    """The train split's rows ``{product_id, image, split}``, sorted by product id."""
+    import pyarrow.dataset as pads
+
+    cols = cfg.source.columns
+    products_dir = Path(catalog) / "products"
+    if not products_dir.is_dir():
+        raise ValueError(f"catalog {catalog} has no products/ folder")
+    dataset = pads.dataset(products_dir, format="parquet")
+    if "split" not in dataset.schema.names:
+        raise ValueError(f"{products_dir}: no 'split' column, so no train/test separation")
+    table = dataset.to_table(
+        columns=[cols.product_id, cols.image, "split"], filter=pads.field("split") == TRAIN_SPLIT
+    )
+    rows = [
+        {"product_id": r[cols.product_id], "image": r[cols.image], "split": r["split"]}
+        for r in table.to_pylist()
+    ]
+    check_train_only(rows)
+    if len(rows) < 2:
+        raise ValueError(f"catalog {catalog}: {len(rows)} train products; need at least 2")
+    return sorted(rows, key=lambda r: r["product_id"])
+
+
+def check_train_only(rows: Sequence[dict]) -> None:
+    bad = [r["product_id"] for r in rows if r.get("split") != TRAIN_SPLIT]
+    if bad:
+        raise TrainSplitError(
+            f"{len(bad)} products outside split {TRAIN_SPLIT!r} in a training batch, e.g. {bad[:5]}"
+        )
+
+
+def build_batch(model, rows: Sequence[dict], titles: dict[str, list[str]], pixels=None):
+    """A RetrievalBatch: each row's image (decoded + preprocessed) and all its titles.
+
+    ``pixels`` (optional) maps product id → a preprocessed (3, S, S) tensor (a decode cache).
+    """
+    import torch
+
+    from blip_ops.decode import decode_image
+    from blip_ops.training import RetrievalBatch
+
+    check_train_only(rows)
+    ids = [str(r["product_id"]) for r in rows]
+    if pixels is not None and all(i in pixels for i in ids):
+        pix = torch.stack([pixels[i] for i in ids])
+    else:
+        size = model.image_settings.size
+        images = [decode_image(bytes(r["image"]), target_size=size) for r in rows]
+        pix = model.preprocess(images)  # (B, 3, S, S)
+    texts, text_ids = [], []
+    for pid in ids:
+        own = titles.get(pid)
+        if not own:
+            raise ValueError(f"product {pid!r} has no titles in pairs.parquet")
+        texts.extend(own)
+        text_ids.extend([pid] * len(own))
+    return RetrievalBatch(pix, ids, texts, text_ids)
+
+
+class EpochSampler:
+    """Batches of ``batch_size`` products, a fresh seeded permutation per epoch (drop last).
+
+    ``batch(step)`` depends on the step only, so a resumed run sees what an uninterrupted one would.
+    """
+
+    def __init__(self, rows: list[dict], batch_size: int, seed: int):
+        if batch_size > len(rows):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} train products")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.per_epoch = len(rows) // batch_size
+
+    def indices(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        return order[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def rows_for(self, step: int) -> list[dict]:
+        return [self.rows[i] for i in self.indices(step)]
+
+
+def decode_cache(model, rows: Sequence[dict]) -> dict:
+    """product id → preprocessed pixels for every row (the demo catalog fits in memory)."""
+    from blip_ops.decode import decode_image
+
+    size = model.image_settings.size
+    out = {}
+    for start in range(0, len(rows), 64):
+        part = rows[start : start + 64]
+        pix = model.preprocess([decode_image(bytes(r["image"]), target_size=size) for r in part])
+        out.update({str(r["product_id"]): p for r, p in zip(part, pix, strict=True)})
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def make_eval_fn(cfg: AppConfig, catalog: str | Path, k_test: int) -> Callable:
+    """eval_fn for ``fit``: held-out queries over the test split → metrics with ``mean``."""
+    from blip_ops.evaluate import evaluate_model
+    from pipelines.evaluate import load_catalog
+
+    data = None
+
+    def eval_fn(model) -> dict:
+        nonlocal data
+        if data is None:
+            data = load_catalog(str(catalog), "test", cfg, target_size=model.image_settings.size)
+        k = min(k_test, len(data.product_ids), len(data.texts))
+        metrics = evaluate_model(
+            model, data.images, data.texts, data.text_product, languages=data.languages,
+            k_test=(k,), batch_size=cfg.encode.batch_size,
+        )  # fmt: skip
+        itm = metrics["itm"][str(k)]
+        return {"mean": itm["mean"], "itc_mean": metrics["itc"]["mean"], "k_test": k}
+
+    return eval_fn
+
+
+# --------------------------------------------------------------------------- negatives for tests
+
+
+@contextlib.contextmanager
+def first_candidate_negatives() -> Iterator[None]:
+    """Make the train step's negative sampling deterministic: each row takes the first candidate
+    of another product. Only for exactness tests (distributed vs single process), where the two
+    runs draw from different random streams."""
+
+    import blip_ops.training as training
+    from blip_ops.losses import Negatives, negative_weights
+
+    original = training.sample_hard_negatives
+
+    def first(sim_i2t, sim_t2i, image_ids, text_ids, temp, **kw):
+        t_ids = kw.get("all_text_ids") if kw.get("all_text_ids") is not None else text_ids
+        i_ids = kw.get("all_image_ids") if kw.get("all_image_ids") is not None else image_ids
+        w_i2t = negative_weights(sim_i2t, image_ids, t_ids, temp, mode="random")
+        w_t2i = negative_weights(sim_t2i, text_ids, i_ids, temp, mode="random")
+        return Negatives((w_i2t > 0).float().argmax(dim=1), (w_t2i > 0).float().argmax(dim=1))
+
+    training.sample_hard_negatives = first
+    try:
+        yield
+    finally:
+        training.sample_hard_negatives = original
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def _fit_kwargs(cfg: AppConfig) -> dict:
+    f = cfg.finetune
+    return {
+        "steps": f.steps,
+        "lr": f.lr,
+        "weight_decay": f.weight_decay,
+        "warmup_steps": f.warmup_steps,
+        "grad_clip": f.grad_clip,
+        "negatives": f.negatives,
+        "seed": f.seed,
+        "eval_every": f.eval_every,
+        "out_dir": f.out_dir,
+        "resume": f.resume,
+        "mixed_precision": f.mixed_precision,
+        "log_every": f.log_every,
+    }
+
+
+def _load_for_training(cfg: AppConfig, device: str):
+    from blip_ops import load_model
+    from pipelines.demo import ensure_model
+
+    # float32 weights: mixed precision is autocast, never bf16 master weights.
+    return load_model(
+        ensure_model(cfg), device=device, dtype="float32", attention=cfg.model.attention
+    )
+
+
+def run_single(cfg: AppConfig, *, evaluate: bool = True, fit_overrides: dict | None = None) -> dict:
+    from blip_ops.train_loop import fit
+
+    f = cfg.finetune
+    rows = read_train_products(f.catalog, cfg)
+    titles = read_titles(f.catalog)
+    model = _load_for_training(cfg, cfg.model.device)
+    initial_id = model.model_id
+    pixels = decode_cache(model, rows)
+    sampler = EpochSampler(rows, f.batch_size, f.seed)
+
+    def next_batch(step: int):
+        return build_batch(model, sampler.rows_for(step), titles, pixels)
+
+    eval_fn = make_eval_fn(cfg, f.catalog, f.eval_k_test) if evaluate else None
+    kwargs = {**_fit_kwargs(cfg), **(fit_overrides or {})}
+    summary = fit(model, next_batch, eval_fn=eval_fn, config_yaml=dump_config(cfg), **kwargs)
+    summary.update(initial_model_id=initial_id, workers=1, train_products=len(rows))
+    return summary
+
+
+def _train_worker(config: dict) -> None:
+    """Ray Train's per-worker loop: this worker's shard of the train split, one rank of ``fit``."""
+    import ray.train
+    import torch
+
+    from blip_ops.train_loop import fit
+    from pipelines.config import AppConfig
+
+    cfg = AppConfig.model_validate(config["cfg"])
+    f = cfg.finetune
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if f.gpus_per_worker > 0:
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    else:
+        device = "cpu"
+        torch.set_num_threads(max(1, int(f.cpus_per_worker)))
+    model = _load_for_training(cfg, device)
+    titles = config["titles"]
+    per_worker = f.batch_size // world
+    shard = ray.train.get_dataset_shard("train")
+    seen: list[list[str]] = []
+
+    def batches() -> Iterator[list[dict]]:
+        epoch = 0
+        while True:
+            got = 0
+            shuffle = {} if config.get("no_shuffle") else {
+                "local_shuffle_buffer_size": per_worker * 4,
+                "local_shuffle_seed": f.seed * 1000 + epoch * world + rank,
+            }  # fmt: skip
+            for b in shard.iter_batches(
+                batch_size=per_worker, batch_format="numpy", drop_last=True, **shuffle
+            ):
+                got += 1
+                yield [
+                    {"product_id": str(p), "image": i, "split": str(s)}
+                    for p, i, s in zip(b["product_id"], b["image"], b["split"], strict=True)
+                ]
+            if got == 0:
+                raise ValueError(
+                    f"rank {rank}: shard holds fewer than {per_worker} products (batch_size "
+                    f"{f.batch_size} over {world} workers)"
+                )
+            epoch += 1
+
+    stream = batches()
+
+    def next_batch(step: int):
+        rows = next(stream)
+        if len(seen) < 4:
+            seen.append([r["product_id"] for r in rows])
+        return build_batch(model, rows, titles)
+
+    eval_fn = (
+        make_eval_fn(cfg, f.catalog, f.eval_k_test)
+        if rank == 0 and config.get("evaluate", True)
+        else None
+    )
+    kwargs = {**_fit_kwargs(cfg), **config.get("fit_overrides", {})}
+    negatives_ctx = (
+        first_candidate_negatives() if config.get("first_candidate_negatives")
+        else contextlib.nullcontext()
+    )  # fmt: skip
+    with negatives_ctx:
+        summary = fit(
+            model, next_batch, eval_fn=eval_fn, config_yaml=dump_config(cfg), **kwargs,
+            log=print if rank == 0 else None,
+        )  # fmt: skip
+    shards = Path(f.out_dir) / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    (shards / f"rank-{rank}.json").write_text(json.dumps(seen), encoding="utf-8")
+    summary.update(rank=rank, world=world)
+    # Ray Train 2.60 (Train V2) attaches metrics to checkpoints only: the driver reads this file.
+    (shards / f"summary-rank-{rank}.json").write_text(
+        json.dumps(summary, default=str), encoding="utf-8"
+    )
+    ray.train.report({"steps": summary["steps"], "rank": rank})
+
+
+def train_dataset(cfg: AppConfig):
+    """The train split as a Ray Data dataset (``product_id``, ``image``, ``split``)."""
+    import ray
+
+    cols = cfg.source.columns
+    products_dir = str(Path(cfg.finetune.catalog) / "products")
+    ds = ray.data.read_parquet(products_dir).select_columns([cols.product_id, cols.image, "split"])
+    if (cols.product_id, cols.image) != ("product_id", "image"):
+        ds = ds.rename_columns({cols.product_id: "product_id", cols.image: "image"})
+    return ds.filter(lambda row: row["split"] == TRAIN_SPLIT)
+
+
+def run_ray(
+    cfg: AppConfig,
+    *,
+    evaluate: bool = True,
+    fit_overrides: dict | None = None,
+    first_negatives: bool = False,
+    shuffle: bool = True,
+) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.index_catalog import init_ray
+
+    f = cfg.finetune
+    if f.batch_size % f.workers or f.batch_size // f.workers < 2:
+        raise ValueError(
+            f"finetune.batch_size ({f.batch_size}) must split into >= 2 products per worker over "
+            f"{f.workers} workers"
+        )
+    init_ray(cfg)
+    use_gpu = f.gpus_per_worker > 0
+    resources = {"CPU": f.cpus_per_worker, **({"GPU": f.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "titles": read_titles(f.catalog),
+            "evaluate": evaluate,
+            "fit_overrides": fit_overrides or {},
+            "first_candidate_negatives": first_negatives,
+            "no_shuffle": not shuffle,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=f.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        datasets={"train": train_dataset(cfg)},
+        run_config=RunConfig(
+            name=f"finetune-{int(time.time())}",
+            storage_path=str(Path(f.out_dir).absolute() / "ray_train"),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    summary_file = Path(f.out_dir) / "shards" / "summary-rank-0.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    summary["workers"] = f.workers
+    return summary
+
+
+def run_finetune(cfg: AppConfig) -> dict:
+    if cfg.finetune.workers == 1:
+        return run_single(cfg)
+    return run_ray(cfg)
+
+
+def print_summary(summary: dict, cfg: AppConfig) -> None:
+    f = cfg.finetune
+    rate = summary.get("samples_per_s")
+    best = summary.get("best_mean_recall")
+    print("\nfine-tuning summary")
+    print(f"  model        {cfg.model.name_or_path}")
+    print(f"  catalog      {f.catalog} (train split only; eval: test split queries)")
+    print(f"  workers      {summary.get('workers')} (negatives: {f.negatives})")
+    print(
+        f"  steps        {summary['steps']} (this run from {summary.get('start_step', 0)}), "
+        f"{summary.get('samples')} products, {summary.get('seconds')}s"
+    )
+    print(f"  samples/s    {rate:.1f}" if rate else "  samples/s    -")
+    print(
+        f"  best recall  {best:.4f} (mean R@1/5/10 both ways, ITC→ITM k_test={f.eval_k_test})"
+        if best is not None
+        else "  best recall  -"
+    )
+    for h in summary.get("history", []):
+        print(f"    step {h['step']:>6}: mean recall {h['mean']}")
+    print(f"  best         {summary.get('best_dir')}")
+    print(f"  last         {summary.get('last_dir')} ({summary.get('model_id')})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.finetune", description=__doc__.splitlines()[0]
+    )
+    add_config_arguments(parser, ("model",))
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = cli_config(args)
+    if cfg is None:
+        return 2
+    try:
+        summary = run_finetune(cfg)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(cfg.finetune.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    print_summary(summary, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

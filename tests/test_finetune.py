@@ -1,0 +1,171 @@
+"""Fine-tuning: the loop (checkpoints, resume), the train-only rule, and Ray Train's gradient sync."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blip_ops import load_model
+from blip_ops.train_loop import TRAINER_STATE, fit
+from blip_ops.training import RetrievalBatch
+from pipelines.config import load_config
+from pipelines.finetune import (
+    EpochSampler,
+    TrainSplitError,
+    build_batch,
+    check_train_only,
+    first_candidate_negatives,
+    read_titles,
+    read_train_products,
+    run_ray,
+    run_single,
+)
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    from pipelines.make_catalog import make_catalog
+
+    root = tmp_path_factory.mktemp("ft") / "catalog"
+    make_catalog(str(root), 24, seed=0, workers=1)
+    return root
+
+
+def _cfg(model_dir, catalog, out_dir, *extra):
+    return load_config(
+        None,
+        [
+            f"model.name_or_path={model_dir}", "model.device=cpu",
+            f"finetune.catalog={catalog}", f"finetune.out_dir={out_dir}",
+            "finetune.batch_size=4", "finetune.eval_k_test=4", "finetune.log_every=1",
+            *extra,
+        ],
+    )  # fmt: skip
+
+
+def _weights(path):
+    from transformers import BlipForImageTextRetrieval
+
+    return BlipForImageTextRetrieval.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+def test_loss_decreases_on_a_fixed_batch(tiny_model_dir, catalog):
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    rows = read_train_products(catalog, load_config(None))[:4]
+    batch = build_batch(model, rows, read_titles(catalog))
+    out = fit(
+        model, lambda step: batch, steps=8, lr=1e-3, weight_decay=0.0, warmup_steps=0,
+        grad_clip=1.0, negatives="random", seed=0, log=None,
+    )  # fmt: skip
+    losses = out["losses"]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0], losses
+
+
+def test_checkpoints_load_and_resume_equals_an_uninterrupted_run(tiny_model_dir, catalog, tmp_path):
+    common = ["finetune.steps=4", "finetune.eval_every=2", "finetune.negatives=random",
+              "finetune.warmup_steps=1", "finetune.lr=0.001"]  # fmt: skip
+    full = run_single(_cfg(tiny_model_dir, catalog, tmp_path / "full", *common))
+    assert full["steps"] == 4 and full["start_step"] == 0
+    assert [h["step"] for h in full["history"]] == [2, 4]
+    for name in ("best", "last"):
+        saved = load_model(tmp_path / "full" / name, device="cpu", dtype="float32")
+        assert saved.model_id.startswith("hf_blip-")
+    last = load_model(tmp_path / "full" / "last", device="cpu", dtype="float32")
+    assert last.model_id == full["model_id"] != full["initial_model_id"]
+    assert (tmp_path / "full" / "last" / "finetune.config.resolved.yaml").is_file()
+    state = torch.load(tmp_path / "full" / "last" / TRAINER_STATE, weights_only=False)
+    assert state["step"] == 4 and state["optimizer"]["state"]
+
+    # 2 steps, stop; then a second run resumes from last/ and does steps 3 and 4.
+    cfg = _cfg(tiny_model_dir, catalog, tmp_path / "split", *common)
+    first = run_single(cfg, fit_overrides={"stop_at": 2})
+    assert first["steps"] == 2
+    assert torch.load(tmp_path / "split" / "last" / TRAINER_STATE, weights_only=False)["step"] == 2
+    second = run_single(cfg)
+    assert second["start_step"] == 2 and second["steps"] == 4
+    assert second["losses"] == pytest.approx(full["losses"][2:], abs=1e-6)
+    _assert_same_weights(
+        _weights(tmp_path / "split" / "last"), _weights(tmp_path / "full" / "last"), 1e-6
+    )
+    resumed = torch.load(tmp_path / "split" / "last" / TRAINER_STATE, weights_only=False)
+    assert resumed["temperature"] == pytest.approx(state["temperature"], abs=1e-7)
+    for key, a in state["optimizer"]["state"].items():
+        b = resumed["optimizer"]["state"][key]
+        assert torch.allclose(a["exp_avg"], b["exp_avg"], atol=1e-6)
+    assert second["model_id"] == full["model_id"]
+
+
+# ---- train split only -----------------------------------------------------------------------------
+def test_batches_hold_train_products_only(tiny_model_dir, catalog):
+    import pyarrow.parquet as pq
+
+    pairs = pq.read_table(catalog / "pairs.parquet").to_pylist()
+    test_ids = {p["product_id"] for p in pairs if p["split"] == "test"}
+    assert test_ids, "the catalog must have test products for this test to mean anything"
+    rows = read_train_products(catalog, load_config(None))
+    sampler = EpochSampler(rows, 4, seed=0)
+    seen = set()
+    for step in range(sampler.per_epoch * 3):
+        ids = {r["product_id"] for r in sampler.rows_for(step)}
+        assert not ids & test_ids
+        seen |= ids
+    assert seen == {r["product_id"] for r in rows}
+    assert not set(read_titles(catalog)) & test_ids
+    # A test row that slipped in is refused, not trained on.
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    with pytest.raises(TrainSplitError):
+        check_train_only([*rows[:2], {"product_id": "x", "split": "test"}])
+    with pytest.raises(TrainSplitError):
+        build_batch(model, [{**rows[0], "split": "test"}, rows[1]], read_titles(catalog))
+
+
+# ---- Ray Train: 2 workers on different shards == one process on the union ------------------------
+@pytest.mark.timeout(240)
+def test_two_ray_workers_average_gradients(tiny_model_dir, catalog, tmp_path, ray_local):
+    sgd = {"optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0}
+    out = tmp_path / "ray"
+    cfg = _cfg(
+        tiny_model_dir, catalog, out, "finetune.workers=2", "finetune.cpus_per_worker=0.5",
+        "finetune.steps=1", "finetune.eval_every=0", "finetune.negatives=random",
+    )  # fmt: skip
+    summary = run_ray(cfg, evaluate=False, fit_overrides=sgd, first_negatives=True, shuffle=False)
+    assert summary["steps"] == 1 and summary["workers"] == 2
+    shard0 = json.loads((out / "shards" / "rank-0.json").read_text())[0]
+    shard1 = json.loads((out / "shards" / "rank-1.json").read_text())[0]
+    assert len(shard0) == len(shard1) == 2 and not set(shard0) & set(shard1), (shard0, shard1)
+    distributed = _weights(out / "last")
+
+    rows = {r["product_id"]: r for r in read_train_products(catalog, load_config(None))}
+    titles = read_titles(catalog)
+
+    def one_step(ids) -> dict:
+        model = load_model(tiny_model_dir, device="cpu", dtype="float32")
+        batch = build_batch(model, [rows[i] for i in ids], titles)
+        with first_candidate_negatives():
+            fit(model, lambda step: batch, steps=1, negatives="random", seed=0, log=None, **sgd)
+        return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+
+    union = one_step(shard0 + shard1)  # rank order: what the gathered pool holds
+    _assert_same_weights(distributed, union, 1e-5)
+    # Without averaging, rank 0 would hold a step on its own shard: far from the union step.
+    alone = one_step(shard0)
+    worst = max((alone[k] - union[k]).abs().max().item() for k in union)
+    assert worst > 1e-3
+
+
+def test_retrieval_batch_from_build_batch_is_consistent(tiny_model, catalog):
+    rows = read_train_products(catalog, load_config(None))[:3]
+    batch = build_batch(tiny_model, rows, read_titles(catalog))
+    assert isinstance(batch, RetrievalBatch)
+    assert batch.pixel_values.shape[0] == 3 and len(batch.texts) == len(batch.text_ids)
+    assert set(batch.text_ids) == set(batch.image_ids)
