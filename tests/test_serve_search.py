@@ -238,6 +238,7 @@ ERROR_CASES = [
     ({"text": "sofa", "filter": "image_embedding IS NULL"}, 400, "not a metadata column"),
     ({"text": "sofa", "filter": "price < 'cheap'"}, 400, "`filter` is not valid"),
     ({"text": "sofa", "filter": "price <"}, 400, "`filter` is not valid"),
+    ({"text": "sofa", "hybrid": "rrf", "filter": "price < 'x'"}, 400, "`filter` is not valid"),
     ({"text": "sofa", "filter": "category = 'a'; DROP TABLE products"}, 400, "unexpected text"),
     ({"text": "sofa", "filter": "(price > 1"}, 400, "unmatched '('"),
     ({"text": "sofa", "filter": "lower(category) = 'x'"}, 400, "not a metadata column"),

@@ -86,8 +86,6 @@ class Snapshot:
     def candidates(self, vector: np.ndarray, n: int, where: str | None = None) -> pa.Table:
         """ANN (or exact, below the index threshold) top ``n`` by cosine, optionally filtered:
         product_id, title, content_hash, metadata, ``itc`` (cosine) and ``_rowid``."""
-        from pipelines.search.filters import check_filter
-
         query = (
             self.table.search(np.asarray(vector, np.float32), vector_column_name=VECTOR)
             .distance_type("cosine")
@@ -95,23 +93,28 @@ class Snapshot:
             .with_row_id(True)
             .limit(n)
         )
+        found = self._execute(query, where)
+        itc = pc.subtract(pa.scalar(1.0, pa.float32()), found.column("_distance"))
+        return found.append_column("itc", itc.cast(pa.float32())).drop_columns(["_distance"])
+
+    def _execute(self, query, where: str | None) -> pa.Table:
+        """Run a LanceDB query with the client's filter (checked first); LanceDB's refusals of
+        that filter become a 400, anything else propagates."""
+        from pipelines.search.filters import check_filter
+
         if where:
             query = query.where(check_filter(where, self.filter_columns), prefilter=True)
         try:
-            found = query.to_arrow()
+            return query.to_arrow()
         except ValueError as err:
             if where and str(err).startswith("Invalid input"):
                 raise BadRequest(f"`filter` is not valid here: {_clean(err)}") from None
             raise
-        itc = pc.subtract(pa.scalar(1.0, pa.float32()), found.column("_distance"))
-        return found.append_column("itc", itc.cast(pa.float32())).drop_columns(["_distance"])
 
     def lexical(self, text: str, n: int, where: str | None = None) -> pa.Table | None:
         """BM25 top ``n`` on ``title_normalized`` (``text`` already normalised): the columns of
         :meth:`candidates` with ``bm25`` instead of ``itc``, plus ``image_embedding``; None when
         there is no full-text index or nothing to search for."""
-        from pipelines.search.filters import check_filter
-
         columns = ["product_id", "title", "content_hash", *self.metadata_columns]
         if not text.strip() or not self.has_fts:
             return None
@@ -121,13 +124,11 @@ class Snapshot:
             .with_row_id(True)
             .limit(n)
         )
-        if where:
-            query = query.where(check_filter(where, self.filter_columns), prefilter=True)
         try:
-            found = query.to_arrow()
-        except ValueError as err:
-            if where and str(err).startswith("Invalid input"):
-                raise BadRequest(f"`filter` is not valid here: {_clean(err)}") from None
+            found = self._execute(query, where)
+        except BadRequest:
+            raise
+        except ValueError as err:  # not the client's filter: search on without BM25
             logger.warning("full-text query failed, vector candidates only: %s", _clean(err))
             return None
         return found.rename_columns(["bm25" if c == "_score" else c for c in found.column_names])
