@@ -17,8 +17,10 @@ The algorithm is the original BLIP's (salesforce/BLIP ``models/blip_retrieval.py
   the sampling pool spans all ranks (BLIP's ``negative_all_rank``).
 - :func:`itm_loss`: cross-entropy on the 2-way ITM head.
 
-BLIP's momentum encoder (momentum distillation of the ITC targets) and its 57,600-entry feature
-queue are not implemented: they are off by default in this project and out of scope here.
+- :func:`itc_loss_with_momentum`: BLIP's momentum-distilled ITC (optional, off by default): the
+  online features face [batch ; queue] momentum features (:mod:`blip_ops.momentum`), targets =
+  alpha * softmax(momentum sims / temp) + (1 - alpha) * same-product positives over batch and
+  queue. :func:`itc_loss` is unchanged when momentum is off.
 
 Imports only torch at module load (this module is part of the ``blip_ops`` core).
 """
@@ -144,6 +146,119 @@ def itc_loss(
     loss_i2t = -(F.log_softmax(sim_i2t / temp, dim=1) * targets_i2t).sum(dim=1).mean()
     loss_t2i = -(F.log_softmax(sim_t2i / temp, dim=1) * targets_t2i).sum(dim=1).mean()
     return ItcOutput((loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i, positives)
+
+
+class MomentumItcOutput(NamedTuple):
+    loss: torch.Tensor  # () float32, mean of the image→text and text→image losses
+    sim_i2t: torch.Tensor  # (B, T + Qt) online images · [momentum batch texts ; queued texts]
+    sim_t2i: torch.Tensor  # (T, B + Qi) online texts · [momentum batch images ; queued images]
+    targets_i2t: torch.Tensor  # (B, T + Qt) soft targets, rows sum to 1
+    targets_t2i: torch.Tensor  # (T, B + Qi)
+    positives_i2t: torch.Tensor  # (B, T + Qt) bool, same product
+    positives_t2i: torch.Tensor  # (T, B + Qi) bool, same product
+
+
+def momentum_targets(
+    sim_m: torch.Tensor,
+    positives: torch.Tensor,
+    alpha: float,
+    temp: torch.Tensor | float,
+    what: str,
+) -> torch.Tensor:
+    """BLIP's distilled targets: ``alpha * softmax(sim_m / temp) + (1 - alpha) * sim_targets``,
+    ``sim_targets`` the same-product mask normalised per row (batch and queue columns alike)."""
+    hard = _soft_targets(positives, what)
+    if alpha == 0:
+        return hard
+    return alpha * F.softmax(sim_m.float() / temp, dim=1) + (1 - alpha) * hard
+
+
+def _with_queue(
+    feat: torch.Tensor,
+    ids: torch.Tensor,
+    queue: torch.Tensor | None,
+    queue_ids: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if queue is None or queue.numel() == 0:
+        return feat, ids
+    if queue_ids is None or queue_ids.shape != (queue.shape[0],):
+        raise ValueError(f"ITC: a queue of {queue.shape[0]} features needs as many product ids")
+    queue = F.normalize(queue.detach().float().to(feat.device), dim=-1)
+    return torch.cat([feat, queue]), torch.cat([ids, queue_ids.to(ids.device).long()])
+
+
+def itc_loss_with_momentum(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    temp: torch.Tensor | float,
+    image_ids: torch.Tensor,
+    text_ids: torch.Tensor,
+    *,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor | None = None,
+    image_queue_ids: torch.Tensor | None = None,
+    text_queue: torch.Tensor | None = None,
+    text_queue_ids: torch.Tensor | None = None,
+    alpha: float = 0.0,
+) -> MomentumItcOutput:
+    """BLIP's ITC with momentum distillation and a feature queue.
+
+    ``image_feat`` (B, D) / ``text_feat`` (T, D): online features (with grad);
+    ``image_feat_m`` (B, D) / ``text_feat_m`` (T, D): the momentum encoder's features of the same
+    batch; ``image_queue`` (Qi, D) + ``image_queue_ids`` (Qi,) and ``text_queue`` (Qt, D) +
+    ``text_queue_ids`` (Qt,): earlier momentum features (None or empty: none). Every column of
+    the same product, in the batch or in the queue, is a positive, never a negative. ``alpha``
+    (already ramped by the caller, :func:`blip_ops.momentum.alpha_at`) weighs the momentum
+    model's softmax against the same-product targets; with ``alpha`` 0, an empty queue and
+    momentum features equal to the online ones, the loss equals :func:`itc_loss`'s.
+    """
+    if image_feat.ndim != 2 or text_feat.ndim != 2 or image_feat.shape[1] != text_feat.shape[1]:
+        raise ValueError(
+            "ITC: expected image features (B, D) and text features (T, D), got "
+            f"{tuple(image_feat.shape)} and {tuple(text_feat.shape)}"
+        )
+    if image_feat_m.shape != image_feat.shape or text_feat_m.shape != text_feat.shape:
+        raise ValueError(
+            f"ITC: momentum features {tuple(image_feat_m.shape)} / {tuple(text_feat_m.shape)} do "
+            f"not match the online ones {tuple(image_feat.shape)} / {tuple(text_feat.shape)}"
+        )
+    if image_ids.shape != (image_feat.shape[0],) or text_ids.shape != (text_feat.shape[0],):
+        raise ValueError(
+            f"ITC: got {tuple(image_ids.shape)} image ids for {image_feat.shape[0]} images and "
+            f"{tuple(text_ids.shape)} text ids for {text_feat.shape[0]} texts"
+        )
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"ITC: alpha must be in [0, 1], got {alpha}")
+    if isinstance(temp, torch.Tensor):
+        if temp.is_leaf and temp.requires_grad:
+            clamp_temperature_(temp)
+        else:
+            temp = temp.clamp(TEMP_MIN, TEMP_MAX)
+    else:
+        temp = min(max(float(temp), TEMP_MIN), TEMP_MAX)
+    img = F.normalize(image_feat.float(), dim=-1)  # (B, D)
+    txt = F.normalize(text_feat.float(), dim=-1)  # (T, D)
+    device = img.device
+    image_ids, text_ids = image_ids.to(device), text_ids.to(device)
+    with torch.no_grad():
+        img_m = F.normalize(image_feat_m.detach().float().to(device), dim=-1)  # (B, D)
+        txt_m = F.normalize(text_feat_m.detach().float().to(device), dim=-1)  # (T, D)
+        img_m_all, img_ids_all = _with_queue(img_m, image_ids, image_queue, image_queue_ids)
+        txt_m_all, txt_ids_all = _with_queue(txt_m, text_ids, text_queue, text_queue_ids)
+        pos_i2t = same_product_mask(image_ids, txt_ids_all)  # (B, T + Qt)
+        pos_t2i = same_product_mask(text_ids, img_ids_all)  # (T, B + Qi)
+        t = temp.detach() if isinstance(temp, torch.Tensor) else temp
+        a = float(alpha)
+        targets_i2t = momentum_targets(img_m @ txt_m_all.t(), pos_i2t, a, t, "image")
+        targets_t2i = momentum_targets(txt_m @ img_m_all.t(), pos_t2i, a, t, "text")
+    sim_i2t = img @ txt_m_all.t()  # (B, T + Qt) cosine
+    sim_t2i = txt @ img_m_all.t()  # (T, B + Qi) cosine
+    loss_i2t = -(F.log_softmax(sim_i2t / temp, dim=1) * targets_i2t).sum(dim=1).mean()
+    loss_t2i = -(F.log_softmax(sim_t2i / temp, dim=1) * targets_t2i).sum(dim=1).mean()
+    return MomentumItcOutput(
+        (loss_i2t + loss_t2i) / 2, sim_i2t, sim_t2i, targets_i2t, targets_t2i, pos_i2t, pos_t2i
+    )
 
 
 # ---- hard negatives ---------------------------------------------------------------------------

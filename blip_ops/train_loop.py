@@ -12,7 +12,13 @@
   ``mean`` recall; the best so far is saved to ``out_dir/best``, and ``out_dir/last`` always holds
   the latest state: the ``save_pretrained`` files of ``HFBlipModel.save``, the resolved config
   (when given) and ``trainer_state.pt`` (step, optimiser, schedule, temperature, RNG states, best
-  recall, history), from which a later :func:`fit` resumes.
+  recall, history, and with ``momentum`` the EMA copy and its feature queues), from which a later
+  :func:`fit` resumes;
+- ``momentum=True`` turns on BLIP's momentum distillation (:mod:`blip_ops.momentum`): an EMA copy
+  with momentum ``momentum_m``, queues of ``queue_size`` entries and the distillation weight
+  ramped from 0 to ``alpha`` over ``alpha_warmup_steps`` (default: ``warmup_steps``);
+- samples/s (the progress lines and the summary) count training time only: evaluation and
+  checkpoint writing are left out (the summary reports them as ``eval_seconds``).
 
 Batches come from ``next_batch(step)``, so a resumed run asks for exactly the batches an
 uninterrupted one would have (with a deterministic ``next_batch``, 2 + 2 steps equal 4 steps).
@@ -160,6 +166,11 @@ def fit(
     log_every: int = 10,
     stop_at: int | None = None,
     log: Callable[[str], None] | None = print,
+    momentum: bool = False,
+    momentum_m: float = 0.995,
+    queue_size: int = 4096,
+    alpha: float = 0.4,
+    alpha_warmup_steps: int | None = None,
 ) -> dict:
     """Train ``model`` in place for ``steps`` optimiser steps; returns a summary dict.
 
@@ -168,7 +179,9 @@ def fit(
     better); only rank 0 evaluates and writes checkpoints. ``optimizer="sgd"`` (plain SGD, no
     momentum) exists for exactness tests; training uses AdamW. ``stop_at`` ends this run early
     (at that step, checkpointed) without changing the schedule, which spans ``steps``.
-    ``log`` None is silent.
+    ``log`` None is silent. ``momentum`` (off by default): BLIP's momentum encoder and feature
+    queue for ITC, see :mod:`blip_ops.momentum`; ``alpha`` ramps over ``alpha_warmup_steps``
+    (None: ``warmup_steps``).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -194,6 +207,7 @@ def fit(
     )
     generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + rank())
     start_step, best, history = 0, None, []
+    resumed_momentum = None
 
     last = out / "last" if out is not None else None
     if resume and last is not None and (last / TRAINER_STATE).is_file():
@@ -210,9 +224,22 @@ def fit(
         saved = rng["negatives"]
         generator.set_state(saved[rank()] if rank() < len(saved) else saved[0])
         start_step, best, history = state["step"], state.get("best"), state.get("history", [])
+        resumed_momentum = state.get("momentum")
         log(f"resumed from {last} at step {start_step} (best mean recall {best})")
     else:
         torch.manual_seed(seed)
+
+    distiller = None
+    if momentum:
+        from blip_ops.momentum import MomentumDistiller
+
+        # Built after any resume has loaded the weights: a fresh copy starts equal to the model.
+        distiller = MomentumDistiller(net, m=momentum_m, queue_size=queue_size)
+        if resumed_momentum is not None:
+            distiller.load_state_dict(resumed_momentum)
+        elif start_step > 0:
+            log(f"resumed state has no momentum encoder: a fresh copy starts at step {start_step}")
+    ramp = warmup_steps if alpha_warmup_steps is None else alpha_warmup_steps
 
     autocast = mixed_precision and device.type == "cuda"
     net.train()
@@ -234,7 +261,18 @@ def fit(
             },
             "best": best,
             "history": history,
-            "settings": {"steps": steps, "lr": lr, "negatives": negatives, "seed": seed},
+            "momentum": distiller.state_dict() if distiller is not None else None,
+            "settings": {
+                "steps": steps,
+                "lr": lr,
+                "negatives": negatives,
+                "seed": seed,
+                "momentum": momentum,
+                "momentum_m": momentum_m,
+                "queue_size": queue_size,
+                "alpha": alpha,
+                "alpha_warmup_steps": ramp,
+            },  # fmt: skip
         }
 
     def evaluate_and_save(step: int) -> None:
@@ -267,13 +305,19 @@ def fit(
     step = start_step
     window_start, window_samples = time.perf_counter(), 0
     total_samples, train_started = 0, time.perf_counter()
+    eval_seconds = 0.0  # evaluation + checkpoints, kept out of every samples/s figure
     last_out: dict = {}
     losses: list[float] = []  # this run's per-step losses (this rank's share)
     while step < end:
         batch = RetrievalBatch.coerce(next_batch(step))
+        momentum_kw = {}
+        if distiller is not None:
+            from blip_ops.momentum import alpha_at
+
+            momentum_kw = {"momentum": distiller, "alpha": alpha_at(step, alpha, ramp)}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             out_step = retrieval_train_step(
-                model, batch, temp, negatives=negatives, generator=generator
+                model, batch, temp, negatives=negatives, generator=generator, **momentum_kw
             )
         loss = out_step["loss"]
         if not torch.isfinite(loss):
@@ -302,26 +346,37 @@ def fit(
             "lr": lr_used,
             "grad_norm": grad_norm,
         }
+        if distiller is not None:
+            last_out.update(alpha=out_step["alpha"], queue=out_step["queue"])
         if main_rank and (step % max(1, log_every) == 0 or step == end or step == start_step + 1):
             elapsed = time.perf_counter() - window_start
             log(
                 f"step {step}/{steps} loss {last_out['loss']:.4f} (itc {last_out['itc']:.4f} "
                 f"itm {last_out['itm']:.4f}, acc {last_out['itm_accuracy']:.2f}) temp "
                 f"{last_out['temp']:.4f} lr {last_out['lr']:.2e} "
-                f"{window_samples / max(elapsed, 1e-9):.1f} samples/s"
-            )
+                + (f"alpha {last_out['alpha']:.3f} queue {last_out['queue']} "
+                   if distiller is not None else "")
+                + f"{window_samples / max(elapsed, 1e-9):.1f} samples/s"
+            )  # fmt: skip
             window_start, window_samples = time.perf_counter(), 0
         if eval_every and step % eval_every == 0 and step < end:
+            paused = time.perf_counter()
             evaluate_and_save(step)
-    seconds = time.perf_counter() - train_started
+            paused = time.perf_counter() - paused
+            eval_seconds += paused
+            window_start += paused  # the current samples/s window skips the evaluation
+    seconds = time.perf_counter() - train_started - eval_seconds
     if step > start_step or eval_fn is not None:
+        paused = time.perf_counter()
         evaluate_and_save(step)
+        eval_seconds += time.perf_counter() - paused
     net.eval()
     return {
         "steps": step,
         "start_step": start_step,
         "samples": total_samples,
-        "seconds": round(seconds, 2),
+        "seconds": round(seconds, 2),  # training only: evaluation and checkpoints excluded
+        "eval_seconds": round(eval_seconds, 2),
         "samples_per_s": total_samples / seconds if seconds > 0 else None,
         "best_mean_recall": best,
         "history": history,

@@ -14,6 +14,12 @@ With ``torch.distributed`` initialised, ITC runs over the batch gathered from al
 negatives are drawn from all ranks (BLIP's ``negative_all_rank``), gradients flowing back to the
 rank that owns each example.
 
+With a :class:`blip_ops.momentum.MomentumDistiller` (optional, off by default), ITC is BLIP's
+momentum-distilled loss against [batch ; queue] momentum features
+(:func:`blip_ops.losses.itc_loss_with_momentum`): the copy takes its EMA step first, then gives
+the batch's momentum features, which are enqueued (all ranks' ones) after the loss. Hard
+negatives are still drawn from the online in-batch similarities, as BLIP does.
+
 Imports only torch at module load.
 """
 
@@ -30,6 +36,7 @@ from blip_ops.losses import (
     NEGATIVE_MODES,
     gather_features,
     itc_loss,
+    itc_loss_with_momentum,
     itm_loss,
     product_id_tensor,
     sample_hard_negatives,
@@ -37,6 +44,7 @@ from blip_ops.losses import (
 
 if TYPE_CHECKING:
     from blip_ops.hf_blip import HFBlipModel
+    from blip_ops.momentum import MomentumDistiller
 
 
 @dataclass
@@ -84,13 +92,18 @@ def retrieval_train_step(
     negatives: str = "hard",
     generator: torch.Generator | None = None,
     extra_negatives: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    momentum: MomentumDistiller | None = None,
+    alpha: float = 0.0,
 ) -> dict[str, Any]:
     """Forward of ITC + ITM (hard or random negatives) with grad; returns the losses.
 
     ``temp_param``: the learnable temperature (:func:`blip_ops.losses.make_temperature`), clamped
     in place. ``negatives``: ``"hard"`` (BLIP) or ``"random"`` (the ablation). ``generator``
     seeds the negative sampling. ``extra_negatives``: (B, T_all) / (T, B_all) weights for mined
-    negatives, see :func:`blip_ops.losses.sample_hard_negatives`.
+    negatives, see :func:`blip_ops.losses.sample_hard_negatives`. ``momentum``: a
+    :class:`blip_ops.momentum.MomentumDistiller` for BLIP's momentum-distilled ITC with a queue
+    (updated and enqueued here); ``alpha``: its distillation weight for this step (ramped by the
+    caller). None (the default) is plain in-batch ITC.
 
     Returns ``loss`` (ITC + ITM, equal weights, with grad), ``itc`` and ``itm`` (detached),
     ``temp``, ``itm_accuracy``, the sampled ``negatives`` and the pair counts.
@@ -126,7 +139,22 @@ def retrieval_train_step(
         text_feat_all = gather_features(text_feat)  # (T', D)
         image_ids_all = gather_features(image_ids)  # (B',)
         text_ids_all = gather_features(text_ids)  # (T',)
-        itc = itc_loss(image_feat_all, text_feat_all, temp_param, image_ids_all, text_ids_all)
+        if momentum is None:
+            itc = itc_loss(image_feat_all, text_feat_all, temp_param, image_ids_all, text_ids_all)
+        else:
+            from blip_ops.momentum import gather_no_grad
+
+            momentum.update(net)  # BLIP's _momentum_update, before the momentum features
+            image_feat_m, text_feat_m = momentum.features(pixels, enc)  # (B, D), (T, D)
+            image_feat_m_all = gather_no_grad(image_feat_m)  # (B', D)
+            text_feat_m_all = gather_no_grad(text_feat_m)  # (T', D)
+            iq, tq = momentum.image_queue, momentum.text_queue
+            itc = itc_loss_with_momentum(
+                image_feat_all, text_feat_all, temp_param, image_ids_all, text_ids_all,
+                image_feat_m=image_feat_m_all, text_feat_m=text_feat_m_all,
+                image_queue=iq.feats, image_queue_ids=iq.ids,
+                text_queue=tq.feats, text_queue_ids=tq.ids, alpha=alpha,
+            )  # fmt: skip
 
         # Negatives: local rows against the pool's columns.
         if distributed:
@@ -137,7 +165,12 @@ def retrieval_train_step(
             ids_all = gather_features(enc["input_ids"])  # (T', L)
             mask_all = gather_features(enc["attention_mask"])  # (T', L)
         else:
-            sim_i2t, sim_t2i = itc.sim_i2t.detach(), itc.sim_t2i.detach()
+            if momentum is None:
+                sim_i2t, sim_t2i = itc.sim_i2t.detach(), itc.sim_t2i.detach()
+            else:  # the ITC sims face momentum features: negatives use the online ones
+                with torch.no_grad():
+                    sim_i2t = image_feat.detach() @ text_feat.detach().t()  # (B, T)
+                    sim_t2i = sim_i2t.t()  # (T, B)
             image_embeds_all = image_embeds
             ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
         neg = sample_hard_negatives(
@@ -182,6 +215,11 @@ def retrieval_train_step(
 
     with torch.no_grad():
         itm_accuracy = (itm_logits.argmax(dim=1) == labels).float().mean()
+    if momentum is not None:  # all ranks' momentum features, after the loss (BLIP's order)
+        momentum.enqueue(
+            image_feat_m_all, text_feat_m_all, image_ids_all.detach(), text_ids_all.detach(),
+            gather=False,
+        )  # fmt: skip
     return {
         "loss": itc.loss + itm,
         "itc": itc.loss.detach(),
@@ -192,4 +230,6 @@ def retrieval_train_step(
         "n_images": n_image,
         "n_texts": n_text,
         "n_itm_pairs": int(labels.numel()),
+        "alpha": float(alpha) if momentum is not None else None,
+        "queue": len(momentum.text_queue) if momentum is not None else None,
     }

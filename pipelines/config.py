@@ -312,6 +312,17 @@ class FinetuneConfig(_Section):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (>0: NCCL, else gloo)")
     mixed_precision: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     log_every: int = Field(10, gt=0, description="progress line every N steps")
+    momentum: bool = Field(
+        False, description="BLIP's momentum encoder + feature queue for ITC (off by default)"
+    )
+    momentum_m: float = Field(
+        0.995, ge=0, le=1, description="EMA momentum of the momentum encoder (BLIP: 0.995)"
+    )
+    queue_size: int = Field(4096, ge=0, description="momentum feature queue length (BLIP: 57,600)")
+    alpha: float = Field(
+        0.4, ge=0, le=1,
+        description="distillation weight, ramped from 0 over warmup_steps (BLIP: 0.4)",
+    )  # fmt: skip
 
 
 class OutputConfig(_Section):

@@ -225,6 +225,10 @@ def _fit_kwargs(cfg: AppConfig) -> dict:
         "resume": f.resume,
         "mixed_precision": f.mixed_precision,
         "log_every": f.log_every,
+        "momentum": f.momentum,
+        "momentum_m": f.momentum_m,
+        "queue_size": f.queue_size,
+        "alpha": f.alpha,
     }
 
 
