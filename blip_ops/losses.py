@@ -105,6 +105,24 @@ def _soft_targets(positives: torch.Tensor, what: str) -> torch.Tensor:
     return positives.float() / counts  # BLIP's sim_targets: same-id mask normalised per row
 
 
+def _checked_ids_and_temperature(image_feat, text_feat, image_ids, text_ids, temp):
+    """Shared argument checks of the ITC losses; returns the temperature clamped as BLIP does
+    (a trainable leaf parameter is clamped in place so it never drifts out of range)."""
+    if image_ids.shape != (image_feat.shape[0],) or text_ids.shape != (text_feat.shape[0],):
+        raise ValueError(
+            f"ITC: got {tuple(image_ids.shape)} image ids for {image_feat.shape[0]} images and "
+            f"{tuple(text_ids.shape)} text ids for {text_feat.shape[0]} texts"
+        )
+    if isinstance(temp, torch.Tensor):
+        if temp.is_leaf and temp.requires_grad:
+            clamp_temperature_(temp)
+        else:
+            temp = temp.clamp(TEMP_MIN, TEMP_MAX)
+    else:
+        temp = min(max(float(temp), TEMP_MIN), TEMP_MAX)
+    return temp
+
+
 def itc_loss(
     image_feat: torch.Tensor,
     text_feat: torch.Tensor,
@@ -124,18 +142,7 @@ def itc_loss(
             "ITC: expected image features (B, D) and text features (T, D), got "
             f"{tuple(image_feat.shape)} and {tuple(text_feat.shape)}"
         )
-    if image_ids.shape != (image_feat.shape[0],) or text_ids.shape != (text_feat.shape[0],):
-        raise ValueError(
-            f"ITC: got {tuple(image_ids.shape)} image ids for {image_feat.shape[0]} images and "
-            f"{tuple(text_ids.shape)} text ids for {text_feat.shape[0]} texts"
-        )
-    if isinstance(temp, torch.Tensor):
-        if temp.is_leaf and temp.requires_grad:
-            clamp_temperature_(temp)
-        else:
-            temp = temp.clamp(TEMP_MIN, TEMP_MAX)
-    else:
-        temp = min(max(float(temp), TEMP_MIN), TEMP_MAX)
+    temp = _checked_ids_and_temperature(image_feat, text_feat, image_ids, text_ids, temp)
     img = F.normalize(image_feat.float(), dim=-1)  # (B, D)
     txt = F.normalize(text_feat.float(), dim=-1)  # (T, D)
     sim_i2t = img @ txt.t()  # (B, T) cosine
@@ -223,20 +230,9 @@ def itc_loss_with_momentum(
             f"ITC: momentum features {tuple(image_feat_m.shape)} / {tuple(text_feat_m.shape)} do "
             f"not match the online ones {tuple(image_feat.shape)} / {tuple(text_feat.shape)}"
         )
-    if image_ids.shape != (image_feat.shape[0],) or text_ids.shape != (text_feat.shape[0],):
-        raise ValueError(
-            f"ITC: got {tuple(image_ids.shape)} image ids for {image_feat.shape[0]} images and "
-            f"{tuple(text_ids.shape)} text ids for {text_feat.shape[0]} texts"
-        )
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"ITC: alpha must be in [0, 1], got {alpha}")
-    if isinstance(temp, torch.Tensor):
-        if temp.is_leaf and temp.requires_grad:
-            clamp_temperature_(temp)
-        else:
-            temp = temp.clamp(TEMP_MIN, TEMP_MAX)
-    else:
-        temp = min(max(float(temp), TEMP_MIN), TEMP_MAX)
+    temp = _checked_ids_and_temperature(image_feat, text_feat, image_ids, text_ids, temp)
     img = F.normalize(image_feat.float(), dim=-1)  # (B, D)
     txt = F.normalize(text_feat.float(), dim=-1)  # (T, D)
     device = img.device
