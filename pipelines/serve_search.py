@@ -43,7 +43,13 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import AppConfig, add_config_arguments, cli_config, load_config
-from pipelines.search.metrics import log_json, setup_json_logging
+from pipelines.search.metrics import (
+    SearchMetrics,
+    access_log,
+    log_json,
+    route_of,
+    setup_json_logging,
+)
 from pipelines.search.request import BadRequest
 
 logger = logging.getLogger(__name__)
@@ -76,7 +82,6 @@ class QueryModel:
         )
         self.scorer = QueryScorer(model, cfg.serve.token_cache_items)
         self.batching = cfg.serve.batching
-        self.batch_sizes: list[int] = []  # sizes of recent @serve.batch calls (bounded)
         for method in (self._text_batch, self._image_batch, self._itm_batch):
             method.set_max_batch_size(cfg.serve.max_batch_size)
             method.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
@@ -85,8 +90,6 @@ class QueryModel:
     def _seen(self, kind: str, request_ids: list[str], started: float, **extra) -> dict:
         """Stats for one model call: batch size (+ cache counts), logged with the request ids."""
         n = len(request_ids)
-        self.batch_sizes.append(n)
-        del self.batch_sizes[:-1000]
         ms = round((time.perf_counter() - started) * 1000, 3)
         log_json(logger, "model_call", kind=kind, batch=n, ms=ms, request_ids=request_ids, **extra)
         return {"batch": n, "ms": ms, **extra}
@@ -100,7 +103,6 @@ class QueryModel:
             "cache_items": len(cache),
             "cache_hits": cache.hits,
             "cache_misses": cache.misses,
-            "batch_sizes": list(self.batch_sizes),
         }
 
     # Each call returns {"value": …, "batch": n, "ms": …} so the ingress can record batch sizes
@@ -240,8 +242,6 @@ class Guard:
             self._record(scope, status["code"], time.perf_counter() - started)
 
     def _record(self, scope, status: int, seconds: float) -> None:
-        from pipelines.search.metrics import access_log, log_json, route_of
-
         route = route_of(_relative_path(scope))
         if self.metrics is not None:
             self.metrics.observe_request(route, status, seconds)
@@ -346,7 +346,6 @@ class SearchIngress:
 
         self.cfg = AppConfig.model_validate(config)
         from blip_ops.text import TextSettings
-        from pipelines.search.metrics import SearchMetrics
 
         setup_json_logging()
         self.model = model

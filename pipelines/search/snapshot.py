@@ -25,21 +25,8 @@ from pipelines.storage import S3Settings, filesystem_for, is_s3, join
 logger = logging.getLogger(__name__)
 
 # Columns the job writes that are not client-visible metadata (never filterable, never returned
-# as metadata): the embedding and image blobs, and bookkeeping.
-SYSTEM_COLUMNS = frozenset(
-    {
-        "product_id",
-        "title",
-        "title_normalized",
-        "image_embedding",
-        "model_image",
-        "thumbnail",
-        "content_hash",
-        "model_id",
-        "indexed_at",
-        "run_id",
-    }
-)
+# as metadata): the products schema without metadata columns, so the two cannot drift apart.
+SYSTEM_COLUMNS = frozenset(tables.products_schema(1).names)
 VECTOR = "image_embedding"
 _CARGO_PATH = re.compile(r",\s*/\S*\.rs:\d+:\d+.*$", re.S)
 
