@@ -1,8 +1,22 @@
-"""A tiny random BLIP retrieval checkpoint, made offline in seconds, for tests, CI and the demo.
+"""Small random BLIP retrieval checkpoints, made offline in seconds: for tests, CI, the demo and
+training from scratch on a CPU.
 
-    python -m blip_ops.tiny_model --out DIR [--seed S]
+    python -m blip_ops.tiny_model --out DIR [--seed S] [--preset tiny|small]
+        [--vocab-corpus TITLES.txt|.parquet [--vocab-size N]]
 
-No weights can be downloaded here, so every test that needs "a BLIP" builds this one. Two traps:
+Presets:
+- ``tiny`` (default): 32-d towers and wide init, for tests and the demo's mechanics (see the traps).
+- ``small``: 128-d towers with 4 layers each and BERT's own init (std 0.02), the one to *train*
+  from scratch here. The tiny preset's wide init makes random inputs distinguishable, which is
+  what tests need, but it is a poor start for optimisation.
+
+``--vocab-corpus`` adds the corpus's most frequent words (after :func:`blip_ops.text.normalize_text`,
+so Chinese arrives as pinyin) to the vocabulary, the way a tokenizer is fitted to its training text;
+without it, out-of-vocabulary words cost one token per character and a 35-token title is cut early.
+A ``.parquet`` corpus contributes every string column whose name starts with ``title`` (only the
+``train`` rows when it has a ``split`` column, as ``pipelines.make_catalog``'s ``pairs.parquet`` does).
+
+No weights can be downloaded here, so every test that needs "a BLIP" builds the tiny one. Two traps:
 - A random BLIP with default init embeds every input almost identically (cosine 0.9999999), so a
   ranking test would pass vacuously. Larger init ranges (vision 0.3, text 0.5) make inputs
   distinguishable (0.3 here: at 0.1 two of eight test images still met at cosine 0.985);
@@ -16,15 +30,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import string
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from blip_ops.family import CLIP_MEAN, CLIP_STD, ImageSettings
-from blip_ops.text import TextSettings
+from blip_ops.text import TextSettings, normalize_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +64,52 @@ hong lan lv hei bai huang fen zi se pi mian ma zhen si su liao mu jin shu bo li 
 """.split()
 
 
-def build_vocab() -> list[str]:
+def build_vocab(extra_words: Iterable[str] = ()) -> list[str]:
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = SPECIAL_TOKENS + chars + ["##" + c for c in string.ascii_lowercase + string.digits]
     seen = set(vocab)
-    for w in _WORDS:
+    for w in (*_WORDS, *extra_words):
         if w not in seen:
             vocab.append(w)
             seen.add(w)
     return vocab
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Texts of a vocabulary corpus: lines of a text file, or a Parquet file's ``title*`` columns."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.compute  # noqa: F401  (pa.compute)
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "split" in table.column_names:  # held-out titles never shape the vocabulary
+            table = table.filter(pa.compute.equal(table.column("split"), "train"))
+        columns = [
+            f.name
+            for f in table.schema
+            if f.name.startswith("title") and pa.types.is_string(f.type)
+        ]
+        if not columns:
+            raise ValueError(
+                f"{path}: no string column named title*; columns: {table.column_names}"
+            )
+        return [t for c in columns for t in table.column(c).to_pylist() if t]
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def corpus_words(texts: Iterable[str], size: int, min_count: int = 2) -> list[str]:
+    """The ``size`` most frequent words of ``texts`` (seen ``min_count`` times or more), split the
+    way the tokenizer splits (normalised, lowercased, punctuation apart), most frequent first."""
+    if size < 0:
+        raise ValueError(f"vocabulary size must be >= 0, got {size}")
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(_WORD_RE.findall(normalize_text(text)))
+    frequent = [(w, n) for w, n in counts.items() if n >= min_count and len(w) > 1]
+    frequent.sort(key=lambda wn: (-wn[1], wn[0]))  # ties by word: deterministic
+    return [w for w, _ in frequent[:size]]
 
 
 def build_tokenizer(vocab: list[str] | None = None):
@@ -73,71 +128,129 @@ def build_tokenizer(vocab: list[str] | None = None):
     return tok
 
 
-def tiny_config(vocab_size: int, image_size: int = 64):
+# BERT's basic split: runs of letters/digits, every punctuation character on its own
+_WORD_RE = re.compile(r"[^\W_]+|[^\w\s]|_")
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    layers: int
+    heads: int
+    vision_init: float
+    text_init: float
+    embed_dim: int
+
+
+PRESETS = {
+    # see module docstring: default init embeds all random inputs alike, so tests widen it
+    "tiny": Preset(hidden=32, layers=2, heads=4, vision_init=0.3, text_init=0.5, embed_dim=32),
+    "small": Preset(hidden=128, layers=4, heads=4, vision_init=0.02, text_init=0.02, embed_dim=128),
+}
+
+
+def tiny_config(vocab_size: int, image_size: int = 64, preset: str = "tiny"):
     from transformers import BlipConfig
 
-    hidden = 32
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
     return BlipConfig(
         vision_config={
-            "hidden_size": hidden,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            "hidden_size": p.hidden,
+            "intermediate_size": 2 * p.hidden,
+            "num_hidden_layers": p.layers,
+            "num_attention_heads": p.heads,
             "image_size": image_size,
             "patch_size": 8,  # 64 px / 8 = 8x8 patches + CLS = 65 image tokens
-            "initializer_range": 0.3,  # see module docstring: default init embeds all images alike
+            "initializer_range": p.vision_init,
         },
         text_config={
             "vocab_size": vocab_size,
-            "hidden_size": hidden,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
+            "hidden_size": p.hidden,
+            "intermediate_size": 2 * p.hidden,
+            "num_hidden_layers": p.layers,
+            "num_attention_heads": p.heads,
             "max_position_embeddings": 64,
-            "encoder_hidden_size": hidden,
-            "initializer_range": 0.5,
+            "encoder_hidden_size": p.hidden,
+            "initializer_range": p.text_init,
             "pad_token_id": 0,
             "sep_token_id": 3,
             "bos_token_id": 5,
         },
-        image_text_hidden_size=32,
+        image_text_hidden_size=p.embed_dim,
     )
 
 
-def make_tiny_model(seed: int = 0, image_size: int = 64):
-    """Build (but do not save) a seeded tiny :class:`~blip_ops.hf_blip.HFBlipModel` on CPU."""
+def make_tiny_model(
+    seed: int = 0, image_size: int = 64, preset: str = "tiny", extra_words: Iterable[str] = ()
+):
+    """Build (but do not save) a seeded random :class:`~blip_ops.hf_blip.HFBlipModel` on CPU."""
     from transformers import BlipForImageTextRetrieval
 
     from blip_ops.hf_blip import HFBlipModel
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(build_vocab(extra_words))
     torch.manual_seed(seed)
-    model = BlipForImageTextRetrieval(tiny_config(len(tokenizer), image_size)).eval()
-    image_settings = ImageSettings(
-        size=image_size, mean=CLIP_MEAN, std=CLIP_STD
+    model = BlipForImageTextRetrieval(tiny_config(len(tokenizer), image_size, preset)).eval()
+    image_settings = ImageSettings(size=image_size, mean=CLIP_MEAN, std=CLIP_STD)
+    return HFBlipModel(
+        model, tokenizer, image_settings, TextSettings(), device="cpu", dtype="float32"
     )
-    return HFBlipModel(model, tokenizer, image_settings, TextSettings(), device="cpu", dtype="float32")
 
 
-def write_tiny_model(out: str | Path, seed: int = 0) -> Path:
+def write_tiny_model(
+    out: str | Path, seed: int = 0, preset: str = "tiny", extra_words: Iterable[str] = ()
+) -> Path:
     started = time.perf_counter()
-    model = make_tiny_model(seed)
+    extra_words = list(extra_words)
+    model = make_tiny_model(seed, preset=preset, extra_words=extra_words)
     path = model.save(out)
-    (path / "tiny_model.json").write_text(json.dumps({"seed": seed, "model_id": model.model_id}, indent=2))
-    logger.info("tiny model %s written to %s in %.1fs", model.model_id, path, time.perf_counter() - started)
+    info = {
+        "seed": seed,
+        "preset": preset,
+        "vocab_size": len(model.tokenizer),
+        "corpus_words": len(extra_words),
+        "parameters": sum(p.numel() for p in model.model.parameters()),
+        "model_id": model.model_id,
+    }
+    (path / "tiny_model.json").write_text(json.dumps(info, indent=2))
+    logger.info(
+        "tiny model %s written to %s in %.1fs", model.model_id, path, time.perf_counter() - started
+    )
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blip_ops.tiny_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m blip_ops.tiny_model", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
-    parser.add_argument("--seed", type=int, default=0, help="weights seed (same seed, same model_id)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="weights seed (same seed, same model_id)"
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="size and init")
+    parser.add_argument(
+        "--vocab-corpus", help="text file (one title per line) or Parquet (title* columns)"
+    )
+    parser.add_argument("--vocab-size", type=int, default=4000, help="most frequent corpus words")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    path = write_tiny_model(args.out, args.seed)
-    model_id = json.loads((path / "tiny_model.json").read_text())["model_id"]
-    print(f"tiny BLIP checkpoint: {path}\nmodel_id: {model_id}\ntook: {time.perf_counter() - started:.1f}s")
+    words: list[str] = []
+    if args.vocab_corpus:
+        try:
+            words = corpus_words(read_corpus(args.vocab_corpus), args.vocab_size)
+        except (OSError, ValueError) as err:
+            print(f"error: --vocab-corpus {args.vocab_corpus}: {err}", file=sys.stderr)
+            return 2
+    path = write_tiny_model(args.out, args.seed, args.preset, words)
+    info = json.loads((path / "tiny_model.json").read_text())
+    print(
+        f"{args.preset} BLIP checkpoint: {path}\nmodel_id: {info['model_id']}\n"
+        f"vocabulary: {info['vocab_size']} tokens ({len(words)} from the corpus); "
+        f"parameters: {info['parameters']:,}\ntook: {time.perf_counter() - started:.1f}s"
+    )
     return 0
 
 

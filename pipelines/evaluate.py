@@ -2,14 +2,16 @@
 
     python -m pipelines.evaluate --config FILE [key=value ...] [--model PATH] --out results.json
         [--catalog DIR | --karpathy ANNOTATION.json --images DIR] [--k-test 16 32 ...]
-        [--split test] [--batch-size N] [--token-cache-mb MB]
+        [--split test] [--texts queries|titles] [--batch-size N] [--token-cache-mb MB]
 
 Inputs:
 - ``--catalog DIR`` (default: the folder above ``source.uri``): the demo catalog that
   ``pipelines.make_catalog`` writes. The products of ``--split`` (``test``: never trained on) are
   the pool; the held-out shopper queries of ``DIR/queries.parquet`` (English, 汉字, pinyin) are the
   texts, so the figures come per query language too. Images inline (``image``) or by ``image_uri``
-  (relative to ``DIR/products``, absolute, or ``s3://``).
+  (relative to ``DIR/products``, absolute, or ``s3://``). ``--texts titles`` uses the products'
+  own titles (``DIR/pairs.parquet``, one per language) instead of the shopper queries; with
+  ``--split train`` that measures how well a fine-tuned model fits what it was trained on.
 - ``--karpathy ANNOTATION.json --images DIR``: the Karpathy-split test/val annotation BLIP and
   ALBEF publish for COCO and Flickr30K (a JSON list of ``{"image": "relative/path.jpg",
   "caption": [...]}``), images under DIR. Captions get BLIP's ``pre_caption`` (lowercase, its
@@ -171,8 +173,32 @@ def load_karpathy(
     )
 
 
-def load_catalog(root: str, split: str, cfg: AppConfig, *, target_size: int | None) -> EvalData:
-    """The demo catalog's held-out queries over the products of ``split``."""
+TEXT_SOURCES = ("queries", "titles")
+_TITLE_COLUMNS = {"en": "title_en", "zh": "title_zh", "pinyin": "title_pinyin"}
+
+
+def _catalog_titles(pairs_file: str, fs) -> list[dict]:
+    """pairs.parquet as query-shaped rows: one ``{product_id, lang, query}`` per title language."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pairs_file, filesystem=fs)
+    missing = {"product_id", *_TITLE_COLUMNS.values()} - set(table.column_names)
+    if missing:
+        raise EvalInputError(f"{pairs_file}: missing columns {sorted(missing)}")
+    return [
+        {"product_id": row["product_id"], "lang": lang, "query": row[column]}
+        for row in table.to_pylist()
+        for lang, column in _TITLE_COLUMNS.items()
+        if row[column]
+    ]
+
+
+def load_catalog(
+    root: str, split: str, cfg: AppConfig, *, target_size: int | None, texts: str = "queries"
+) -> EvalData:
+    """The demo catalog's held-out queries (or the products' titles) over the products of ``split``."""
+    if texts not in TEXT_SOURCES:
+        raise EvalInputError(f"texts must be one of {TEXT_SOURCES}, got {texts!r}")
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
@@ -180,7 +206,8 @@ def load_catalog(root: str, split: str, cfg: AppConfig, *, target_size: int | No
 
     s3 = S3Settings.from_config(cfg.s3)
     fs, base = filesystem_for(root, s3)
-    products_dir, queries_file = join(base, "products"), join(base, "queries.parquet")
+    products_dir = join(base, "products")
+    queries_file = join(base, "queries.parquet" if texts == "queries" else "pairs.parquet")
     from pyarrow.fs import FileType
 
     if fs.get_file_info(products_dir).type != FileType.Directory:
@@ -189,7 +216,8 @@ def load_catalog(root: str, split: str, cfg: AppConfig, *, target_size: int | No
             "writes: products/*.parquet and queries.parquet)"
         )
     if fs.get_file_info(queries_file).type != FileType.File:
-        raise EvalInputError(f"catalog {root} has no queries.parquet (the held-out queries)")
+        what = "the held-out queries" if texts == "queries" else "the product titles"
+        raise EvalInputError(f"catalog {root} has no {queries_file.rsplit('/', 1)[-1]} ({what})")
     cols = cfg.source.columns
     dataset = pads.dataset(products_dir, format="parquet", filesystem=fs)
     names = set(dataset.schema.names)
@@ -232,7 +260,10 @@ def load_catalog(root: str, split: str, cfg: AppConfig, *, target_size: int | No
 
         return read
 
-    queries = pq.read_table(queries_file, filesystem=fs).to_pylist()
+    if texts == "queries":
+        queries = pq.read_table(queries_file, filesystem=fs).to_pylist()
+    else:
+        queries = _catalog_titles(queries_file, fs)
     index_of = {pid: i for i, pid in enumerate(ids)}
     kept = [q for q in queries if q["product_id"] in index_of]
     if not kept:
@@ -259,6 +290,7 @@ def load_catalog(root: str, split: str, cfg: AppConfig, *, target_size: int | No
             "kind": "catalog",
             "catalog": root if is_s3(root) else base,
             "split": split,
+            "texts": texts,
             "products": len(ids),
             "queries": len(kept),
         },
@@ -450,6 +482,7 @@ def run_evaluation(
     images_dir: str | None = None,
     k_test: Sequence[int] = DEFAULT_K_TEST,
     split: str = "test",
+    texts: str = "queries",
     batch_size: int | None = None,
     token_cache_mb: float = 2048,
 ) -> dict:
@@ -468,7 +501,7 @@ def run_evaluation(
     if karpathy is not None:
         data = load_karpathy(karpathy, images_dir)
     else:
-        data = load_catalog(catalog, split, cfg, target_size=None)
+        data = load_catalog(catalog, split, cfg, target_size=None, texts=texts)
     model = load_model(
         ensure_model(cfg), device=cfg.model.device, dtype=cfg.model.dtype,
         attention=cfg.model.attention,
@@ -544,6 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="ITC→ITM re-rank depths (BLIP: 256 COCO, 128 Flickr30K); clipped to the pool size",
     )  # fmt: skip
     parser.add_argument("--split", default="test", help="catalog split whose products are the pool")
+    parser.add_argument(
+        "--texts", choices=TEXT_SOURCES, default="queries",
+        help="catalog texts: held-out shopper queries, or the products' own titles (pairs.parquet)",
+    )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=None, help="default: encode.batch_size")
     parser.add_argument(
         "--token-cache-mb", type=float, default=2048,
@@ -567,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = run_evaluation(
             cfg, args.out.expanduser().absolute(), catalog=args.catalog, karpathy=args.karpathy,
-            images_dir=args.images, k_test=args.k_test, split=args.split,
+            images_dir=args.images, k_test=args.k_test, split=args.split, texts=args.texts,
             batch_size=args.batch_size, token_cache_mb=args.token_cache_mb,
         )  # fmt: skip
     except (ModelUnavailableError, ValueError, OSError) as err:

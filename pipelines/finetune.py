@@ -312,9 +312,17 @@ def _train_worker(config: dict) -> None:
             epoch += 1
 
     stream = batches()
+    consumed = 0
 
     def next_batch(step: int):
+        # A resumed run starts at its checkpoint's step: skip the batches the first run trained
+        # on (read, not decoded), so the data position continues instead of restarting epoch 0.
+        nonlocal consumed
+        while consumed < step:
+            next(stream)
+            consumed += 1
         rows = next(stream)
+        consumed += 1
         if len(seen) < 4:
             seen.append([r["product_id"] for r in rows])
         return build_batch(model, rows, titles)
@@ -345,16 +353,25 @@ def _train_worker(config: dict) -> None:
     ray.train.report({"steps": summary["steps"], "rank": rank})
 
 
-def train_dataset(cfg: AppConfig):
-    """The train split as a Ray Data dataset (``product_id``, ``image``, ``split``)."""
+def train_dataset(cfg: AppConfig, *, shuffle: bool = True):
+    """The train split as a Ray Data dataset (``product_id``, ``image``, ``split``).
+
+    With ``shuffle`` the block order is randomised again for every epoch (Ray Data reseeds from
+    ``finetune.seed`` and the execution index), and each worker shuffles rows locally on top.
+    """
     import ray
+    from ray.data.expressions import col
 
     cols = cfg.source.columns
     products_dir = str(Path(cfg.finetune.catalog) / "products")
     ds = ray.data.read_parquet(products_dir).select_columns([cols.product_id, cols.image, "split"])
     if (cols.product_id, cols.image) != ("product_id", "image"):
         ds = ds.rename_columns({cols.product_id: "product_id", cols.image: "image"})
-    return ds.filter(lambda row: row["split"] == TRAIN_SPLIT)
+    ds = ds.filter(expr=col("split") == TRAIN_SPLIT)
+    if shuffle:
+        seed = ray.data.RandomSeedConfig(seed=cfg.finetune.seed, reseed_after_execution=True)
+        ds = ds.randomize_block_order(seed=seed)
+    return ds
 
 
 def run_ray(
@@ -393,7 +410,7 @@ def run_ray(
         scaling_config=ScalingConfig(
             num_workers=f.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
-        datasets={"train": train_dataset(cfg)},
+        datasets={"train": train_dataset(cfg, shuffle=shuffle)},
         run_config=RunConfig(
             name=f"finetune-{int(time.time())}",
             storage_path=str(Path(f.out_dir).absolute() / "ray_train"),

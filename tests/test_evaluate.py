@@ -316,3 +316,27 @@ def test_missing_inputs_exit_2_with_a_clear_message(tiny_model_dir, tmp_path, ca
     assert "--images" in capsys.readouterr().err
     assert evaluate.main([*base, "--catalog", str(tmp_path / "empty")]) == 2
     assert "no products/ folder" in capsys.readouterr().err
+
+
+def test_titles_over_the_train_split_are_the_products_own_titles(tiny_model_dir, demo_catalog):
+    """--texts titles --split train: each train product's English, 汉字 and pinyin titles (the
+    memorisation check of a fine-tune), never a test product's."""
+    import pyarrow.parquet as pq
+
+    from pipelines.config import load_config
+    from pipelines.evaluate import load_catalog
+
+    root, manifest = demo_catalog
+    cfg = load_config(LOCAL_CONFIG, [f"model.name_or_path={tiny_model_dir}"])
+    data = load_catalog(str(root), "train", cfg, target_size=64, texts="titles")
+    pairs = {r["product_id"]: r for r in pq.read_table(root / "pairs.parquet").to_pylist()}
+    n_train = manifest["splits"]["train"]
+    assert len(data.product_ids) == n_train and len(data.texts) == 3 * n_train
+    assert data.inputs["texts"] == "titles" and data.inputs["split"] == "train"
+    column = {"en": "title_en", "zh": "title_zh", "pinyin": "title_pinyin"}
+    for text, product, lang in zip(data.texts, data.text_product, data.languages, strict=True):
+        row = pairs[data.product_ids[product]]
+        assert row["split"] == "train"
+        assert text == row[column[lang]]
+    with pytest.raises(evaluate.EvalInputError, match="texts must be one of"):
+        load_catalog(str(root), "train", cfg, target_size=64, texts="captions")

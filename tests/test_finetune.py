@@ -130,8 +130,8 @@ def test_batches_hold_train_products_only(tiny_model_dir, catalog):
 
 
 # ---- Ray Train: 2 workers on different shards == one process on the union ------------------------
-@pytest.mark.timeout(240)
-def test_two_ray_workers_average_gradients(tiny_model_dir, catalog, tmp_path, ray_local):
+@pytest.mark.timeout(360)
+def test_two_ray_workers_average_gradients_and_resume(tiny_model_dir, catalog, tmp_path, ray_local):
     sgd = {"optimizer": "sgd", "lr": 0.5, "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 0.0}
     out = tmp_path / "ray"
     cfg = _cfg(
@@ -161,6 +161,36 @@ def test_two_ray_workers_average_gradients(tiny_model_dir, catalog, tmp_path, ra
     alone = one_step(shard0)
     worst = max((alone[k] - union[k]).abs().max().item() for k in union)
     assert worst > 1e-3
+
+    # Resume on Ray Train: a second run with steps=2 continues from last/ (step 1), its workers
+    # skip the batch they already trained on, and rank 0 evaluates on the test split.
+    import shutil
+
+    shutil.copytree(out / "last", tmp_path / "reference" / "last")
+    resumed = run_ray(
+        cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"steps": 2, "eval_every": 1})}),
+        evaluate=True, fit_overrides=sgd, first_negatives=True, shuffle=False,
+    )  # fmt: skip
+    assert resumed["start_step"] == 1 and resumed["steps"] == 2
+    assert [h["step"] for h in resumed["history"]] == [2]
+    assert 0.0 <= resumed["history"][0]["mean"] <= 1.0
+    next0 = json.loads((out / "shards" / "rank-0.json").read_text())[0]
+    next1 = json.loads((out / "shards" / "rank-1.json").read_text())[0]
+    assert not set(next0) & set(next1)
+    assert (next0, next1) != (shard0, shard1), "the resumed workers restarted the data stream"
+    state = torch.load(out / "last" / TRAINER_STATE, weights_only=False)
+    assert state["step"] == 2
+
+    # The same second step in one process from the same checkpoint, on the union of the batches.
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    batch = build_batch(model, [rows[i] for i in next0 + next1], titles)
+    with first_candidate_negatives():
+        single = fit(
+            model, lambda step: batch, steps=2, negatives="random", seed=0, log=None,
+            out_dir=tmp_path / "reference", **sgd,
+        )  # fmt: skip
+    assert single["start_step"] == 1
+    _assert_same_weights(_weights(out / "last"), _weights(tmp_path / "reference" / "last"), 1e-5)
 
 
 def test_retrieval_batch_from_build_batch_is_consistent(tiny_model, catalog):

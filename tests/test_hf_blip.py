@@ -244,3 +244,63 @@ def test_preprocess_takes_decoded_tensors_like_pil_images(tiny_model, product_im
     assert float((emb * tiny_model.encode_images(from_pil).embeddings).sum(-1).min()) > 0.99
     with pytest.raises(TypeError, match="expected an RGB PIL image"):
         tiny_model.preprocess([np.zeros((3, 4, 4))])
+
+
+def test_small_preset_with_a_corpus_vocabulary(tmp_path):
+    """The trainable preset: BERT's init (so weights are small), wider towers, and the corpus's
+    frequent words as whole tokens, from train rows only; Chinese arrives as pinyin."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from blip_ops.tiny_model import corpus_words
+
+    corpus = tmp_path / "pairs.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "split": ["train", "train", "test"],
+                "title_en": ["Nordika Coffee Table", "Nordika coffee MUG", "Zylophon Lamp"],
+                "title_zh": ["诺迪卡茶几", "诺迪卡杯子", "台灯"],
+                "price": [1.0, 2.0, 3.0],  # not a title column: ignored
+            }
+        ),
+        corpus,
+    )
+    words = corpus_words(["Nordika table", "nordika, TABLE!", "once"], size=10)
+    assert words == ["nordika", "table"]  # seen twice; punctuation apart; lowercased
+    assert corpus_words(["a b", "a b"], size=10) == []  # single characters have tokens already
+    with pytest.raises(ValueError, match="vocabulary size must be >= 0"):
+        corpus_words([], size=-1)
+
+    out = tmp_path / "small"
+    run = subprocess.run(
+        [sys.executable, "-m", "blip_ops.tiny_model", "--out", str(out), "--preset", "small",
+         "--vocab-corpus", str(corpus)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    model = load_model(out, device="cpu")
+    tokens = model.tokenizer.tokenize(model_text(model, "Nordika 诺迪卡 coffee zylophon"))
+    assert tokens[:5] == ["nordika", "nuo", "di", "ka", "coffee"]
+    assert "zylophon" not in tokens  # a test-split word never enters the vocabulary
+    config = model.model.config
+    assert config.text_config.hidden_size == 128 and config.vision_config.num_hidden_layers == 4
+    assert config.vision_config.initializer_range == 0.02
+    weights = model.model.vision_model.encoder.layers[0].self_attn.qkv.weight
+    assert 0.01 < float(weights.detach().std()) < 0.03  # BERT's init, not the tiny preset's 0.3
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "blip_ops.tiny_model", "--out", str(tmp_path / "x"),
+         "--vocab-corpus", str(tmp_path / "missing.txt")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "missing.txt" in bad.stderr
+
+
+def model_text(model, text: str) -> str:
+    from blip_ops.text import normalize_text
+
+    return normalize_text(text, model.text_settings)
