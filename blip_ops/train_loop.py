@@ -171,6 +171,7 @@ def fit(
     queue_size: int = 4096,
     alpha: float = 0.4,
     alpha_warmup_steps: int | None = None,
+    mined_weight: float = 1.0,
 ) -> dict:
     """Train ``model`` in place for ``steps`` optimiser steps; returns a summary dict.
 
@@ -181,7 +182,9 @@ def fit(
     (at that step, checkpointed) without changing the schedule, which spans ``steps``.
     ``log`` None is silent. ``momentum`` (off by default): BLIP's momentum encoder and feature
     queue for ITC, see :mod:`blip_ops.momentum`; ``alpha`` ramps over ``alpha_warmup_steps``
-    (None: ``warmup_steps``).
+    (None: ``warmup_steps``). A batch with ``mined_pairs`` (mined hard negatives in the batch)
+    has them upweighted in the ITM negative sampling by ``mined_weight``
+    (:meth:`blip_ops.training.RetrievalBatch.mined_negatives`; one process only).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -272,6 +275,7 @@ def fit(
                 "queue_size": queue_size,
                 "alpha": alpha,
                 "alpha_warmup_steps": ramp,
+                "mined_weight": mined_weight,
             },  # fmt: skip
         }
 
@@ -315,10 +319,15 @@ def fit(
             from blip_ops.momentum import alpha_at
 
             momentum_kw = {"momentum": distiller, "alpha": alpha_at(step, alpha, ramp)}
+        extra = batch.mined_negatives(mined_weight)
+        if extra is not None and world_size() > 1:
+            # The sampling pool spans all ranks' columns; mined pairs index this rank's batch.
+            raise ValueError("mined negative pairs are supported in a single process only")
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             out_step = retrieval_train_step(
-                model, batch, temp, negatives=negatives, generator=generator, **momentum_kw
-            )
+                model, batch, temp, negatives=negatives, generator=generator,
+                extra_negatives=extra, **momentum_kw,
+            )  # fmt: skip
         loss = out_step["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {float(loss)} at step {step}")
@@ -345,6 +354,7 @@ def fit(
             "temp": float(temp.detach()),
             "lr": lr_used,
             "grad_norm": grad_norm,
+            "mined_share": out_step["mined_share"],
         }
         if distiller is not None:
             last_out.update(alpha=out_step["alpha"], queue=out_step["queue"])
@@ -356,6 +366,8 @@ def fit(
                 f"{last_out['temp']:.4f} lr {last_out['lr']:.2e} "
                 + (f"alpha {last_out['alpha']:.3f} queue {last_out['queue']} "
                    if distiller is not None else "")
+                + (f"mined {last_out['mined_share']:.2f} "
+                   if last_out["mined_share"] is not None else "")
                 + f"{window_samples / max(elapsed, 1e-9):.1f} samples/s"
             )  # fmt: skip
             window_start, window_samples = time.perf_counter(), 0

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from blip_ops.losses import (
     NEGATIVE_MODES,
+    Negatives,
     gather_features,
     itc_loss,
     itc_loss_with_momentum,
@@ -55,6 +56,8 @@ class RetrievalBatch:
     image_ids: Sequence[str | int] | torch.Tensor  # (B,) product id of each image
     texts: Sequence[str]  # T raw titles (normalised by the model's own text rule)
     text_ids: Sequence[str | int] | torch.Tensor  # (T,) product id of each title
+    # (anchor, neighbour) image indices into this batch: mined hard-negative pairs (may be empty)
+    mined_pairs: Sequence[tuple[int, int]] = ()
 
     @classmethod
     def coerce(cls, batch: RetrievalBatch | Mapping[str, Any]) -> RetrievalBatch:
@@ -64,8 +67,40 @@ class RetrievalBatch:
             missing = {"pixel_values", "image_ids", "texts", "text_ids"} - set(batch)
             if missing:
                 raise KeyError(f"batch lacks {sorted(missing)}; got keys {sorted(batch)}")
-            return cls(batch["pixel_values"], batch["image_ids"], batch["texts"], batch["text_ids"])
+            return cls(
+                batch["pixel_values"], batch["image_ids"], batch["texts"], batch["text_ids"],
+                batch.get("mined_pairs", ()),
+            )  # fmt: skip
         raise TypeError(f"expected a RetrievalBatch or a mapping, got {type(batch).__name__}")
+
+    def mined_negatives(self, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``extra_negatives`` for :func:`retrieval_train_step` from ``mined_pairs``, or None.
+
+        extra_i2t (B, T): anchor image a → every title of its mined neighbours in the batch;
+        extra_t2i (T, B): every title of anchor a → its neighbours' images. Each row with mined
+        candidates sums to ``weight`` (spread evenly over them), so ``weight`` 1.0 gives a row's
+        mined candidates together as much sampling mass as all its in-batch candidates.
+        """
+        if weight < 0:
+            raise ValueError(f"mined negative weight must be >= 0, got {weight}")
+        if not self.mined_pairs or weight == 0:
+            return None
+        img = product_id_tensor(self.image_ids)  # (B,)
+        txt = product_id_tensor(self.text_ids)  # (T,)
+        n_img = img.numel()
+        pair = torch.zeros(n_img, n_img)  # (B, B) anchor image -> neighbour image
+        for a, n in self.mined_pairs:
+            if not (0 <= a < n_img and 0 <= n < n_img):
+                raise ValueError(f"mined pair {(a, n)} outside a batch of {n_img} images")
+            if img[a] == img[n]:
+                raise ValueError(f"mined pair {(a, n)} joins a product to itself")
+            pair[a, n] = 1.0
+        titles = (img.view(-1, 1) == txt.view(1, -1)).float()  # (B, T) image b's product's titles
+        i2t = pair @ titles  # (B, T)
+        t2i = titles.t() @ pair  # (T, B)
+        i2t = i2t * (weight / i2t.sum(dim=1, keepdim=True).clamp_min(1e-12))
+        t2i = t2i * (weight / t2i.sum(dim=1, keepdim=True).clamp_min(1e-12))
+        return i2t, t2i
 
 
 def _pad_tokens(enc: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -77,6 +112,25 @@ def _pad_tokens(enc: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[
         "input_ids": F.pad(enc["input_ids"], (0, extra), value=pad_id),
         "attention_mask": F.pad(enc["attention_mask"], (0, extra), value=0),
     }
+
+
+def mined_share(
+    extra_negatives: tuple[torch.Tensor | None, torch.Tensor | None] | None, neg: Negatives
+) -> float | None:
+    """Share of the rows with mined candidates whose sampled negative is one of them (None: no
+    mined candidates this step)."""
+    if extra_negatives is None:
+        return None
+    rows = hits = 0
+    for extra, picked in zip(extra_negatives, neg, strict=True):
+        if extra is None:
+            continue
+        extra = extra.to(picked.device)
+        has = extra.sum(dim=1) > 0  # (R,)
+        hit = extra.gather(1, picked.view(-1, 1)).view(-1) > 0  # (R,)
+        rows += int(has.sum())
+        hits += int((hit & has).sum())
+    return hits / rows if rows else None
 
 
 def _distributed() -> bool:
@@ -106,7 +160,8 @@ def retrieval_train_step(
     caller). None (the default) is plain in-batch ITC.
 
     Returns ``loss`` (ITC + ITM, equal weights, with grad), ``itc`` and ``itm`` (detached),
-    ``temp``, ``itm_accuracy``, the sampled ``negatives`` and the pair counts.
+    ``temp``, ``itm_accuracy``, the sampled ``negatives``, the pair counts and ``mined_share``
+    (:func:`mined_share`; None without ``extra_negatives``).
     """
     if negatives not in NEGATIVE_MODES:
         raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
@@ -230,6 +285,7 @@ def retrieval_train_step(
         "n_images": n_image,
         "n_texts": n_text,
         "n_itm_pairs": int(labels.numel()),
+        "mined_share": mined_share(extra_negatives, neg),
         "alpha": float(alpha) if momentum is not None else None,
         "queue": len(momentum.text_queue) if momentum is not None else None,
     }

@@ -53,6 +53,8 @@ PATH_KEYS = (
     "serve.cache_dir",
     "finetune.catalog",
     "finetune.out_dir",
+    "finetune.mined_negatives",
+    "mine.out",
 )
 # Holds a path *or* a hub id; only treated as a path when it clearly is one (see _resolve_model).
 MODEL_PATH_KEY = "model.name_or_path"
@@ -323,6 +325,60 @@ class FinetuneConfig(_Section):
         0.4, ge=0, le=1,
         description="distillation weight, ramped from 0 over warmup_steps (BLIP: 0.4)",
     )  # fmt: skip
+    mined_negatives: str | None = Field(
+        None,
+        description="Parquet of pipelines.mine_negatives: batches hold anchors' mined neighbours "
+        "(single process only); None = off",
+    )
+    mined_per_batch: int | None = Field(
+        None, gt=0,
+        description="products of each batch that are anchors' mined neighbours (at most half); "
+        "None = batch_size // 2",
+    )  # fmt: skip
+    mined_weight: float = Field(
+        1.0, ge=0,
+        description="sampling mass of a row's mined candidates relative to all in-batch "
+        "candidates (1.0: about half the ITM negatives are mined ones; 0 = batch makeup only)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check_mined(self) -> FinetuneConfig:
+        if self.mined_negatives is None:
+            return self
+        if self.workers > 1:
+            raise ValueError(
+                "finetune.mined_negatives works in a single process only (finetune.workers=1, "
+                f"got {self.workers}): Ray Train shards the data per worker, so a batch cannot "
+                "be built around each anchor's mined neighbours"
+            )
+        if self.mined_per_batch is not None and self.mined_per_batch > self.batch_size // 2:
+            raise ValueError(
+                f"finetune.mined_per_batch ({self.mined_per_batch}) must not exceed half of "
+                f"finetune.batch_size ({self.batch_size}): each neighbour needs an anchor"
+            )
+        return self
+
+    @property
+    def mined_slots(self) -> int:
+        """Products per batch that are mined neighbours (the rest are anchors)."""
+        return self.mined_per_batch or max(1, self.batch_size // 2)
+
+
+class MineConfig(_Section):
+    """``python -m pipelines.mine_negatives``: hard negatives from the published products table."""
+
+    per_product: int = Field(
+        8, gt=0, description="nearest other train products kept per train product"
+    )
+    out: str | None = Field(
+        None,
+        description="output Parquet (local or s3://); None = "
+        "<index.uri>/_negatives/negatives-<model_id>-v<version>.parquet",
+    )
+    chunk_rows: int = Field(
+        1024, gt=0,
+        description="products scored per matmul chunk (memory: chunk_rows x train products x 4 B)",
+    )  # fmt: skip
 
 
 class OutputConfig(_Section):
@@ -346,6 +402,9 @@ class AppConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig, description="result files")
     finetune: FinetuneConfig = Field(
         default_factory=FinetuneConfig, description="fine-tuning (pipelines.finetune)"
+    )
+    mine: MineConfig = Field(
+        default_factory=MineConfig, description="hard-negative mining (pipelines.mine_negatives)"
     )
 
 

@@ -14,6 +14,13 @@ with ``gpus_per_worker > 0``), the catalog read with Ray Data and split into one
 ``cpus_per_worker`` may be fractional (on 2 cores, 0.5 leaves Ray Data a CPU: ENV_NOTES pitfall 1).
 The train step calls the model's submodules directly, so gradients are averaged by an explicit
 all-reduce (``blip_ops.train_loop.sync_gradients``), not by a DDP wrapper.
+
+``finetune.mined_negatives`` (the Parquet of ``pipelines.mine_negatives``, single process only):
+each batch is ``batch_size - finetune.mined_per_batch`` anchors (every train product once per
+epoch) plus, for each anchor in turn, one of its mined neighbours not already in the batch, then
+random train products to fill; every mined pair inside the batch is upweighted in the ITM negative
+sampling by ``finetune.mined_weight``. Mined ids that are not train products of the catalog are
+refused.
 """
 
 from __future__ import annotations
@@ -120,6 +127,91 @@ def build_batch(model, rows: Sequence[dict], titles: dict[str, list[str]], pixel
     return RetrievalBatch(pix, ids, texts, text_ids)
 
 
+def catalog_splits(catalog: str | Path, cfg: AppConfig) -> dict[str, str]:
+    """{product_id: split} of every product of the catalog (no images read)."""
+    import pyarrow.dataset as pads
+
+    pid = cfg.source.columns.product_id
+    table = pads.dataset(Path(catalog) / "products", format="parquet").to_table(
+        columns=[pid, "split"]
+    )
+    return {
+        str(p): str(s)
+        for p, s in zip(
+            table.column(pid).to_pylist(), table.column("split").to_pylist(), strict=True
+        )
+    }
+
+
+def load_mined_neighbours(cfg: AppConfig, rows: Sequence[dict], model_id: str) -> dict:
+    """The mined neighbours of ``finetune.mined_negatives`` restricted to the train ``rows``:
+    ``{"neighbours": {product_id: [neighbour ids]}, ...stats}``.
+
+    Refuses (TrainSplitError) a file mined from another split or naming any product that the
+    catalog has outside the train split; ids the catalog lacks (indexed but since removed) are
+    dropped with a warning; a model_id other than ``model_id`` is warned about.
+    """
+    from pipelines.mine_negatives import TRAIN_SPLIT as MINED_SPLIT
+    from pipelines.mine_negatives import read_negatives
+    from pipelines.storage import S3Settings
+
+    path = cfg.finetune.mined_negatives
+    mined = read_negatives(path, S3Settings.from_config(cfg.s3))
+    if mined.metadata.get("split", MINED_SPLIT) != TRAIN_SPLIT:
+        raise TrainSplitError(
+            f"mined negatives {path} come from split {mined.metadata['split']!r}, not "
+            f"{TRAIN_SPLIT!r}"
+        )
+    if mined.model_id != model_id:
+        logger.warning(
+            "mined negatives %s were mined in the embedding space of model %s, but fine-tuning "
+            "starts from %s: the neighbours are another model's (still usable as negatives; "
+            "index with this model and mine again for its own hard negatives)",
+            path, mined.model_id, model_id,
+        )  # fmt: skip
+    train = {str(r["product_id"]) for r in rows}
+    splits = catalog_splits(cfg.finetune.catalog, cfg)
+    named = set(mined.neighbours) | {n for ns in mined.neighbours.values() for n in ns}
+    outside = sorted(i for i in named if i not in train and i in splits)
+    if outside:
+        raise TrainSplitError(
+            f"mined negatives {path} name {len(outside)} products outside split {TRAIN_SPLIT!r} "
+            f"of catalog {cfg.finetune.catalog}, e.g. {outside[:5]} (split "
+            f"{splits[outside[0]]!r}); mine again from an index of this catalog"
+        )
+    unknown = sorted(named - set(splits))
+    if unknown:
+        logger.warning(
+            "mined negatives %s name %d products the catalog lacks (e.g. %s): dropped",
+            path, len(unknown), unknown[:5],
+        )  # fmt: skip
+    neighbours = {
+        a: [n for n in ns if n in train and n != a]
+        for a, ns in mined.neighbours.items()
+        if a in train
+    }
+    neighbours = {a: ns for a, ns in neighbours.items() if ns}
+    if not neighbours:
+        raise ValueError(
+            f"mined negatives {path} hold no pair of train products of catalog "
+            f"{cfg.finetune.catalog}"
+        )
+    if len(neighbours) < len(train):
+        logger.warning(
+            "%d of %d train products have no mined neighbours in %s (not indexed when it was "
+            "mined?): they are anchors without mined negatives",
+            len(train) - len(neighbours), len(train), path,
+        )  # fmt: skip
+    return {
+        "neighbours": neighbours,
+        "path": path,
+        "model_id": mined.model_id,
+        "table_version": mined.metadata.get("table_version"),
+        "anchors_with_neighbours": len(neighbours),
+        "dropped_unknown": len(unknown),
+    }
+
+
 class EpochSampler:
     """Batches of ``batch_size`` products, a fresh seeded permutation per epoch (drop last).
 
@@ -139,6 +231,76 @@ class EpochSampler:
 
     def rows_for(self, step: int) -> list[dict]:
         return [self.rows[i] for i in self.indices(step)]
+
+
+class MinedSampler:
+    """Batches of ``batch_size`` products built around anchors and their mined neighbours.
+
+    Each epoch is a fresh seeded permutation of the train products cut into runs of
+    ``batch_size - mined_slots`` anchors (the last run may be shorter: every product is an anchor
+    exactly once per epoch). Each anchor in turn whose neighbours are all outside the batch brings
+    one of them (seeded choice) while mined slots remain; the slots left over are filled with
+    random other train products. ``batch(step)`` depends on the step only (resume-exact).
+    """
+
+    def __init__(
+        self,
+        rows: list[dict],
+        neighbours: dict[str, list[str]],
+        batch_size: int,
+        mined_slots: int,
+        seed: int,
+    ):
+        if batch_size > len(rows):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} train products")
+        if not 1 <= mined_slots <= batch_size // 2:
+            raise ValueError(
+                f"mined_slots must be in [1, batch_size // 2 = {batch_size // 2}], "
+                f"got {mined_slots}"
+            )
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.anchors = batch_size - mined_slots
+        index = {str(r["product_id"]): i for i, r in enumerate(rows)}
+        self.neighbours = [
+            [index[n] for n in neighbours.get(str(r["product_id"]), ()) if n in index] for r in rows
+        ]  # row -> its neighbours' rows, nearest first
+        self.per_epoch = -(-len(rows) // self.anchors)
+
+    def plan(self, step: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """Row indices of the batch of ``step`` (anchors first) and its mined pairs as
+        (anchor position, neighbour position) in that list."""
+        epoch, k = divmod(step, self.per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        chosen = order[k * self.anchors : (k + 1) * self.anchors].tolist()
+        inside = set(chosen)
+        rng = np.random.default_rng([self.seed, epoch, k])
+        for a in list(chosen):
+            if len(chosen) >= self.batch_size:
+                break
+            cands = self.neighbours[a]
+            if not cands or any(c in inside for c in cands):
+                continue  # none mined, or one already in the batch
+            pick = cands[int(rng.integers(len(cands)))]
+            chosen.append(pick)
+            inside.add(pick)
+        if len(chosen) < self.batch_size:
+            for i in rng.permutation(len(self.rows)).tolist():
+                if i not in inside:
+                    chosen.append(i)
+                    inside.add(i)
+                    if len(chosen) == self.batch_size:
+                        break
+        position = {r: p for p, r in enumerate(chosen)}
+        pairs = [
+            (p, position[n])
+            for p, r in enumerate(chosen)
+            for n in self.neighbours[r]
+            if n in position
+        ]
+        return chosen, pairs
+
+    def rows_for(self, step: int) -> list[dict]:
+        return [self.rows[i] for i in self.plan(step)[0]]
 
 
 def decode_cache(model, rows: Sequence[dict]) -> dict:
@@ -229,6 +391,7 @@ def _fit_kwargs(cfg: AppConfig) -> dict:
         "momentum_m": f.momentum_m,
         "queue_size": f.queue_size,
         "alpha": f.alpha,
+        "mined_weight": f.mined_weight,
     }
 
 
@@ -251,15 +414,27 @@ def run_single(cfg: AppConfig, *, evaluate: bool = True, fit_overrides: dict | N
     model = _load_for_training(cfg, cfg.model.device)
     initial_id = model.model_id
     pixels = decode_cache(model, rows)
-    sampler = EpochSampler(rows, f.batch_size, f.seed)
+    mined = None
+    if f.mined_negatives is None:
+        sampler = EpochSampler(rows, f.batch_size, f.seed)
 
-    def next_batch(step: int):
-        return build_batch(model, sampler.rows_for(step), titles, pixels)
+        def next_batch(step: int):
+            return build_batch(model, sampler.rows_for(step), titles, pixels)
+
+    else:
+        mined = load_mined_neighbours(cfg, rows, initial_id)
+        sampler = MinedSampler(rows, mined.pop("neighbours"), f.batch_size, f.mined_slots, f.seed)
+
+        def next_batch(step: int):
+            chosen, pairs = sampler.plan(step)
+            batch = build_batch(model, [rows[i] for i in chosen], titles, pixels)
+            batch.mined_pairs = pairs
+            return batch
 
     eval_fn = make_eval_fn(cfg, f.catalog, f.eval_k_test) if evaluate else None
     kwargs = {**_fit_kwargs(cfg), **(fit_overrides or {})}
     summary = fit(model, next_batch, eval_fn=eval_fn, config_yaml=dump_config(cfg), **kwargs)
-    summary.update(initial_model_id=initial_id, workers=1, train_products=len(rows))
+    summary.update(initial_model_id=initial_id, workers=1, train_products=len(rows), mined=mined)
     return summary
 
 
@@ -388,6 +563,12 @@ def run_ray(
     from pipelines.index_catalog import init_ray
 
     f = cfg.finetune
+    if f.mined_negatives is not None:
+        raise ValueError(
+            "finetune.mined_negatives works in a single process only (finetune.workers=1): Ray "
+            "Train shards the data per worker, so a batch cannot be built around each anchor's "
+            "mined neighbours"
+        )
     if f.batch_size % f.workers or f.batch_size // f.workers < 2:
         raise ValueError(
             f"finetune.batch_size ({f.batch_size}) must split into >= 2 products per worker over "
@@ -439,6 +620,15 @@ def print_summary(summary: dict, cfg: AppConfig) -> None:
     print(f"  model        {cfg.model.name_or_path}")
     print(f"  catalog      {f.catalog} (train split only; eval: test split queries)")
     print(f"  workers      {summary.get('workers')} (negatives: {f.negatives})")
+    mined = summary.get("mined")
+    if mined:
+        share = (summary.get("last") or {}).get("mined_share")
+        print(
+            f"  mined        {mined['path']} (model {mined['model_id']}, table version "
+            f"{mined['table_version']}): {mined['anchors_with_neighbours']} anchors with "
+            f"neighbours, {f.mined_slots} of {f.batch_size} slots, weight {f.mined_weight}"
+            + (f", last step {share:.0%} of ITM negatives mined" if share is not None else "")
+        )
     print(
         f"  steps        {summary['steps']} (this run from {summary.get('start_step', 0)}), "
         f"{summary.get('samples')} products, {summary.get('seconds')}s"
