@@ -217,7 +217,11 @@ def build_model(
 
 def _vision_gflop(model) -> tuple[float, str, dict[str, Any]]:
     """GFLOP per image of the vision tower: the ANCHORS.md figure where it exists, else
-    2·P·T (every weight is one multiply-add per token) + 4·L·T²·H (QKᵀ and AV)."""
+    2·P·T (every weight is one multiply-add per token) + 4·L·T²·H (QKᵀ and AV). A model that is
+    not a ViT (the compact family's CNN) counts its own (``vision_gflop()``)."""
+    own = getattr(model, "vision_gflop", None)
+    if callable(own):
+        return own()
     vc = model.model.config.vision_config
     size = model.image_settings.size
     tokens = (size // vc.patch_size) ** 2 + 1  # patches + [CLS]

@@ -1,8 +1,9 @@
 """The model-family interface: what indexing, serving and evaluation may ask of a model.
 
-A *family* is a way of building a retrieval model (HF BLIP; a compact offline model later). Callers
-only use :class:`RetrievalModel`; they never branch on the family. A checkpoint directory names its
-family in ``blip_catalog.json`` (absent: HF BLIP, so hub checkpoints load as they are).
+A *family* is a way of building a retrieval model (HF BLIP; the compact offline model of
+:mod:`blip_ops.compact_model`). Callers only use :class:`RetrievalModel`; they never branch on the
+family. A checkpoint directory names its family in ``blip_catalog.json`` (absent: HF BLIP, so hub
+checkpoints load as they are).
 """
 
 from __future__ import annotations
@@ -222,4 +223,5 @@ def load_model(
 
 
 def _import_builtin_families() -> None:
+    import blip_ops.compact_model  # noqa: F401  (registers "compact_blip")
     import blip_ops.hf_blip  # noqa: F401  (registers "hf_blip")

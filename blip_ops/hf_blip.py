@@ -39,6 +39,7 @@ FAMILY = "hf_blip"
 _VOLATILE_CONFIG_KEYS = (
     "_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset",
     "architectures",  # added by save_pretrained; the family already names the architecture
+    "freeze_cnn",  # compact family: a training setting, the same weights compute the same thing
 )
 
 
@@ -67,7 +68,7 @@ class HFBlipModel(RetrievalModel):
     ) -> None:
         self.text_settings = text_settings or TextSettings()
         # Digest before any device/dtype move so the id names the checkpoint, not this run.
-        self.model_id = f"{FAMILY}-" + weights_digest(
+        self.model_id = f"{self.family}-" + weights_digest(
             _stable_config(model.config), model.state_dict(), extra=self.text_settings.to_json()
         )
         self.device = resolve_device(device)
@@ -110,6 +111,24 @@ class HFBlipModel(RetrievalModel):
         )
         return out
 
+    def current_model_id(self) -> str:
+        """The model_id the current weights would have once saved and reloaded (after training)."""
+        state = {
+            k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+            for k, v in self.model.state_dict().items()
+        }
+        return f"{self.family}-" + weights_digest(
+            _stable_config(self.model.config), state, extra=self.text_settings.to_json()
+        )
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load the weights of the checkpoint at ``path`` into this model in place (device and
+        dtype kept), e.g. to resume training."""
+        from transformers import BlipForImageTextRetrieval
+
+        saved = BlipForImageTextRetrieval.from_pretrained(path, dtype=torch.float32)
+        self.model.load_state_dict(saved.state_dict())
+
     # ---- encoders ----------------------------------------------------------------------------
     @property
     def embedding_dim(self) -> int:
@@ -121,6 +140,12 @@ class HFBlipModel(RetrievalModel):
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
             raise ValueError(f"expected pixel values of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}")
         return pixels.to(device=self.device, dtype=self.dtype, non_blocking=True)
+
+    def vision_inputs(self, images) -> torch.Tensor:
+        """What a training loop may cache per image and feed the train step in place of pixels:
+        the pixels (B, 3, S, S), float32 on CPU, for HF BLIP (the compact family returns its frozen
+        CNN's feature maps)."""
+        return self._pixels(images).float().cpu()
 
     @torch.inference_mode()
     def encode_images(self, images, *, return_tokens: bool = False) -> ImageEncoding:

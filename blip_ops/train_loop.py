@@ -104,13 +104,7 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int) -> float:
 # ---- checkpoints ---------------------------------------------------------------------------------
 def current_model_id(model: HFBlipModel) -> str:
     """The model_id the weights would have once saved and reloaded (DESIGN.md: family + digest)."""
-    from blip_ops.family import weights_digest
-    from blip_ops.hf_blip import FAMILY, _stable_config
-
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.model.state_dict().items()}
-    return f"{FAMILY}-" + weights_digest(
-        _stable_config(model.model.config), state, extra=model.text_settings.to_json()
-    )
+    return model.current_model_id()
 
 
 def save_checkpoint(
@@ -138,10 +132,7 @@ def save_checkpoint(
 
 def load_weights(model: HFBlipModel, path: Path) -> None:
     """Load the weights saved at ``path`` into ``model`` in place (device and dtype kept)."""
-    from transformers import BlipForImageTextRetrieval
-
-    saved = BlipForImageTextRetrieval.from_pretrained(path, dtype=torch.float32)
-    model.model.load_state_dict(saved.state_dict())
+    model.load_weights(path)
 
 
 # ---- the loop --------------------------------------------------------------------------------------
