@@ -381,6 +381,20 @@ class MineConfig(_Section):
     )  # fmt: skip
 
 
+class DemoConfig(_Section):
+    """``python -m pipelines.demo`` (``make demo``)."""
+
+    products: int = Field(240, ge=10, description="demo catalog size (generated when missing)")
+    seed: int = Field(0, description="demo catalog seed")
+    finetune: bool = Field(
+        True, description="fine-tune model.name_or_path on the train split first (cached)"
+    )
+    sample_products: int = Field(
+        2, gt=0, description="held-out products whose queries (3 languages) are shown"
+    )
+    k: int = Field(5, gt=0, le=100, description="results shown per sample query")
+
+
 class OutputConfig(_Section):
     dir: str | None = Field(
         None, description="where commands like the demo write results; None = none"
@@ -406,6 +420,7 @@ class AppConfig(_Section):
     mine: MineConfig = Field(
         default_factory=MineConfig, description="hard-negative mining (pipelines.mine_negatives)"
     )
+    demo: DemoConfig = Field(default_factory=DemoConfig, description="make demo")
 
 
 # --------------------------------------------------------------------------- key checking

@@ -1,26 +1,37 @@
-"""`make demo`: the whole path on one screen, offline.
+"""`make demo`: catalog → fine-tune → index job → search service, offline, on one screen.
 
-    python -m pipelines.demo --config configs/local.yaml [--products N] [key=value ...] [--model PATH]
+    python -m pipelines.demo --config configs/demo.yaml [key=value ...] [--model PATH] [--port P]
+        [--no-wait]
 
-Builds the tiny offline BLIP when the configured one is the local default and absent, generates the
-demo catalog (``pipelines.make_catalog``) beside ``source.uri`` when it is missing, decodes the
-held-out (`test`) products' photos with the safe decoder, encodes photos and queries through
-``blip_ops``, and prints, for sample shopper queries in English, 汉字 and pinyin, the brute-force
-ITC ranking re-ranked by ITM, plus recall@k of every held-out query. Later issues grow this into
-catalog → index job → search service.
+1. Generates the demo catalog (``pipelines.make_catalog``, ``demo.products`` at ``demo.seed``) beside
+   ``source.uri`` unless that catalog is already there.
+2. Builds the base model ``model.name_or_path`` when it is a missing folder under ``.data/models``:
+   the compact pretrained model (``blip_ops.compact_model``) for a name starting with ``compact``,
+   the tiny random one (``blip_ops.tiny_model``) for ``tiny``.
+3. Fine-tunes it on the catalog's ``train`` split (``pipelines.finetune`` with ``finetune.*``) into
+   ``finetune.out_dir``. Cached: skipped when ``out_dir/best`` was trained from the same catalog,
+   base model and settings (``out_dir/demo_cache.json``). ``demo.finetune=false`` skips it.
+4. Indexes the catalog with the fine-tuned model (``pipelines.index_catalog``) into ``index.uri``.
+5. Starts the search service (``pipelines.serve_search``) on ``serve.host:serve.port``, prints the
+   top results of held-out shopper queries in English, 汉字 and pinyin (over real HTTP) and the
+   search page's URL, and serves until Ctrl-C or SIGTERM (``make demo-stop`` sends it, by the pid
+   in ``<output.dir>/demo.pid``). ``--no-wait`` stops after the samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
+import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipelines.config import (
@@ -35,19 +46,45 @@ logger = logging.getLogger(__name__)
 
 DEMO_PRODUCTS = 240
 DEMO_SEED = 0
-SAMPLE_PRODUCTS = 2  # held-out products whose queries are printed in full
-RECALL_AT = (1, 5, 10)
+PID_FILE = "demo.pid"
+CACHE_FILE = "demo_cache.json"
+LANGS = ("en", "zh", "pinyin")
+
+
+class Timer:
+    """Wall time per demo step, printed as it goes and kept for the summary."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.steps: dict[str, float] = {}
+
+    def step(self, name: str, since: float) -> None:
+        self.steps[name] = round(time.perf_counter() - since, 1)
+        print(f"   [{name}: {self.steps[name]}s]", flush=True)
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+
+# --------------------------------------------------------------------------- inputs
 
 
 def ensure_model(cfg: AppConfig) -> str:
-    """The configured model; builds the tiny one when it is the local default and missing."""
+    """The configured model; builds the compact or tiny one when it is a missing local default
+    (a folder under ``.data/models`` named ``compact*`` or ``tiny*``)."""
     ref = cfg.model.name_or_path
     path = Path(ref)
     if path.is_absolute() and not path.exists() and DEFAULT_DATA_DIR / "models" in path.parents:
-        from blip_ops.tiny_model import write_tiny_model
+        if path.name.startswith("compact"):
+            from blip_ops.compact_model import write_compact_model
 
-        print(f"building the tiny offline BLIP at {path} ...")
-        write_tiny_model(path)
+            print(f"building the compact pretrained model at {path} ...", flush=True)
+            write_compact_model(path)
+        else:
+            from blip_ops.tiny_model import write_tiny_model
+
+            print(f"building the tiny offline BLIP at {path} ...", flush=True)
+            write_tiny_model(path)
     return ref
 
 
@@ -58,7 +95,8 @@ def ensure_catalog(cfg: AppConfig, n_products: int, seed: int = DEMO_SEED) -> Pa
     source = Path(cfg.source.uri)
     if source.name != "products" or "://" in cfg.source.uri:
         raise ValueError(
-            f"the demo generates its catalog beside a local source.uri ending in /products, got {cfg.source.uri!r}"
+            "the demo generates its catalog beside a local source.uri ending in /products, "
+            f"got {cfg.source.uri!r}"
         )
     root = source.parent
     manifest = read_manifest(str(root))
@@ -66,140 +104,211 @@ def ensure_catalog(cfg: AppConfig, n_products: int, seed: int = DEMO_SEED) -> Pa
         print(f"generating the demo catalog ({n_products} products, seed {seed}) at {root} ...")
         manifest = make_catalog(str(root), n_products, seed, overwrite=True)
         print(
-            f"  done in {manifest['seconds']['total']}s: {manifest['splits']}, title languages {manifest['title_langs']}"
+            f"   done in {manifest['seconds']['total']}s: {manifest['splits']}, "
+            f"title languages {manifest['title_langs']}"
         )
+    else:
+        print(f"demo catalog at {root}: {manifest['splits']} (cached)")
     return root
 
 
-def run_demo(cfg: AppConfig, n_products: int = DEMO_PRODUCTS, out_dir: Path | None = None) -> dict:
-    from blip_ops import decode_batch, load_model, rerank
+# --------------------------------------------------------------------------- fine-tune (cached)
 
-    started = time.perf_counter()
-    model = load_model(
-        ensure_model(cfg),
-        device=cfg.model.device,
-        dtype=cfg.model.dtype,
-        attention=cfg.model.attention,
-    )
-    root = ensure_catalog(cfg, n_products)
-    table = pads.dataset(str(root / "products"), format="parquet").to_table(
-        filter=pads.field("split") == "test"
-    )
-    rows = sorted(table.to_pylist(), key=lambda r: r["product_id"])
-    decoded = decode_batch(
-        [r["image"] for r in rows],
-        target_size=model.image_settings.size,
-        max_bytes=cfg.source.max_image_bytes,
-        device=str(model.device),
-    )
-    failed = [
-        (r["product_id"], e.reason)
-        for r, e in zip(rows, decoded.errors, strict=True)
-        if e is not None
-    ]
-    if failed:
-        raise RuntimeError(f"demo images failed to decode: {failed}")
-    pixels = model.preprocess(decoded.images)
-    image_emb = model.encode_images(pixels).embeddings.numpy()  # (P, D)
-    index_of = {r["product_id"]: i for i, r in enumerate(rows)}
-    queries = pq.read_table(root / "queries.parquet").to_pylist()
-    query_emb = model.encode_texts([q["query"] for q in queries]).numpy()  # (Q, D)
-    sims = query_emb @ image_emb.T  # (Q, P): brute force, exact cosine against every product
-    k = min(cfg.serve.k, len(rows), 5)
-    rerank_k = min(cfg.serve.rerank_k, len(rows))
 
-    # recall@k of ITC alone, per query language, over every held-out query.
-    target = np.array([index_of[q["product_id"]] for q in queries])
-    rank_of_target = (sims > sims[np.arange(len(queries)), target][:, None]).sum(
-        axis=1
-    )  # 0 = first
-    recall = {}
-    for lang in ("en", "zh", "pinyin"):
-        mask = np.array([q["lang"] == lang for q in queries])
-        recall[lang] = {
-            f"R@{r}": round(float((rank_of_target[mask] < r).mean()), 3) for r in RECALL_AT
-        }
-
-    samples = sorted({q["product_id"] for q in queries})[:SAMPLE_PRODUCTS]
-    shown = []
-    for qi, q in enumerate(queries):
-        if q["product_id"] not in samples:
-            continue
-        ann = np.argsort(-sims[qi], kind="stable")
-        ranked = rerank(model, q["query"], sims[qi][ann], images=pixels[ann], rerank_k=rerank_k)
-        order = [int(ann[i]) for i in ranked.order]
-        shown.append(
-            {
-                "lang": q["lang"],
-                "query": q["query"],
-                "normalised": model.normalize_text(q["query"]),
-                "expected": q["product_id"],
-                "expected_rank": order.index(index_of[q["product_id"]]) + 1,
-                "results": [
-                    {
-                        "rank": r + 1,
-                        "product_id": rows[i]["product_id"],
-                        "title": rows[i]["title"],
-                        "itc_score": round(float(ranked.itc[r]), 4),
-                        "itm_score": None
-                        if np.isnan(ranked.itm[r])
-                        else round(float(ranked.itm[r]), 4),
-                        "score": round(float(ranked.score[r]), 4),
-                    }
-                    for r, i in enumerate(order[:k])
-                ],
-            }
-        )
-    summary = {
-        "model": cfg.model.name_or_path,
-        "model_id": model.model_id,
-        "catalog": str(root),
-        "products_searched": len(rows),
-        "queries": len(queries),
-        "recall_itc": recall,
-        "chance_R@5": round(min(5, len(rows)) / len(rows), 3),
-        "samples": shown,
-        "seconds": round(time.perf_counter() - started, 2),
+def _cache_key(cfg: AppConfig, catalog: Path, base_model_id: str) -> dict:
+    manifest = json.loads((catalog / "manifest.json").read_text(encoding="utf-8"))
+    settings = cfg.finetune.model_dump(mode="json", exclude={"out_dir", "resume", "log_every"})
+    settings["catalog"] = None  # the manifest below names the catalog's content
+    return {
+        "catalog": {k: manifest.get(k) for k in ("products", "seed", "generator_version")},
+        "base_model_id": base_model_id,
+        "finetune": settings,
     }
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "demo_results.json").write_text(
-            json.dumps(summary, indent=2, ensure_ascii=False)
+
+
+def finetuned_model(cfg: AppConfig, catalog: Path) -> tuple[str, dict]:
+    """Fine-tune ``model.name_or_path`` on the train split unless a matching result is cached;
+    returns (the model to index and serve, what happened)."""
+    from blip_ops import load_model
+    from pipelines.finetune import run_finetune
+
+    base = load_model(ensure_model(cfg), device="cpu", dtype="float32")
+    f = cfg.finetune
+    out = Path(f.out_dir)
+    key = _cache_key(cfg, catalog, base.model_id)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = out / CACHE_FILE
+    best = out / "best"
+    if (best / "blip_catalog.json").is_file() and cache.is_file():
+        cached = json.loads(cache.read_text(encoding="utf-8"))
+        if cached.get("digest") == digest:
+            print(f"fine-tuned model {best} (cached: same catalog, base model and settings)")
+            return str(best), {"cached": True, **cached}
+    print(
+        f"fine-tuning {cfg.model.name_or_path} on the train split: {f.steps} steps of "
+        f"{f.batch_size} products (negatives: {f.negatives}) ...",
+        flush=True,
+    )
+    del base
+    if out.exists():  # settings changed: start over, never resume another run's state
+        import shutil
+
+        shutil.rmtree(out)
+    summary = run_finetune(cfg)
+    info = {
+        "digest": digest,
+        "key": key,
+        "best_mean_recall": summary.get("best_mean_recall"),
+        "samples_per_s": summary.get("samples_per_s"),
+        "model_id": summary.get("model_id"),
+    }
+    if not (best / "blip_catalog.json").is_file():
+        raise RuntimeError(f"fine-tuning wrote no best checkpoint in {out}")
+    cache.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return str(best), {"cached": False, **info}
+
+
+# --------------------------------------------------------------------------- serve + samples
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def sample_queries(catalog: Path, n_products: int) -> list[dict]:
+    """The held-out queries (every language) of the first ``n_products`` test products."""
+    queries = pq.read_table(catalog / "queries.parquet").to_pylist()
+    products = sorted({q["product_id"] for q in queries})[:n_products]
+    order = {lang: i for i, lang in enumerate(LANGS)}
+    picked = [q for q in queries if q["product_id"] in products]
+    return sorted(picked, key=lambda q: (q["product_id"], order.get(q["lang"], 9)))
+
+
+def run_samples(url: str, queries: list[dict], k: int) -> list[dict]:
+    """POST each query to the running service; the response plus where the expected product is."""
+    import httpx
+
+    shown = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for q in queries:
+            resp = client.post("/search", json={"text": q["query"], "k": k})
+            resp.raise_for_status()
+            body = resp.json()
+            ids = [r["product_id"] for r in body["results"]]
+            shown.append(
+                {
+                    **q,
+                    "rank": ids.index(q["product_id"]) + 1 if q["product_id"] in ids else None,
+                    "results": body["results"],
+                    "timings_ms": body.get("timings_ms"),
+                }
+            )
+    return shown
+
+
+def print_samples(shown: list[dict]) -> None:
+    for s in shown:
+        where = f"rank {s['rank']}" if s["rank"] else "not in the top results"
+        print(f"\n[{s['lang']}] {s['query']!r}: expected {s['product_id']} at {where}")
+        print(f"  {'#':>2}  {'product':<9} {'itc':>6} {'itm':>7} {'score':>7}  title")
+        for i, r in enumerate(s["results"], 1):
+            itm = "-" if r.get("itm_score") is None else f"{r['itm_score']:7.2f}"
+            mark = "*" if r["product_id"] == s["product_id"] else " "
+            print(
+                f" {mark}{i:>2}  {r['product_id']:<9} {r['itc_score']:6.3f} {itm:>7} "
+                f"{r['score']:7.2f}  {r['title'][:70]}"
+            )
+
+
+def run_demo(cfg: AppConfig, *, wait: bool = True) -> dict:
+    from pipelines import serve_search
+    from pipelines.index_catalog import init_ray, run_index
+
+    timer = Timer()
+    d = cfg.demo
+    t = time.perf_counter()
+    catalog = ensure_catalog(cfg, d.products, d.seed)
+    timer.step("catalog", t)
+
+    t = time.perf_counter()
+    model_path, tuned = (
+        finetuned_model(cfg, catalog) if d.finetune else (ensure_model(cfg), {"skipped": True})
+    )
+    timer.step("fine-tune", t)
+    cfg = cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"name_or_path": model_path})}
+    )
+
+    t = time.perf_counter()
+    print(f"indexing {catalog / 'products'} into {cfg.index.uri} with {model_path} ...", flush=True)
+    init_ray(cfg)
+    index = run_index(cfg)
+    print(
+        f"   {index['in']} rows: indexed {index['indexed']} (encoded now "
+        f"{index['encoded_this_run']}), unchanged {index['unchanged']}, rejected "
+        f"{index['rejected']}; published version {index['products_version']}"
+    )
+    timer.step("index", t)
+
+    t = time.perf_counter()
+    host, port = cfg.serve.host, cfg.serve.port
+    if port and not _port_free(host, port):
+        print(f"port {port} is busy: serving on a free port instead")
+        cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"port": 0})})
+    url = serve_search.start(cfg)
+    timer.step("serve", t)
+
+    t = time.perf_counter()
+    shown = run_samples(url, sample_queries(catalog, d.sample_products), d.k)
+    print_samples(shown)
+    timer.step("samples", t)
+    summary = {
+        "url": url,
+        "model": model_path,
+        "fine_tune": tuned,
+        "index": {
+            k: index[k]
+            for k in ("run_id", "in", "indexed", "encoded_this_run", "rejected", "products_version")
+        },
+        "samples": [{k: s[k] for k in ("lang", "query", "product_id", "rank")} for s in shown],
+        "seconds": {**timer.steps, "total": timer.total()},
+    }
+    out = Path(cfg.output.dir) / "demo" if cfg.output.dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "demo_summary.json").write_text(
+            json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8"
         )
-        write_resolved_config(cfg, out_dir)
+        write_resolved_config(cfg, out)
+    print(f"\nsearch page: {url}/   (API: POST {url}/search, GET {url}/healthz)")
+    print(f"demo ready in {summary['seconds']['total']}s: {timer.steps}")
+    if wait:
+        serve_until_stopped(out)
     return summary
 
 
-def print_summary(summary: dict, out_dir: Path | None) -> None:
-    print(f"\nmodel {summary['model']} ({summary['model_id']})")
-    print(
-        f"catalog {summary['catalog']}: searching the {summary['products_searched']} held-out products"
-    )
-    for q in summary["samples"]:
-        print(
-            f"\nquery [{q['lang']}] {q['query']!r} -> normalised {q['normalised']!r}; "
-            f"expected {q['expected']} at rank {q['expected_rank']}"
-        )
-        print(f"  {'#':>2}  {'product':<9} {'itc':>7} {'itm':>7} {'score':>7}  title")
-        for r in q["results"]:
-            itm = "-" if r["itm_score"] is None else f"{r['itm_score']:7.3f}"
-            mark = "*" if r["product_id"] == q["expected"] else " "
-            print(
-                f" {mark}{r['rank']:>2}  {r['product_id']:<9} {r['itc_score']:7.3f} {itm:>7} {r['score']:7.3f}  {r['title']}"
-            )
-    print(
-        f"\nrecall of ITC over all {summary['queries']} held-out queries (chance R@5 = {summary['chance_R@5']}):"
-    )
-    for lang, rec in summary["recall_itc"].items():
-        print(f"  {lang:<7} " + "  ".join(f"{name} {value:.3f}" for name, value in rec.items()))
-    print(
-        f"\ndone in {summary['seconds']}s"
-        + (f"; results and resolved config in {out_dir}" if out_dir else "")
-    )
-    if "tiny" in summary["model"]:
-        print(
-            "note: the tiny model has random weights, so these rankings show the mechanics, not quality."
-        )
+def serve_until_stopped(out: Path | None) -> None:
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    pid_file = out / PID_FILE if out is not None else None
+    if pid_file is not None:
+        pid_file.write_text(str(os.getpid()))
+    print("serving until Ctrl-C (or `make demo-stop`) ...", flush=True)
+    try:
+        stop.wait()
+    finally:
+        print("stopping the search service ...", flush=True)
+        serve.shutdown()
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m pipelines.demo", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
-        "--products", type=int, default=DEMO_PRODUCTS, help="size of the demo catalog"
+        "--no-wait", action="store_true", help="stop after printing the sample queries"
     )
-    add_config_arguments(parser, ("model",))
+    add_config_arguments(parser, ("model", "port"))
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = cli_config(args)
@@ -217,13 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from blip_ops.hub import ModelUnavailableError
 
-    out_dir = Path(cfg.output.dir) / "demo" if cfg.output.dir else None
     try:
-        summary = run_demo(cfg, args.products, out_dir)
+        run_demo(cfg, wait=not args.no_wait)
     except (ModelUnavailableError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print_summary(summary, out_dir)
     return 0
 
 

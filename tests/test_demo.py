@@ -1,93 +1,125 @@
-"""The demo end to end on the tiny model and a generated catalog: what `make demo` prints, checked."""
+"""`make demo` end to end, as a user runs it: a subprocess with its own Ray builds the catalog,
+fine-tunes the compact pretrained model, runs the index job, starts the search service, answers
+sample queries over HTTP and serves until SIGTERM (what `make demo-stop` sends)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from pipelines import demo
-from pipelines.config import load_config
+import httpx
+import pytest
 
-LOCAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "local.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = str(ROOT / "configs" / "demo.yaml")
 
 
-def _args(tiny_model_dir, tmp_path, *extra):
+@pytest.fixture(scope="module")
+def compact_dir(tmp_path_factory):
+    from blip_ops.compact_model import CompactBlipModel
+
+    return CompactBlipModel.build(seed=0).save(tmp_path_factory.mktemp("demo_models") / "compact")
+
+
+def _overrides(tmp_path: Path, model: Path) -> list[str]:
     return [
-        "--config",
-        LOCAL_CONFIG,
-        f"model.name_or_path={tiny_model_dir}",
-        f"output.dir={tmp_path / 'out'}",
+        f"model.name_or_path={model}",
         f"source.uri={tmp_path / 'catalog' / 'products'}",
-        "--products",
-        "40",
-        *extra,
-    ]
+        f"index.uri={tmp_path / 'lancedb'}",
+        f"finetune.catalog={tmp_path / 'catalog'}",
+        f"finetune.out_dir={tmp_path / 'finetune'}",
+        f"output.dir={tmp_path / 'out'}",
+        "finetune.steps=2", "finetune.batch_size=4", "finetune.eval_every=0",
+        "finetune.eval_k_test=4", "demo.products=40", "serve.port=0",
+        "serve.candidates=20", "serve.rerank_k=8",
+    ]  # fmt: skip
 
 
-def test_demo_generates_catalog_ranks_queries_and_writes_outputs(tiny_model_dir, tmp_path, capsys):
-    assert demo.main(_args(tiny_model_dir, tmp_path)) == 0
-    printed = capsys.readouterr().out
-    assert "generating the demo catalog (40 products" in printed
-    summary = json.loads((tmp_path / "out" / "demo" / "demo_results.json").read_text())
-    manifest = json.loads((tmp_path / "catalog" / "manifest.json").read_text())
-    assert summary["products_searched"] == manifest["splits"]["test"]
-    assert summary["queries"] == 3 * manifest["splits"]["test"]
-    samples = summary["samples"]
-    assert {q["lang"] for q in samples} == {"en", "zh", "pinyin"}
-    for q in samples:
-        rows = q["results"]
-        assert 1 <= q["expected_rank"] <= summary["products_searched"]
-        assert (
-            len({r["product_id"] for r in rows})
-            == len(rows)
-            == min(5, summary["products_searched"])
-        )
-        reranked = [r["score"] for r in rows if r["itm_score"] is not None]
-        assert reranked == sorted(reranked, reverse=True)
-        assert f"query [{q['lang']}] {q['query']!r}" in printed
-    # A 汉字 query and its pinyin normalise to the same text, so they rank identically.
-    by = {(q["expected"], q["lang"]): q for q in samples}
-    for pid in {q["expected"] for q in samples}:
-        assert by[pid, "zh"]["normalised"] == by[pid, "pinyin"]["normalised"].lower()
-        assert by[pid, "zh"]["results"] == by[pid, "pinyin"]["results"]
-    for lang, rec in summary["recall_itc"].items():
-        assert 0.0 <= rec["R@1"] <= rec["R@5"] <= rec["R@10"] <= 1.0, lang
-    resolved = load_config(tmp_path / "out" / "demo" / "config.resolved.yaml")
-    assert resolved.model.name_or_path == str(tiny_model_dir)
-    # A second run reuses the catalog instead of generating it again.
-    assert demo.main(_args(tiny_model_dir, tmp_path)) == 0
-    assert "generating the demo catalog" not in capsys.readouterr().out
+def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line.rstrip("\n"))
+        if marker in line:
+            return lines
+    proc.kill()
+    raise AssertionError(f"no {marker!r} within {timeout}s; output:\n" + "\n".join(lines))
 
 
-def test_demo_unreachable_model_exits_2_with_hint(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rc = demo.main(
-        [
-            "--config",
-            LOCAL_CONFIG,
-            "--model",
-            "Salesforce/blip-itm-base-coco",
-            f"output.dir={tmp_path}",
-        ]
+@pytest.mark.timeout(420)
+def test_make_demo_end_to_end_and_stop(compact_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "pipelines.demo", "--config", DEMO_CONFIG,
+           *_overrides(tmp_path, compact_dir)]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    assert rc == 2
-    assert "model.name_or_path" in capsys.readouterr().err
+    try:
+        lines = _read_until(proc, "serving until Ctrl-C", timeout=360)
+        printed = "\n".join(lines)
+        assert "generating the demo catalog (40 products" in printed
+        assert "fine-tuning" in printed and "2 steps" in printed
+        page = next(ln for ln in lines if ln.startswith("search page: "))
+        url = page.split()[2].rstrip("/")
 
+        summary = json.loads((tmp_path / "out" / "demo" / "demo_summary.json").read_text())
+        assert summary["url"] == url
+        assert summary["model"] == str(tmp_path / "finetune" / "best")
+        assert summary["index"]["in"] == 40 and summary["index"]["indexed"] == 40
+        # Sample queries: 2 held-out products x 3 languages, each answered by the service.
+        samples = summary["samples"]
+        assert len(samples) == 6 and {s["lang"] for s in samples} == {"en", "zh", "pinyin"}
+        for s in samples:
+            assert f"[{s['lang']}] {s['query']!r}" in printed
+        assert set(summary["seconds"]) >= {"catalog", "fine-tune", "index", "serve", "total"}
 
-def test_demo_refuses_a_source_it_cannot_generate(tiny_model_dir, tmp_path, capsys):
-    rc = demo.main(
-        [
-            "--config",
-            LOCAL_CONFIG,
-            f"model.name_or_path={tiny_model_dir}",
-            "source.uri=s3://bucket/cat",
-        ]
+        # The service the demo started is real: the page, health, and a search over HTTP.
+        assert httpx.get(url + "/", timeout=10).status_code == 200
+        health = httpx.get(url + "/healthz", timeout=10).json()
+        assert health["rows"] == 40 and health["model_id"].startswith("compact_blip-")
+        found = httpx.post(url + "/search", json={"text": samples[0]["query"], "k": 3}, timeout=30)
+        assert found.status_code == 200 and len(found.json()["results"]) == 3
+
+        # `make demo-stop`: SIGTERM to the pid the demo wrote; it shuts down and removes the file.
+        pid_file = tmp_path / "out" / "demo" / "demo.pid"
+        assert int(pid_file.read_text()) == proc.pid
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        assert not pid_file.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    # A second demo reuses the fine-tuned model: same catalog, base model and settings.
+    from pipelines.config import load_config
+    from pipelines.demo import finetuned_model
+
+    cfg = load_config(DEMO_CONFIG, _overrides(tmp_path, compact_dir))
+    path, info = finetuned_model(cfg, tmp_path / "catalog")
+    assert info["cached"] is True and path == str(tmp_path / "finetune" / "best")
+    changed = cfg.model_copy(
+        update={"finetune": cfg.finetune.model_copy(update={"negatives": "random"})}
     )
+    from pipelines.demo import _cache_key
+
+    assert _cache_key(changed, tmp_path / "catalog", "x") != _cache_key(
+        cfg, tmp_path / "catalog", "x"
+    )
+
+
+def test_demo_refuses_a_source_it_cannot_generate(tmp_path, capsys):
+    from pipelines import demo
+
+    rc = demo.main(["--config", DEMO_CONFIG, "source.uri=s3://bucket/products", "--no-wait"])
     assert rc == 2
-    assert "ending in /products" in capsys.readouterr().err
-
-
-def test_demo_bad_config_exits_2_naming_the_key(capsys):
-    assert demo.main(["--config", LOCAL_CONFIG, "encode.batchsize=3"]) == 2
-    err = capsys.readouterr().err
-    assert "encode.batchsize" in err and "did you mean 'encode.batch_size'" in err
+    assert "local source.uri ending in /products" in capsys.readouterr().err
