@@ -163,6 +163,7 @@ def fit(
     alpha: float = 0.4,
     alpha_warmup_steps: int | None = None,
     mined_weight: float = 1.0,
+    itm_titles: str = "all",
 ) -> dict:
     """Train ``model`` in place for ``steps`` optimiser steps; returns a summary dict.
 
@@ -176,6 +177,8 @@ def fit(
     (None: ``warmup_steps``). A batch with ``mined_pairs`` (mined hard negatives in the batch)
     has them upweighted in the ITM negative sampling by ``mined_weight``
     (:meth:`blip_ops.training.RetrievalBatch.mined_negatives`; one process only).
+    ``itm_titles``: ``"all"`` or ``"one"`` title per image in the ITM pairs
+    (:func:`blip_ops.training.retrieval_train_step`).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -267,6 +270,7 @@ def fit(
                 "alpha": alpha,
                 "alpha_warmup_steps": ramp,
                 "mined_weight": mined_weight,
+                "itm_titles": itm_titles,
             },  # fmt: skip
         }
 
@@ -317,7 +321,7 @@ def fit(
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             out_step = retrieval_train_step(
                 model, batch, temp, negatives=negatives, generator=generator,
-                extra_negatives=extra, **momentum_kw,
+                extra_negatives=extra, itm_titles=itm_titles, **momentum_kw,
             )  # fmt: skip
         loss = out_step["loss"]
         if not torch.isfinite(loss):

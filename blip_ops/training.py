@@ -43,6 +43,8 @@ from blip_ops.losses import (
     sample_hard_negatives,
 )
 
+ITM_TITLES = ("all", "one")
+
 if TYPE_CHECKING:
     from blip_ops.hf_blip import HFBlipModel
     from blip_ops.momentum import MomentumDistiller
@@ -148,6 +150,7 @@ def retrieval_train_step(
     extra_negatives: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     momentum: MomentumDistiller | None = None,
     alpha: float = 0.0,
+    itm_titles: str = "all",
 ) -> dict[str, Any]:
     """Forward of ITC + ITM (hard or random negatives) with grad; returns the losses.
 
@@ -157,7 +160,11 @@ def retrieval_train_step(
     negatives, see :func:`blip_ops.losses.sample_hard_negatives`. ``momentum``: a
     :class:`blip_ops.momentum.MomentumDistiller` for BLIP's momentum-distilled ITC with a queue
     (updated and enqueued here); ``alpha``: its distillation weight for this step (ramped by the
-    caller). None (the default) is plain in-batch ITC.
+    caller). None (the default) is plain in-batch ITC. ``itm_titles``: ``"all"`` (default) puts
+    every title in the ITM pairs (2T + B of them); ``"one"`` draws one title per image (seeded by
+    ``generator``) for its positive pair and its title → negative image pair (3B pairs, as BLIP's
+    one caption per image), which roughly halves a step's text-side cost when each product has
+    several titles. ITC always uses every title.
 
     Returns ``loss`` (ITC + ITM, equal weights, with grad), ``itc`` and ``itm`` (detached),
     ``temp``, ``itm_accuracy``, the sampled ``negatives``, the pair counts and ``mined_share``
@@ -165,6 +172,8 @@ def retrieval_train_step(
     """
     if negatives not in NEGATIVE_MODES:
         raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
+    if itm_titles not in ITM_TITLES:
+        raise ValueError(f"itm_titles must be one of {ITM_TITLES}, got {itm_titles!r}")
     batch = RetrievalBatch.coerce(batch)
     net = model.model
     device = model.device
@@ -240,17 +249,23 @@ def retrieval_train_step(
             lonely = torch.nonzero(~same.any(dim=1)).view(-1)[:8].tolist()
             raise ValueError(f"texts {lonely} have no image of their product in this batch")
         pos_image = same.float().argmax(dim=1)  # (T,)
+        if itm_titles == "one":  # one own title per image, drawn at random among its titles
+            draw = torch.rand(same.shape[0], generator=generator).to(device)  # (T,)
+            chosen = (same.t().float() * (1.0 + draw)).argmax(dim=1)  # (B,) a title per image
+        else:
+            chosen = torch.arange(same.shape[0], device=device)  # (T,) every title
 
-        # ITM over [T positives | B negative titles | T negative images].
-        n_text, n_image = text_ids.numel(), image_ids.numel()
-        itm_ids = torch.cat(
-            [enc["input_ids"], ids_all[neg.text_for_image], enc["input_ids"]]
-        )  # (2T+B, L)
-        itm_mask = torch.cat(
-            [enc["attention_mask"], mask_all[neg.text_for_image], enc["attention_mask"]]
-        )
+        # ITM over [positives | B negative titles | negative images], one row per chosen title.
+        n_chosen, n_image = chosen.numel(), image_ids.numel()
+        ids_sel, mask_sel = enc["input_ids"][chosen], enc["attention_mask"][chosen]
+        itm_ids = torch.cat([ids_sel, ids_all[neg.text_for_image], ids_sel])  # (2T+B, L)
+        itm_mask = torch.cat([mask_sel, mask_all[neg.text_for_image], mask_sel])
         itm_images = torch.cat(
-            [image_embeds[pos_image], image_embeds, image_embeds_all[neg.image_for_text]]
+            [
+                image_embeds[pos_image[chosen]],
+                image_embeds,
+                image_embeds_all[neg.image_for_text[chosen]],
+            ]
         )  # (2T+B, N, H)
         image_mask = torch.ones(itm_images.shape[:-1], dtype=torch.long, device=device)
         itm_hidden = net.text_encoder(
@@ -262,8 +277,8 @@ def retrieval_train_step(
         itm_logits = net.itm_head(itm_hidden[:, 0, :]).float()  # (2T+B, 2)
         labels = torch.cat(
             [
-                torch.ones(n_text, dtype=torch.long, device=device),
-                torch.zeros(n_image + n_text, dtype=torch.long, device=device),
+                torch.ones(n_chosen, dtype=torch.long, device=device),
+                torch.zeros(n_image + n_chosen, dtype=torch.long, device=device),
             ]
         )
         itm = itm_loss(itm_logits, labels)
@@ -283,8 +298,9 @@ def retrieval_train_step(
         "itm_accuracy": float(itm_accuracy),
         "negatives": neg,
         "n_images": n_image,
-        "n_texts": n_text,
+        "n_texts": text_ids.numel(),
         "n_itm_pairs": int(labels.numel()),
+        "itm_text_rows": chosen.detach(),  # titles in the ITM pairs (all, or one per image)
         "mined_share": mined_share(extra_negatives, neg),
         "alpha": float(alpha) if momentum is not None else None,
         "queue": len(momentum.text_queue) if momentum is not None else None,

@@ -325,6 +325,11 @@ class FinetuneConfig(_Section):
         0.4, ge=0, le=1,
         description="distillation weight, ramped from 0 over warmup_steps (BLIP: 0.4)",
     )  # fmt: skip
+    itm_titles: Literal["all", "one"] = Field(
+        "all",
+        description="ITM pairs per step: every title (2T+B pairs) or one drawn title per image "
+        "(3B pairs, BLIP's one caption per image; about half the text-side cost)",
+    )
     mined_negatives: str | None = Field(
         None,
         description="Parquet of pipelines.mine_negatives: batches hold anchors' mined neighbours "

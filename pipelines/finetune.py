@@ -396,6 +396,7 @@ def _fit_kwargs(cfg: AppConfig) -> dict:
         "queue_size": f.queue_size,
         "alpha": f.alpha,
         "mined_weight": f.mined_weight,
+        "itm_titles": f.itm_titles,
     }
 
 

@@ -272,6 +272,27 @@ def test_demo_catalog_end_to_end(tiny_model_dir, demo_catalog, tmp_path, capsys)
         assert f"  {lang}" in printed
     print(printed)  # the summary, for the record (pytest -s)
 
+    # benchmarks/compare_evals.py turns such files into docs/results.md's tables and chart.
+    import subprocess
+    import sys
+
+    compare = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_evals.py"
+    run = subprocess.run(
+        [sys.executable, str(compare), f"a={out}", f"b={out}", "--k-test", "4",
+         "--plot", str(tmp_path / "cmp.png")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    itc = m["itc"]["text_to_product"]
+    row = f"| a | ITC | {100 * itc['R@1']:.1f} / {100 * itc['R@5']:.1f} / {100 * itc['R@10']:.1f} |"
+    assert row in run.stdout and "| b | ITC→ITM k_test 4 |" in run.stdout
+    assert Image.open(tmp_path / "cmp.png").size == (1000, 520)
+    bad = subprocess.run(
+        [sys.executable, str(compare), f"a={out}", "--k-test", "7"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "no ITC→ITM figures at k_test 7" in bad.stderr
+
     # The ITC→ITM figures are the search service's rerank() applied to every query.
     from blip_ops import load_model, rerank
     from pipelines.config import load_config

@@ -426,6 +426,37 @@ def test_train_step_hard_negatives_are_seeded(fresh_tiny_model):
     assert float(a["loss"].detach()) == pytest.approx(float(b["loss"].detach()))
 
 
+def test_itm_with_one_title_per_image(fresh_tiny_model):
+    """itm_titles="one": 3B ITM pairs, each image paired with one of its own titles (a seeded draw
+    that covers every title over seeds); ITC still sees every title."""
+    model = fresh_tiny_model
+    model.model.eval()
+    batch = _batch(model)
+    temp = make_temperature()
+    ids = product_id_tensor(batch.image_ids)
+    tids = product_id_tensor(batch.text_ids)
+    drawn = set()
+    for seed in range(12):
+        out = retrieval_train_step(
+            model, batch, temp, generator=torch.Generator().manual_seed(seed), itm_titles="one"
+        )
+        assert out["n_itm_pairs"] == 3 * 4 and out["n_texts"] == 8
+        rows = out["itm_text_rows"]
+        assert torch.equal(tids[rows], ids)  # image b's ITM title is one of its own
+        drawn |= set(rows.tolist())
+        again = retrieval_train_step(
+            model, batch, temp, generator=torch.Generator().manual_seed(seed), itm_titles="one"
+        )
+        assert torch.equal(again["itm_text_rows"], rows)
+        assert float(again["itm"]) == pytest.approx(float(out["itm"]))
+    assert drawn == set(range(8))  # every title is drawn for some seed
+    full = retrieval_train_step(model, batch, temp, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(full["itm_text_rows"], torch.arange(8))
+    assert float(full["itc"]) == pytest.approx(float(out["itc"]))  # ITC: every title either way
+    with pytest.raises(ValueError, match="itm_titles must be one of"):
+        retrieval_train_step(model, batch, temp, itm_titles="two")
+
+
 def test_train_step_rejects_bad_batches(fresh_tiny_model):
     model = fresh_tiny_model
     batch = _batch(model)
