@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 LANG_NAMES = {"en": "English", "zh": "汉字→pinyin", "pinyin": "pinyin"}
+PLOT_LANG_NAMES = {"en": "English", "zh": "zh chars->pinyin", "pinyin": "pinyin"}  # Latin font
 
 
 def load(specs: list[str]) -> dict[str, dict]:
@@ -104,10 +105,9 @@ def plot(runs: dict[str, dict], k: int, out: Path, title: str) -> Path:
                 color = palette[i % len(palette)]
                 fill = color if j == 1 else tuple(int(c + (255 - c) * 0.55) for c in color)
                 d.rectangle([x, top + ph * (1 - value), x + bar_w - 2, top + ph], fill=fill)
-        label = LANG_NAMES.get(group, group).replace("→", "->")
+        label = PLOT_LANG_NAMES.get(group, group)
         d.text((left + g * group_w + group_w / 2 - 4 * len(label), top + ph + 10), label,
                fill="black", font=small)  # fmt: skip
-    d.text((8, top - 22), "text->product R@1", fill="black", font=font)
     y = top
     for i, name in enumerate(runs):
         color = palette[i % len(palette)]
