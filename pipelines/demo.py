@@ -213,8 +213,8 @@ def run_samples(url: str, queries: list[dict], k: int) -> list[dict]:
 
 def print_samples(shown: list[dict]) -> None:
     for s in shown:
-        where = f"rank {s['rank']}" if s["rank"] else "not in the top results"
-        print(f"\n[{s['lang']}] {s['query']!r}: expected {s['product_id']} at {where}")
+        where = f"at rank {s['rank']}" if s["rank"] else "not in the top results"
+        print(f"\n[{s['lang']}] {s['query']!r}: expected {s['product_id']} {where}")
         print(f"  {'#':>2}  {'product':<9} {'itc':>6} {'itm':>7} {'score':>7}  title")
         for i, r in enumerate(s["results"], 1):
             itm = "-" if r.get("itm_score") is None else f"{r['itm_score']:7.2f}"
