@@ -102,11 +102,6 @@ def lr_factor(step: int, *, steps: int, warmup_steps: int) -> float:
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def current_model_id(model: HFBlipModel) -> str:
-    """The model_id the weights would have once saved and reloaded (DESIGN.md: family + digest)."""
-    return model.current_model_id()
-
-
 def save_checkpoint(
     model: HFBlipModel, path: Path, trainer_state: dict | None, config_yaml: str | None
 ) -> str:
@@ -119,7 +114,7 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / TRAINER_STATE)
     if config_yaml is not None:
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
-    model_id = current_model_id(model)
+    model_id = model.current_model_id()
     (tmp / "model_id.txt").write_text(model_id + "\n", encoding="utf-8")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -128,11 +123,6 @@ def save_checkpoint(
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
     return model_id
-
-
-def load_weights(model: HFBlipModel, path: Path) -> None:
-    """Load the weights saved at ``path`` into ``model`` in place (device and dtype kept)."""
-    model.load_weights(path)
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -209,7 +199,7 @@ def fit(
     last = out / "last" if out is not None else None
     if resume and last is not None and (last / TRAINER_STATE).is_file():
         state = torch.load(last / TRAINER_STATE, map_location="cpu", weights_only=False)
-        load_weights(model, last)
+        model.load_weights(last)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         with torch.no_grad():
@@ -390,7 +380,7 @@ def fit(
         "last": last_out,
         "losses": losses,
         "temperature": float(temp.detach()),
-        "model_id": current_model_id(model),
+        "model_id": model.current_model_id(),
         "best_dir": str(out / "best") if out is not None and (out / "best").exists() else None,
         "last_dir": str(out / "last") if out is not None else None,
     }
