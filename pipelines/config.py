@@ -250,6 +250,14 @@ class ServeConfig(_Section):
     hybrid_weight: float = Field(
         0.5, ge=0, le=1, description="weighted fusion: share of the ITC cosine (rest: BM25)"
     )
+    follow_model: bool = Field(
+        True,
+        description="serve the published version's own model (the checkpoint its run recorded) "
+        "when it differs from model.name_or_path; false = refuse such a version",
+    )
+    max_models: int = Field(
+        2, gt=0, description="query models a model replica keeps loaded (rollout + rollback)"
+    )
     batching: bool = Field(True, description="@serve.batch query encoding and ITM across requests")
     max_batch_size: int = Field(16, gt=0, description="requests per @serve.batch call")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="how long a batch waits to fill")
@@ -400,6 +408,64 @@ class DemoConfig(_Section):
     k: int = Field(5, gt=0, le=100, description="results shown per sample query")
 
 
+class ExportConfig(_Section):
+    """``python -m pipelines.export``: Parquet exports of the tables for analysts."""
+
+    batch_rows: int = Field(
+        8192, gt=0, description="rows read from LanceDB per streamed batch (bounds memory)"
+    )
+    max_rows_per_file: int = Field(
+        250_000, gt=0, description="rows per Parquet file before the next file starts"
+    )
+    row_group_rows: int = Field(
+        65_536, gt=0, description="rows per Parquet row group (at most max_rows_per_file)"
+    )
+    partition_by: list[str] = Field(
+        default_factory=list,
+        description="hive partitions of a products export (e.g. [category]); [] = plain files",
+    )
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
+        "zstd", description="Parquet compression codec"
+    )
+    search_batch: int = Field(
+        32, gt=0, description="queries of a search export encoded per model call"
+    )
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> ExportConfig:
+        if self.row_group_rows > self.max_rows_per_file:
+            raise ValueError(
+                f"export.row_group_rows ({self.row_group_rows}) must not exceed "
+                f"export.max_rows_per_file ({self.max_rows_per_file})"
+            )
+        return self
+
+
+class MaintainConfig(_Section):
+    """``python -m pipelines.maintain``: compaction, incremental index optimisation, cleanup."""
+
+    keep_runs: int = Field(
+        14, gt=0, description="newest `run-*` tags kept per table (older ones are deleted)"
+    )
+    cleanup_older_than_hours: float = Field(
+        24.0,
+        ge=0,
+        description="untagged versions older than this are deleted (0 = all but the latest)",
+    )
+    target_rows_per_fragment: int = Field(
+        1_048_576, gt=0, description="compaction merges small fragments up to this many rows"
+    )
+    after_index: bool = Field(
+        False, description="the index job runs maintenance after it has published"
+    )
+    writer_stale_minutes: float = Field(
+        180.0,
+        gt=0,
+        description="a writer lease not renewed for this long is a dead writer's (maintenance "
+        "refuses to run beside a live one)",
+    )
+
+
 class OutputConfig(_Section):
     dir: str | None = Field(
         None, description="where commands like the demo write results; None = none"
@@ -426,6 +492,12 @@ class AppConfig(_Section):
         default_factory=MineConfig, description="hard-negative mining (pipelines.mine_negatives)"
     )
     demo: DemoConfig = Field(default_factory=DemoConfig, description="make demo")
+    export: ExportConfig = Field(
+        default_factory=ExportConfig, description="analyst exports (pipelines.export)"
+    )
+    maintain: MaintainConfig = Field(
+        default_factory=MaintainConfig, description="table maintenance (pipelines.maintain)"
+    )
 
 
 # --------------------------------------------------------------------------- key checking

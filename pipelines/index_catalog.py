@@ -415,6 +415,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
         "finished_at": datetime.now(timezone.utc),
         "config_digest": config_digest(cfg),
         "model_id": model_id,
+        "model_path": cfg.model.name_or_path,
         "source_uri": cfg.source.uri,
         "products_table": products_name,
         "rows_in": rows_in,
@@ -431,11 +432,13 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     runs_rows = pa.Table.from_pylist([run_row], schema=tables.RUNS_SCHEMA)
     runs_table = tables.append(db, tables.RUNS_TABLE, tables.RUNS_SCHEMA, runs_rows)
 
-    # Publish: data, indexes and the runs row are committed; now the tags. `run-<id>` first (it
-    # marks the run as complete: readers ignore runs rows without it), the runs table's
-    # `published` tag last: that single move is the switch readers see. A run that dies before it
-    # leaves readers where they were.
-    tables.move_tag(products, f"{tables.RUN_TAG_PREFIX}{run_id}", products.version)
+    # Publish: data, indexes and the runs row are committed; now the tags. `run-<id>` first on
+    # all three tables (it marks the run as complete: readers ignore runs rows without it, and
+    # `pipelines.publish` moves `published` back to it), the runs table's `published` tag last:
+    # that single move is the switch readers see. A run that dies before it leaves readers where
+    # they were.
+    for table in (products, rejects_table, runs_table):
+        tables.move_tag(table, tables.run_tag(run_id), table.version)
     tables.move_tag(products, cfg.index.publish_tag, products.version)
     tables.move_tag(rejects_table, cfg.index.publish_tag, rejects_table.version)
     tables.move_tag(runs_table, cfg.index.publish_tag, runs_table.version)

@@ -50,6 +50,7 @@ RUNS_SCHEMA = pa.schema(
         pa.field("finished_at", pa.timestamp("us", tz="UTC")),
         pa.field("config_digest", pa.string()),
         pa.field("model_id", pa.string()),
+        pa.field("model_path", pa.string()),  # the checkpoint (dir or hub id) the run encoded with
         pa.field("source_uri", pa.string()),
         pa.field("products_table", pa.string()),  # a new model_id writes a new (shadow) table
         pa.field("rows_in", pa.int64()),
@@ -93,14 +94,26 @@ def table_names(db) -> list[str]:
 
 
 def append(db, name: str, schema: pa.Schema, rows: pa.Table | None = None):
-    """Open table ``name`` (created with ``schema`` on first use) and add ``rows``, if any."""
+    """Open table ``name`` (created with ``schema`` on first use) and add ``rows``, if any.
+
+    A table written before ``schema`` gained a nullable column gets that column (null in its old
+    rows) before the add, so older indexes keep working."""
     rows = rows if rows is not None and rows.num_rows else None
     if name in table_names(db):
         table = db.open_table(name)
+        missing = [f for f in schema if f.name not in table.schema.names]
+        if missing and rows is not None:
+            table.add_columns(
+                {f.name: f"CAST(NULL AS {_SQL_TYPES[f.type]})" for f in missing}
+            )
+            logger.info("table %s: added columns %s", name, [f.name for f in missing])
         if rows is not None:
             table.add(rows)
         return table
     return db.create_table(name, rows, schema=schema)
+
+
+_SQL_TYPES = {pa.string(): "string", pa.int64(): "bigint", pa.float64(): "double"}
 
 
 def open_tagged(db, name: str, tag: str = PUBLISHED):
@@ -145,12 +158,9 @@ def published_run(db) -> dict | None:
     runs = open_tagged(db, RUNS_TABLE)
     if runs is None:
         return None
-    rows = (
-        runs.search()
-        .select(["run_id", "finished_at", "products_table", "products_version", "model_id"])
-        .limit(None)
-        .to_arrow()
-    )
+    wanted = ["run_id", "finished_at", "products_table", "products_version", "model_id"]
+    wanted += [c for c in ("model_path",) if c in runs.schema.names]
+    rows = runs.search().select(wanted).limit(None).to_arrow()
     # A run that died after writing its row but before tagging its data never completed.
     existing = set(table_names(db))
     run_tags = {
@@ -162,7 +172,30 @@ def published_run(db) -> dict | None:
         for r in rows.to_pylist()
         if f"{RUN_TAG_PREFIX}{r['run_id']}" in run_tags[r["products_table"]]
     ]
-    return max(done, key=lambda r: r["finished_at"]) if done else None
+    if not done:
+        return None
+    run = max(done, key=lambda r: r["finished_at"])
+    run.setdefault("model_path", None)  # runs rows written before the column existed
+    return run
+
+
+def run_tag(run_id: str) -> str:
+    return f"{RUN_TAG_PREFIX}{run_id}"
+
+
+def find_run(db, run_id: str) -> dict | None:
+    """The ``runs`` row of ``run_id`` at the runs table's newest version (any run, published or
+    not), or None."""
+    if RUNS_TABLE not in table_names(db):
+        return None
+    runs = db.open_table(RUNS_TABLE)
+    quoted = run_id.replace("'", "''")
+    rows = runs.search().where(f"run_id = '{quoted}'").limit(None).to_arrow().to_pylist()
+    if not rows:
+        return None
+    row = rows[-1]
+    row.setdefault("model_path", None)
+    return row
 
 
 def open_published_products(db):
