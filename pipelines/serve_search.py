@@ -59,33 +59,36 @@ APP_NAME = "search"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class ModelMismatchError(RuntimeError):
-    """The published table was encoded by another model than the one this service loaded."""
-
-
 # ------------------------------------------------------------------------------ model deployment
 @serve.deployment
 class QueryModel:
-    """Query encoder + ITM re-ranker; one model per replica, image tokens cached per replica."""
+    """Query encoders + ITM re-rankers: the configured checkpoint, and the one each published
+    version names (:mod:`pipelines.search.models`); image tokens cached per model and replica."""
 
     def __init__(self, config: dict):
         from blip_ops import load_model
-        from pipelines.search.scorer import QueryScorer
+        from pipelines.search.models import QueryModels
 
         setup_json_logging()
         cfg = AppConfig.model_validate(config)
-        model = load_model(
+
+        def load(path: str):
+            return load_model(
+                path, device=cfg.model.device, dtype=cfg.model.dtype, attention=cfg.model.attention
+            )
+
+        self.models = QueryModels(
+            load,
             cfg.model.name_or_path,
-            device=cfg.model.device,
-            dtype=cfg.model.dtype,
-            attention=cfg.model.attention,
+            max_models=cfg.serve.max_models,
+            cache_items=cfg.serve.token_cache_items,
         )
-        self.scorer = QueryScorer(model, cfg.serve.token_cache_items)
         self.batching = cfg.serve.batching
         for method in (self._text_batch, self._image_batch, self._itm_batch):
             method.set_max_batch_size(cfg.serve.max_batch_size)
             method.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
-        logger.info("query model %s ready on %s", model.model_id, model.device)
+        default = self.models.get()
+        logger.info("query model %s ready on %s", default.model_id, default.model.device)
 
     def _seen(self, kind: str, request_ids: list[str], started: float, **extra) -> dict:
         """Stats for one model call: batch size (+ cache counts), logged with the request ids."""
@@ -94,69 +97,92 @@ class QueryModel:
         log_json(logger, "model_call", kind=kind, batch=n, ms=ms, request_ids=request_ids, **extra)
         return {"batch": n, "ms": ms, **extra}
 
-    def info(self) -> dict:
-        cache = self.scorer.cache
+    def info(self, model=None) -> dict:
+        """The model ``model`` (a ``ModelRef``; None: the configured one), loaded if needed."""
+        scorer = self.models.get(model)
+        cache = scorer.cache
         return {
-            "model_id": self.scorer.model_id,
-            "text_settings": self.scorer.model.text_settings.to_dict(),
+            "model_id": scorer.model_id,
+            "text_settings": scorer.model.text_settings.to_dict(),
             "batching": self.batching,
+            "loaded": self.models.loaded,
             "cache_items": len(cache),
             "cache_hits": cache.hits,
             "cache_misses": cache.misses,
         }
 
+    async def load(self, model) -> dict:
+        """Load ``model`` (``(model_id, checkpoint path)``) off the event loop; its :meth:`info`."""
+        return await asyncio.to_thread(self.info, model)
+
     # Each call returns {"value": …, "batch": n, "ms": …} so the ingress can record batch sizes
-    # (and, for ITM, image-token cache hits) in its metrics.
-    async def encode_text(self, text: str, request_id: str = "") -> dict:
+    # (and, for ITM, image-token cache hits) in its metrics. `model` names the published
+    # version's model (None: the configured one).
+    async def encode_text(self, text: str, request_id: str = "", model=None) -> dict:
         if self.batching:
-            return await self._text_batch(text, request_id)
-        return self._texts([text], [request_id])[0]
+            return await self._text_batch(text, request_id, model)
+        return self._texts([text], [request_id], [model])[0]
 
-    async def encode_image(self, image, request_id: str = "") -> dict:
+    async def encode_image(self, image, request_id: str = "", model=None) -> dict:
         if self.batching:
-            return await self._image_batch(image, request_id)
-        return self._images([image], [request_id])[0]
+            return await self._image_batch(image, request_id, model)
+        return self._images([image], [request_id], [model])[0]
 
-    async def itm(self, job, request_id: str = "") -> dict:
+    async def itm(self, job, request_id: str = "", model=None) -> dict:
         if self.batching:
-            return await self._itm_batch(job, request_id)
-        return self._itms([job], [request_id])[0]
+            return await self._itm_batch(job, request_id, model)
+        return self._itms([job], [request_id], [model])[0]
 
     @serve.batch
-    async def _text_batch(self, texts: list[str], request_ids: list[str]) -> list[dict]:
-        return self._texts(texts, request_ids)
+    async def _text_batch(self, texts: list[str], request_ids: list[str], models: list):
+        return self._texts(texts, request_ids, models)
 
     @serve.batch
-    async def _image_batch(self, images: list, request_ids: list[str]) -> list[dict]:
-        return self._images(images, request_ids)
+    async def _image_batch(self, images: list, request_ids: list[str], models: list):
+        return self._images(images, request_ids, models)
 
     @serve.batch
-    async def _itm_batch(self, jobs: list, request_ids: list[str]) -> list[dict]:
-        return self._itms(jobs, request_ids)
+    async def _itm_batch(self, jobs: list, request_ids: list[str], models: list):
+        return self._itms(jobs, request_ids, models)
 
-    def _texts(self, texts: list[str], request_ids: list[str]) -> list[dict]:
+    def _by_model(self, items: list, models: list, run) -> list:
+        """``run(scorer, items)`` once per model among the batch's requests (one model but during
+        a switch), results in the requests' order."""
+        groups: dict = {}
+        for i, model in enumerate(models):
+            groups.setdefault(None if model is None else tuple(model), []).append(i)
+        out: list = [None] * len(items)
+        for model, idx in groups.items():
+            values = run(self.models.get(model), [items[i] for i in idx])
+            for i, v in zip(idx, values, strict=True):
+                out[i] = v
+        return out
+
+    def _texts(self, texts: list[str], request_ids: list[str], models: list) -> list[dict]:
         t = time.perf_counter()
-        values = self.scorer.encode_texts(texts)
+        values = self._by_model(texts, models, lambda s, xs: list(s.encode_texts(xs)))
         stats = self._seen("text", request_ids, t)
         return [{"value": v, **stats} for v in values]
 
-    def _images(self, images: list, request_ids: list[str]) -> list[dict]:
+    def _images(self, images: list, request_ids: list[str], models: list) -> list[dict]:
         t = time.perf_counter()
-        values = self.scorer.encode_images(images)
+        values = self._by_model(images, models, lambda s, xs: list(s.encode_images(xs)))
         stats = self._seen("image", request_ids, t)
         return [{"value": v, **stats} for v in values]
 
-    def _itms(self, jobs: list, request_ids: list[str]) -> list[dict]:
+    def _itms(self, jobs: list, request_ids: list[str], models: list) -> list[dict]:
         t = time.perf_counter()
-        hits, misses = self.scorer.cache.hits, self.scorer.cache.misses
-        values = self.scorer.itm(jobs)
-        stats = self._seen(
-            "itm",
-            request_ids,
-            t,
-            hits=self.scorer.cache.hits - hits,
-            misses=self.scorer.cache.misses - misses,
-        )
+        counts = {"hits": 0, "misses": 0}
+
+        def run(scorer, batch):
+            hits, misses = scorer.cache.hits, scorer.cache.misses
+            values = scorer.itm(batch)
+            counts["hits"] += scorer.cache.hits - hits
+            counts["misses"] += scorer.cache.misses - misses
+            return values
+
+        values = self._by_model(jobs, models, run)
+        stats = self._seen("itm", request_ids, t, **counts)
         # the batch's cache counts go with its first request only, so they are never summed twice
         rest = {k: v for k, v in stats.items() if k not in ("hits", "misses")}
         return [{"value": v, **(stats if i == 0 else rest)} for i, v in enumerate(values)]
@@ -167,11 +193,19 @@ class HandleScorer:
     passes the request id along (the model replica logs it) and records batch sizes and cache
     counts in the ingress's metrics."""
 
-    def __init__(self, handle: DeploymentHandle, text_settings, metrics=None, request_id: str = ""):
+    def __init__(
+        self,
+        handle: DeploymentHandle,
+        text_settings,
+        metrics=None,
+        request_id: str = "",
+        model=None,
+    ):
         self.handle = handle
         self.text_settings = text_settings
         self.metrics = metrics
         self.request_id = request_id
+        self.model = model  # the pinned version's ModelRef (None: the configured model)
 
     def normalize_text(self, text: str) -> str:
         from blip_ops.text import normalize_text
@@ -179,7 +213,7 @@ class HandleScorer:
         return normalize_text(text, self.text_settings)
 
     async def _call(self, kind: str, method, arg):
-        out = await method.remote(arg, self.request_id)
+        out = await method.remote(arg, self.request_id, self.model)
         if self.metrics is not None:
             self.metrics.observe_model_call(kind, out)
         return out["value"]
@@ -368,16 +402,38 @@ class SearchIngress:
             self.cfg.index.uri, self.s3, cache_dir=self.cfg.serve.cache_dir, pointer=pointer
         )
 
-    def _mismatch_message(self, pointer_model: str, products_table: str, version: int) -> str:
+    def _mismatch_message(
+        self, pointer_model: str, products_table: str, version: int, why: str = ""
+    ) -> str:
+        why = why or (
+            f"this service loaded {self.model_id} ({self.cfg.model.name_or_path}) and "
+            f"serve.follow_model is off"
+        )
         return (
             f"REFUSED: published table {products_table} version {version} was encoded by model "
-            f"{pointer_model}, but this service loaded {self.model_id} "
-            f"({self.cfg.model.name_or_path}); deploy the matching checkpoint or move the "
-            f"published tag back"
+            f"{pointer_model}, but {why}; deploy the matching checkpoint or move the published "
+            f"tag back"
         )
 
+    def _query_model(self, pointer: dict):
+        """``(ModelRef or None, TextSettings)`` of the model that encoded ``pointer``'s version:
+        the configured one, or (``serve.follow_model``) the checkpoint its run recorded, loaded in
+        the model deployment before the switch. Raises ModelMismatchError when it cannot be had."""
+        from blip_ops.text import TextSettings
+        from pipelines.search.models import ModelMismatchError, ModelRef
+
+        if pointer["model_id"] == self.model_id:
+            return None, self.text_settings
+        if not self.cfg.serve.follow_model:
+            raise ModelMismatchError("")
+        ref = ModelRef(pointer["model_id"], pointer.get("model_path"))
+        # A blocking wait in the refresh thread, never on the event loop.
+        info = self.model.load.remote(tuple(ref)).result(timeout_s=600)
+        return ref, TextSettings.from_dict(info["text_settings"])
+
     def refresh(self) -> bool:
-        """Swap in a newly published version; True when the served version changed."""
+        """Swap in a newly published version (and its model); True when the served version changed."""
+        from pipelines.search.models import ModelMismatchError
         from pipelines.search.snapshot import published_pointer
 
         with self._lock:
@@ -388,19 +444,35 @@ class SearchIngress:
             if self.snapshot is not None and key == self.snapshot.key:
                 self.refused = None
                 return False
-            if pointer["model_id"] != self.model_id:
-                if self.refused != pointer:
-                    logger.error(self._mismatch_message(pointer["model_id"], *key))
-                self.refused = pointer
+            try:
+                model_ref, text_settings = self._query_model(pointer)
+            except Exception as err:  # noqa: BLE001 - refuse the version, keep serving the pinned one
+                cause = getattr(err, "cause", None) or err  # a RayTaskError wraps the replica's
+                why = (
+                    str(cause)
+                    if isinstance(cause, ModelMismatchError)
+                    else f"its model could not be loaded ({type(cause).__name__}: {cause})"
+                )
+                if self.refused is None or any(
+                    self.refused.get(k) != v for k, v in pointer.items()
+                ):
+                    logger.error(self._mismatch_message(pointer["model_id"], *key, why))
+                self.refused = {**pointer, "why": why}
                 return False
             new = self._open(pointer)
+            new.model_ref, new.text_settings = model_ref, text_settings
             old, self.snapshot, self.refused = self.snapshot, new, None
             self.metrics.set_version(new.version, new.rows)
             if old is not None:
                 self.retired.append(old)
                 while len(self.retired) > 2:  # two refresh periods: no request lives that long
                     self.retired.pop(0).close()
-            logger.info("now serving %s version %d", new.products_table, new.version)
+            logger.info(
+                "now serving %s version %d (model %s)",
+                new.products_table,
+                new.version,
+                new.model_id,
+            )
             return True
 
     async def _watch(self) -> None:
@@ -429,10 +501,12 @@ class SearchIngress:
         await asyncio.to_thread(self.refresh)
         if self.snapshot is None:
             if self.refused is not None:
+                from pipelines.search.models import ModelMismatchError
+
                 p = self.refused
                 raise ModelMismatchError(
                     self._mismatch_message(
-                        p["model_id"], p["products_table"], int(p["products_version"])
+                        p["model_id"], p["products_table"], int(p["products_version"]), p["why"]
                     )
                 )
             from pipelines.search.snapshot import NoPublishedIndex
@@ -488,7 +562,9 @@ def build_http_app(self: SearchIngress):
         body = await request.body()
         query = await asyncio.to_thread(parse_search, body, self.limits)
         snap = self.snapshot  # pinned for this request: one version, start to end
-        scorer = HandleScorer(self.model, self.text_settings, self.metrics, rid(request))
+        scorer = HandleScorer(
+            self.model, snap.text_settings, self.metrics, rid(request), snap.model_ref
+        )
         result = await search(query, snap, scorer)
         result["request_id"] = rid(request)
         self.metrics.observe_stages(result["timings_ms"])
@@ -531,6 +607,7 @@ def build_http_app(self: SearchIngress):
                 "products_table": self.refused["products_table"],
                 "table_version": int(self.refused["products_version"]),
                 "model_id": self.refused["model_id"],
+                "why": self.refused["why"],
             }
         return body
 

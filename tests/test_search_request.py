@@ -167,3 +167,47 @@ def test_fusion_rules():
     assert parse_search({"text": "x"}, Limits(hybrid="weighted")).hybrid == "weighted"
     with pytest.raises(BadRequest, match="`hybrid` must be"):
         parse_search({"text": "x", "hybrid": "bm25"}, LIMITS)
+
+
+# ---- the query models of one model replica (rollout / rollback) ------------------------------
+def test_query_models_load_check_and_evict(tmp_path, tiny_model_dir):
+    import shutil
+
+    from blip_ops import load_model
+    from blip_ops.tiny_model import write_tiny_model
+    from pipelines.search.models import ModelMismatchError, ModelRef, QueryModels
+
+    loads: list[str] = []
+
+    def load(path: str):
+        loads.append(path)
+        return load_model(path, device="cpu")
+
+    b_dir = write_tiny_model(tmp_path / "b", seed=5)
+    c_dir = write_tiny_model(tmp_path / "c", seed=6)
+    models = QueryModels(load, str(tiny_model_dir), max_models=2, cache_items=8)
+    a_id = models.default_id
+    b_id, c_id = load_model(b_dir).model_id, load_model(c_dir).model_id
+    assert models.get().model_id == a_id and models.get(None) is models.get(ModelRef(a_id, None))
+    assert models.get((b_id, str(b_dir))).model_id == b_id
+    assert models.get((b_id, "/elsewhere")).model_id == b_id  # loaded once, by id
+    assert loads == [str(tiny_model_dir), str(b_dir)]
+    # Encodings are the loaded model's own.
+    text = models.get((b_id, str(b_dir))).encode_texts(["sofa"])
+    assert np.allclose(text, load_model(b_dir).encode_texts(["sofa"]).numpy(), atol=1e-6)
+    # A third model evicts the least recently used (A: B was used last).
+    models.get((c_id, str(c_dir)))
+    assert models.loaded == [b_id, c_id]
+    # No recorded checkpoint: refused with the reason.
+    with pytest.raises(ModelMismatchError, match="recorded no checkpoint path"):
+        models.get(ModelRef("model-x", None))
+    # A checkpoint overwritten since the run: its id differs, refused, never used.
+    moved = tmp_path / "moved"
+    shutil.copytree(c_dir, moved)
+    with pytest.raises(ModelMismatchError, match=f"is now model {c_id}.*encoded by {b_id}"):
+        QueryModels(load, str(tiny_model_dir), max_models=2).get(ModelRef(b_id, str(moved)))
+    with pytest.raises(ModelMismatchError, match="could not load the checkpoint"):
+        models.get(ModelRef("model-y", str(tmp_path / "missing")))
+    assert models.loaded == [b_id, c_id]
+    with pytest.raises(ValueError, match="max_models must be at least 1, got 0"):
+        QueryModels(load, str(tiny_model_dir), max_models=0)

@@ -344,14 +344,17 @@ def test_model_id_mismatch_is_refused(indexed, tmp_path, serve_url):
 
     cfg, _ = indexed
     other = write_tiny_model(tmp_path / "other", seed=99)
+    # serve.follow_model off: the service serves its own checkpoint's versions only (with it on,
+    # it would load the checkpoint the published run recorded: tests/test_publish.py).
     wrong = cfg.model_copy(
         update={
             "model": cfg.model.model_copy(update={"name_or_path": str(other)}),
             "serve": cfg.serve.model_copy(
                 update={
+                    "follow_model": False,
                     "ingress": cfg.serve.ingress.model_copy(
                         update={"max_constructor_retry_count": 1}
-                    )
+                    ),
                 }
             ),
         }

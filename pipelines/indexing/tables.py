@@ -103,9 +103,7 @@ def append(db, name: str, schema: pa.Schema, rows: pa.Table | None = None):
         table = db.open_table(name)
         missing = [f for f in schema if f.name not in table.schema.names]
         if missing and rows is not None:
-            table.add_columns(
-                {f.name: f"CAST(NULL AS {_SQL_TYPES[f.type]})" for f in missing}
-            )
+            table.add_columns({f.name: f"CAST(NULL AS {_SQL_TYPES[f.type]})" for f in missing})
             logger.info("table %s: added columns %s", name, [f.name for f in missing])
         if rows is not None:
             table.add(rows)

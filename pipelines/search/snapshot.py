@@ -47,6 +47,10 @@ class Snapshot:
     rows: int
     metadata_columns: tuple[str, ...]
     local_dir: str | None = None  # the local copy of an s3:// index (removed when replaced)
+    # Set by the service: the model that encoded this version (None: the configured one) and its
+    # query text settings.
+    model_ref: tuple | None = None
+    text_settings: object | None = None
     filter_columns: tuple[str, ...] = field(init=False)
     has_fts: bool = field(init=False)
     _facets: dict | None = field(init=False, default=None, repr=False)
