@@ -93,3 +93,33 @@ def test_tables_and_tags_on_s3(s3_server, s3_bucket):
     t.add(_rows(["d"]))
     again = tables.connect(f"s3://{s3_bucket}/lancedb", settings)
     assert tables.open_tagged(again, "products").count_rows() == 3
+
+
+def test_runs_table_from_before_model_path_gains_the_column(tmp_path):
+    """An index written before runs rows carried model_path keeps working: the next run's row
+    adds the column (null for the old rows), and the published pointer reads both."""
+    from datetime import datetime, timezone
+
+    db = tables.connect(str(tmp_path / "db"))
+    old_schema = pa.schema([f for f in tables.RUNS_SCHEMA if f.name != "model_path"])
+
+    def row(run_id, minute, **extra):
+        at = datetime(2026, 11, 1, 3, minute, tzinfo=timezone.utc)
+        return {"run_id": run_id, "finished_at": at, "products_table": "p", "model_id": "m1",
+                "products_version": 1, **extra}  # fmt: skip
+
+    products = db.create_table("p", _rows(["a"]))
+    runs = db.create_table("runs", pa.Table.from_pylist([row("old", 1)], schema=old_schema))
+    for name in ("run-old", "run-new"):
+        tables.move_tag(products, name, products.version)
+    tables.move_tag(runs, "published", runs.version)
+    assert tables.published_run(db)["model_path"] is None
+    new = pa.Table.from_pylist([row("new", 2, model_path="/ckpt/m1")], schema=tables.RUNS_SCHEMA)
+    runs = tables.append(db, "runs", tables.RUNS_SCHEMA, new)
+    assert runs.schema.field("model_path").type == pa.string()
+    got = {r["run_id"]: r["model_path"] for r in runs.to_arrow().to_pylist()}
+    assert got == {"old": None, "new": "/ckpt/m1"}
+    assert tables.published_run(db)["run_id"] == "old"  # the tag still pins the old version
+    tables.move_tag(runs, "published", runs.version)
+    assert tables.published_run(db)["model_path"] == "/ckpt/m1"
+    assert tables.find_run(db, "old")["model_path"] is None
