@@ -430,6 +430,22 @@ class ExportConfig(_Section):
     search_batch: int = Field(
         32, gt=0, description="queries of a search export encoded per model call"
     )
+    max_partitions: int = Field(
+        1024,
+        gt=0,
+        description="hive partitions an export may write; more fails (partition_by too fine)",
+    )
+    read_ahead_mb: int = Field(
+        64, gt=0, description="megabytes LanceDB may read ahead of the writer (bounds memory)"
+    )
+    max_open_files: int = Field(
+        32,
+        gt=0,
+        description="partition files written at once; each buffers up to one row group in memory",
+    )
+    progress_seconds: float = Field(
+        10.0, gt=0, description="how often a long export logs its progress"
+    )
 
     @model_validator(mode="after")
     def _check_groups(self) -> ExportConfig:
@@ -453,7 +469,10 @@ class MaintainConfig(_Section):
         description="untagged versions older than this are deleted (0 = all but the latest)",
     )
     target_rows_per_fragment: int = Field(
-        1_048_576, gt=0, description="compaction merges small fragments up to this many rows"
+        16_384,
+        gt=0,
+        description="compaction merges smaller fragments up to this many rows (rows carry "
+        "JPEGs: ~0.6 GB per fragment at 384 px; a larger target rewrites more each time)",
     )
     after_index: bool = Field(
         False, description="the index job runs maintenance after it has published"
