@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python pipelines/index_catalog.py` (ray job submit) as well as -m
@@ -45,6 +45,7 @@ from pipelines.config import (
 )
 from pipelines.indexing import staging as stage_io
 from pipelines.indexing import tables
+from pipelines.indexing.lease import LeaseHeldError, WriterLease
 from pipelines.indexing.report import Timeline, write_run_report
 from pipelines.indexing.stages import (
     DETAIL,
@@ -177,16 +178,51 @@ def _reject_table(batch: pa.Table, run_id: str) -> pa.Table:
     )
 
 
-def build_indexes(products, cfg: AppConfig, n_rows: int, *, rebuild: bool) -> str | None:
+ANN_INDEX = "image_embedding_idx"
+FTS_INDEX = "title_normalized_idx"
+
+
+def _ann_mismatch(products, existing, cfg: AppConfig) -> str | None:
+    """Why the existing ANN index must be built again (None when an update will do): another index
+    type, metric or configured partition count, or no live row left in it (Lance would retrain it
+    on the new rows alone, with partitions of its own choosing)."""
+    idx = existing[ANN_INDEX]
+    if not idx.num_indexed_rows:  # the run replaced every row: nothing of the old index is live
+        return "it indexes no live row"
+    want = cfg.index.ann_index_type
+    if idx.index_type.replace("_", "").lower() != want.replace("_", "").lower():
+        return f"index type {idx.index_type}, configured {want}"
+    metric = (idx.index_details or {}).get("metric_type")
+    if metric and str(metric).lower() != "cosine":
+        return f"metric {metric}, expected cosine"
+    if cfg.index.ann_num_partitions:
+        stats = products.to_lance().stats.index_stats(ANN_INDEX)
+        got = {seg.get("num_partitions") for seg in stats.get("indices") or []}
+        if got != {cfg.index.ann_num_partitions}:
+            return f"{sorted(got, key=str)} partitions, configured {cfg.index.ann_num_partitions}"
+    return None
+
+
+def build_indexes(products, cfg: AppConfig, n_rows: int, *, changed: bool) -> str | None:
     """The ANN index (IVF-type once there are enough rows to train it; exact search below) and the
-    full-text index on the normalised title. Unchanged data keeps its indexes."""
+    full-text index on the normalised title.
+
+    An index is built from scratch only when there is none (or the ANN index's type, metric or
+    configured partitions changed); otherwise a run that changed rows updates the existing indexes
+    incrementally: only its new rows are indexed, as a delta segment of each index (the ANN delta
+    uses the trained partitions: no retraining); ``pipelines.maintain`` merges the deltas.
+    Unchanged data keeps its indexes. Rows an index does not cover yet are still found (searched
+    exhaustively), so correctness never depends on this step, only latency."""
     from lancedb.index import FTS
 
     existing = {i.name: i for i in products.list_indices()}
     ann = None
+    update: list[str] = []
     if n_rows >= cfg.index.ann_min_rows:
         partitions = cfg.index.ann_num_partitions or max(1, int(n_rows**0.5))
-        if rebuild or "image_embedding_idx" not in existing:
+        why = _ann_mismatch(products, existing, cfg) if ANN_INDEX in existing else "none yet"
+        if why is not None:
+            logger.info("building the ANN index from scratch (%s)", why)
             products.create_index(
                 metric="cosine",
                 vector_column_name="image_embedding",
@@ -194,26 +230,70 @@ def build_indexes(products, cfg: AppConfig, n_rows: int, *, rebuild: bool) -> st
                 num_partitions=partitions,
                 replace=True,
             )
-            stats = products.index_stats("image_embedding_idx")
+            stats = products.index_stats(ANN_INDEX)
             if (
                 stats is None or stats.num_indexed_rows == 0
             ):  # an index trained on too few rows indexes nothing
                 raise RuntimeError(f"ANN index on {n_rows} rows indexed nothing: {stats}")
-        ann = f"{cfg.index.ann_index_type}({partitions})"
-    if n_rows and (rebuild or "title_normalized_idx" not in existing):
+            ann = f"{cfg.index.ann_index_type}({partitions})"
+        else:
+            ann = f"{cfg.index.ann_index_type} ({'updated incrementally' if changed else 'unchanged'})"
+            update += [ANN_INDEX] if changed else []
+    elif ANN_INDEX in existing and changed:  # fewer rows than ann_min_rows now: keep it current
+        update.append(ANN_INDEX)
+    if n_rows and FTS_INDEX not in existing:
         products.create_index("title_normalized", config=FTS(), replace=True)
+    elif FTS_INDEX in existing and changed:
+        update.append(FTS_INDEX)
+    if update:
+        # num_indices_to_merge=0: index only the new rows, as a delta segment beside the old
+        # ones (Lance's default may rewrite a small index whole); maintenance merges the deltas.
+        products.to_lance().optimize.optimize_indices(index_names=update, num_indices_to_merge=0)
+        products.checkout_latest()
+        logger.info("indexes %s updated incrementally", update)
     return ann
 
 
 def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
-    """Run the job once and return its summary (also stored as the ``runs`` row)."""
+    """Run the job once and return its summary (also stored as the ``runs`` row).
+
+    The whole run holds the index's writer lease (``pipelines/indexing/lease.py``): a second
+    writer, or a maintenance, refuses to start beside it (LeaseHeldError). With
+    ``maintain.after_index`` the run then maintains the index under the same lease; a failed
+    maintenance is logged and reported in ``summary["maintenance"]``, never fails the run."""
+    run_id = run_id or new_run_id()
+    lease = WriterLease(
+        cfg.index.uri,
+        S3Settings.from_config(cfg.s3),
+        kind="index",
+        run_id=run_id,
+        stale_after=timedelta(minutes=cfg.maintain.writer_stale_minutes),
+    )
+    with lease:
+        summary = _index_run(cfg, run_id, lease)
+        if cfg.maintain.after_index:
+            summary["maintenance"] = _maintain_after_index(cfg, lease, run_id)
+    return summary
+
+
+def _maintain_after_index(cfg: AppConfig, lease: WriterLease, run_id: str) -> dict:
+    from pipelines.maintain import run_maintenance
+
+    try:
+        return run_maintenance(cfg, lease=lease, maintenance_id=f"after-{run_id}")
+    except Exception as err:  # noqa: BLE001 - the run is published: maintenance only reports
+        logger.exception("maintenance after run %s failed (the run is published)", run_id)
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def _index_run(cfg: AppConfig, run_id: str, lease: WriterLease) -> dict:
+    """The job's body, run under ``lease``."""
     import ray
 
     from blip_ops import load_model
 
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
-    run_id = run_id or new_run_id()
     s3 = S3Settings.from_config(cfg.s3)
     cols = Columns(
         cfg.source.columns.product_id,
@@ -384,7 +464,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     logger.info("merge done: driver peak %.0f MB", peak_rss_mb())
     n_rows = products.count_rows()
     changed = bool(keep) or deleted > 0
-    ann = build_indexes(products, cfg, n_rows, rebuild=changed)
+    ann = build_indexes(products, cfg, n_rows, changed=changed)
     rejects_table = tables.append(
         db, tables.REJECTS_TABLE, REJECTS_SCHEMA, pa.concat_tables(rejects) if rejects else None
     )
@@ -437,6 +517,7 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     # `pipelines.publish` moves `published` back to it), the runs table's `published` tag last:
     # that single move is the switch readers see. A run that dies before it leaves readers where
     # they were.
+    lease.check()  # never publish after another writer took the index over
     for table in (products, rejects_table, runs_table):
         tables.move_tag(table, tables.run_tag(run_id), table.version)
     tables.move_tag(products, cfg.index.publish_tag, products.version)
@@ -484,10 +565,19 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = run_index(cfg, run_id=args.run_id)
+    except LeaseHeldError as err:  # another writer is live: not a configuration error
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except (ModelUnavailableError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_summary(summary)
+    if "maintenance" in summary:
+        from pipelines.maintain import format_summary
+
+        done = summary["maintenance"]
+        failed = f"  maintenance FAILED: {done.get('error')}"
+        print(format_summary(done) if "error" not in done else failed)
     return 0
 
 
