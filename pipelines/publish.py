@@ -26,9 +26,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 from pipelines.config import AppConfig, add_config_arguments, cli_config
 from pipelines.indexing import tables
+from pipelines.indexing.lease import LeaseHeldError, WriterLease
 from pipelines.storage import S3Settings
 
 logger = logging.getLogger(__name__)
@@ -120,8 +122,22 @@ def publish(cfg: AppConfig, to: str, tag: str | None = None) -> dict:
     tag = tag or cfg.index.publish_tag
     if tag.startswith(tables.RUN_TAG_PREFIX):
         raise PublishError(f"--tag {tag!r}: run-* tags belong to their runs and never move")
-    db = tables.connect(cfg.index.uri, S3Settings.from_config(cfg.s3))
-    target = run_versions(db, parse_run_id(to))
+    s3 = S3Settings.from_config(cfg.s3)
+    run_id = parse_run_id(to)
+    # Under the writer lease: a maintenance pruning run-* tags, or an index run moving the tags,
+    # never interleaves with this switch (LeaseHeldError while one is live).
+    with WriterLease(
+        cfg.index.uri,
+        s3,
+        kind="publish",
+        run_id=run_id,
+        stale_after=timedelta(minutes=cfg.maintain.writer_stale_minutes),
+    ):
+        return _publish(cfg, tables.connect(cfg.index.uri, s3), run_id, tag)
+
+
+def _publish(cfg: AppConfig, db, run_id: str, tag: str) -> dict:
+    target = run_versions(db, run_id)
     before = tables.published_run(db) if tag == tables.PUBLISHED else None
     products = db.open_table(target.products_table)
     restored = None
@@ -220,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (PublishError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except LeaseHeldError as err:  # another writer is live: retry when it is done
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     print_summary(summary)
     return 0
 

@@ -212,6 +212,15 @@ def test_publish_refusals(with_b, capsys):
     assert _publish_cli(cfg_a, "run-dead") == 2
     assert "never completed" in capsys.readouterr().err
     assert _pub(cfg_a) == before  # nothing moved
+    # A live writer (an index run or a maintenance) holds the index: refused, retryable (exit 3).
+    from datetime import timedelta
+
+    from pipelines.indexing.lease import WriterLease
+
+    with WriterLease(cfg_a.index.uri, kind="index", run_id="busy", stale_after=timedelta(hours=1)):
+        assert _publish_cli(cfg_a, "run-b1" if before["run_id"] == "a1" else "run-a1") == 3
+        assert "busy" in capsys.readouterr().err
+    assert _pub(cfg_a) == before
     assert main(["--index-uri", cfg_a.index.uri, "--list"]) == 0
     listed = capsys.readouterr().out
     assert f"* run-{before['run_id']}" in listed and "run-dead" in listed
