@@ -30,7 +30,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
-.PHONY: help venv pip-check fonts browser test demo demo-stop catalog lint bench lock clean
+.PHONY: help venv pip-check fonts browser test demo demo-stop catalog lint bench lock audit clean
 
 help:
 	@echo "make demo   - catalog -> fine-tune the compact model -> index -> search service on :8000 (Ctrl-C stops)"
@@ -40,6 +40,7 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make bench  - model-only throughput (blip_ops.bench) on CPU"
 	@echo "make lock   - refresh $(CONSTRAINTS) from a fresh resolve"
+	@echo "make audit  - pip-audit $(CONSTRAINTS) against a vulnerability database (needs network; not in CI)"
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@echo ">> creating $(VENV) and installing (about 2 minutes on a fresh machine)"
@@ -112,6 +113,40 @@ lock:
 	{ echo "# Exact versions CI installs (make lock). Ranges live in pyproject.toml."; \
 	  .lock-venv/bin/pip freeze --exclude-editable | sed -e 's/+cpu$$//'; } > $(CONSTRAINTS)
 	rm -rf .lock-venv
+
+# Known vulnerabilities in the exact versions CI installs (docs/security.md). pip-audit lives in
+# a venv of its own (it is no project dependency) and reads $(CONSTRAINTS) without installing it.
+# It needs a vulnerability database: PyPI's JSON API or OSV. A mirror or an offline machine makes
+# pip-audit skip every package and still say "No known vulnerabilities found", so a probe asks
+# first about a release with published advisories ($(AUDIT_PROBE)); no database that reports it,
+# no audit: the target says so and fails (AUDIT_OFFLINE_OK=1: exits 0 instead). Exit status 1
+# from pip-audit means vulnerabilities were found.
+AUDIT_VENV ?= .audit-venv
+AUDIT_SPEC ?= pip-audit==2.10.1
+AUDIT_PROBE := pillow==9.0.0
+AUDIT_OFFLINE_OK ?= 0
+AUDIT := $(AUDIT_VENV)/bin/pip-audit --disable-pip --no-deps --progress-spinner off --timeout 15
+# pip-audit's JSON lists the probe's advisories: exit 0 when there are some (pip-audit's own exit
+# status cannot tell: 1 is both "vulnerabilities found" and a crash on an unreachable host)
+export AUDIT_PROBE_CHECK := import json, sys; d = json.load(sys.stdin); sys.exit(0 if any(x.get("vulns") for x in d["dependencies"]) else 1)
+audit:
+	@offline() { echo "make audit: cannot reach the vulnerability database (offline): $$1" >&2; \
+	  if [ "$(AUDIT_OFFLINE_OK)" = 1 ]; then exit 0; else exit 1; fi; }; \
+	if [ ! -x $(AUDIT_VENV)/bin/pip-audit ]; then \
+	  echo ">> installing $(AUDIT_SPEC) into $(AUDIT_VENV)"; \
+	  $(PYTHON) -m venv $(AUDIT_VENV) || exit 1; \
+	  $(AUDIT_VENV)/bin/pip install -q --disable-pip-version-check "$(AUDIT_SPEC)" >$(AUDIT_VENV)/install.log 2>&1 || \
+	    { rm -rf $(AUDIT_VENV); offline "installing $(AUDIT_SPEC) failed"; }; \
+	fi; \
+	printf '%s\n' "$(AUDIT_PROBE)" > $(AUDIT_VENV)/probe.txt; \
+	service=""; \
+	for s in pypi osv; do \
+	  if { $(AUDIT) -s $$s -f json -r $(AUDIT_VENV)/probe.txt 2>/dev/null || true; } | \
+	     $(AUDIT_VENV)/bin/python -c "$$AUDIT_PROBE_CHECK" 2>/dev/null; then service=$$s; break; fi; \
+	done; \
+	[ -n "$$service" ] || offline "neither PyPI's JSON API nor OSV reported the advisories of $(AUDIT_PROBE)"; \
+	echo ">> pip-audit ($$service) of $(CONSTRAINTS)"; \
+	$(AUDIT) -s $$service -r $(CONSTRAINTS) --desc on
 
 clean:
 	rm -rf $(VENV) .data build *.egg-info

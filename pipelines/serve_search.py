@@ -527,7 +527,7 @@ def build_http_app(self: SearchIngress):
     from starlette.exceptions import HTTPException
 
     from pipelines.search.engine import search
-    from pipelines.search.request import BadRequest, parse_search
+    from pipelines.search.request import BadRequest, parse_search, search_openapi
 
     app = FastAPI(title="blip-catalog-search", version="0.1.0")
 
@@ -557,7 +557,7 @@ def build_http_app(self: SearchIngress):
             request, 500, f"internal error ({type(err).__name__}); request id {rid(request)}"
         )
 
-    @app.post("/search")
+    @app.post("/search", openapi_extra=search_openapi(self.limits))
     async def search_route(request: Request):
         body = await request.body()
         query = await asyncio.to_thread(parse_search, body, self.limits)

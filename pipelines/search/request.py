@@ -83,6 +83,8 @@ def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
     value = body.get(name)
     if value is None:
         value = default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 10.0 is an integer in JSON (and JSON Schema); some clients send it
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(f"`{name}` must be an integer, got {json.dumps(value)[:40]}")
     if not low <= value <= high:
@@ -129,6 +131,89 @@ def decode_query_image(data: Any, limits: Limits) -> Image.Image:
     except ImageDecodeError as err:
         detail = _OBJECT_REPR.sub("the image", str(err))  # PIL names its in-memory file object
         raise BadRequest(f"`image` could not be decoded ({err.reason}): {detail}") from None
+
+
+_ERROR = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}},
+    "required": ["error"],
+}
+
+
+def search_openapi(limits: Limits) -> dict:
+    """The OpenAPI of ``POST /search`` that :func:`parse_search` enforces (the route reads the raw
+    body itself, so FastAPI cannot infer it): the request body's JSON schema and the error
+    responses. For the service's ``/openapi.json`` and ``/docs``, and the HTTP fuzz test.
+    Cross-field rules (``k`` and ``rerank_k`` at most ``candidates``, a non-blank ``text``) are
+    in the descriptions: requests that break them get a 400."""
+    text = "the query: a product title in any language, or pinyin"
+    body = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "text": {
+                "type": ["string", "null"],
+                "maxLength": limits.max_text_chars,
+                "pattern": r"\S",  # not blank
+                "description": text,
+            },
+            "image": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "contentEncoding": "base64",
+                "description": f"JPEG/PNG/WebP/GIF bytes in base64 (or a data: URL), at most "
+                f"{limits.max_image_bytes} bytes and {limits.max_image_pixels} pixels",
+            },
+            "k": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": limits.max_candidates,
+                "description": f"results returned, at most `candidates` (default {limits.k})",
+            },
+            "candidates": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": limits.max_candidates,
+                "description": f"ANN candidates, stage 1 (default {limits.candidates})",
+            },
+            "rerank_k": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": limits.max_rerank_k,
+                "description": "candidates re-scored by ITM, at most `candidates` "
+                f"(default {limits.rerank_k})",
+            },
+            "rerank": {"type": "boolean", "description": "ITM re-rank (default true)"},
+            "filter": {
+                "type": ["string", "null"],
+                "maxLength": limits.max_filter_chars,
+                "description": "SQL expression over the metadata columns, e.g. category = 'sofa'",
+            },
+            "hybrid": {
+                "anyOf": [{"type": ["boolean", "null"]}, {"enum": list(HYBRID_MODES)}],
+                "description": f"BM25 fused with the vector candidates (default {limits.hybrid!r})",
+            },
+        },
+        "anyOf": [  # a text, an image or both (null counts as absent)
+            {"required": ["text"], "properties": {"text": {"type": "string"}}},
+            {"required": ["image"], "properties": {"image": {"type": "string"}}},
+        ],
+    }
+    errors = {
+        "400": "bad request: JSON, fields, ranges, base64, an undecodable image, a bad filter",
+        "401": "missing or invalid API key (when the service has one)",
+        "413": "request body over serve.max_body_bytes",
+    }
+    responses: dict = {
+        status: {"description": why, "content": {"application/json": {"schema": _ERROR}}}
+        for status, why in errors.items()
+    }
+    # Answered by Serve's proxy, before the application (its body is not ours)
+    responses["503"] = {"description": "overloaded: past max_ongoing + max_queued requests"}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": responses,
+    }
 
 
 def parse_search(body: bytes | str | dict, limits: Limits) -> SearchQuery:
