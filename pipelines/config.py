@@ -162,6 +162,12 @@ class S3Config(_Section):
     allow_http: bool = Field(
         False, description="allow a plain-http endpoint (local test servers only)"
     )
+    max_attempts: int = Field(
+        10,
+        gt=0,
+        description="attempts per S3 request of the pyarrow client (503 SlowDown, resets, cut "
+        "bodies are retried with backoff; Lance's client retries on its own)",
+    )
 
 
 class RayConfig(_Section):

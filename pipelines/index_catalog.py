@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines import faults as fault_hooks
 from pipelines.config import (
     AppConfig,
     add_config_arguments,
@@ -294,6 +295,7 @@ def _index_run(cfg: AppConfig, run_id: str, lease: WriterLease) -> dict:
 
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
+    faults = fault_hooks.FaultPlan.from_env()  # test hook: empty unless BLIP_FAULTS is set
     s3 = S3Settings.from_config(cfg.s3)
     cols = Columns(
         cfg.source.columns.product_id,
@@ -383,6 +385,7 @@ def _index_run(cfg: AppConfig, run_id: str, lease: WriterLease) -> dict:
                 "s3": s3,
                 "max_image_bytes": cfg.source.max_image_bytes,
                 "torch_threads": cfg.encode.torch_threads,
+                "faults": faults or None,  # explicitly: actors never see the driver's env
             },
         )
         # Workers write the encoded rows into the staging dataset themselves (uncommitted files);
@@ -518,6 +521,7 @@ def _index_run(cfg: AppConfig, run_id: str, lease: WriterLease) -> dict:
     # that single move is the switch readers see. A run that dies before it leaves readers where
     # they were.
     lease.check()  # never publish after another writer took the index over
+    fault_hooks.kill_before_tags(faults)
     for table in (products, rejects_table, runs_table):
         tables.move_tag(table, tables.run_tag(run_id), table.version)
     tables.move_tag(products, cfg.index.publish_tag, products.version)
@@ -571,6 +575,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelUnavailableError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # storage failed past its retries: nothing was published
+        logger.debug("storage failure", exc_info=True)
+        print(
+            f"error: storage I/O failed after retries ({type(err).__name__}: {err}); nothing "
+            f"was published (`{cfg.index.publish_tag}` is where it was); rerun to resume",
+            file=sys.stderr,
+        )
+        return 1
     print_summary(summary)
     if "maintenance" in summary:
         from pipelines.maintain import format_summary

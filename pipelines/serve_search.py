@@ -518,6 +518,22 @@ class SearchIngress:
         return build_http_app(self)
 
 
+def _replica_lost(err: BaseException) -> bool:
+    """A request failed because a model replica died or became unreachable (not the client's
+    fault and not a bug: a retry reaches a live replica)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    lost = (
+        ActorDiedError,
+        ActorUnavailableError,
+        RayActorError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
+    return isinstance(err, lost) or isinstance(getattr(err, "cause", None), lost)
+
+
 def build_http_app(self: SearchIngress):
     """The ingress's FastAPI app behind :class:`Guard`. Module-level on purpose: Serve pickles the
     ingress class by value, and routes defined here resolve their annotations in this module."""
@@ -552,6 +568,11 @@ def build_http_app(self: SearchIngress):
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception):
+        if _replica_lost(err):  # the model replica died under the request: Serve replaces it
+            logger.warning("request %s: model replica unavailable (%s)", rid(request), err)
+            reply = error(request, 503, "the model replica restarted; retry the request")
+            reply.headers["Retry-After"] = "1"
+            return reply
         logger.exception("request %s failed", rid(request))
         return error(
             request, 500, f"internal error ({type(err).__name__}); request id {rid(request)}"

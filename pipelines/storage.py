@@ -24,10 +24,16 @@ class S3Settings:
     endpoint_url: str | None = None
     region: str | None = None
     allow_http: bool = False
+    max_attempts: int = 10  # per request, pyarrow's client (its own default is 3)
 
     @classmethod
     def from_config(cls, s3) -> S3Settings:
-        return cls(endpoint_url=s3.endpoint_url, region=s3.region, allow_http=s3.allow_http)
+        return cls(
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            allow_http=s3.allow_http,
+            max_attempts=s3.max_attempts,
+        )
 
     def resolved(self) -> S3Settings:
         """Endpoint and region filled in from the AWS chain; a plain-http endpoint is refused
@@ -42,7 +48,7 @@ class S3Settings:
             raise ValueError(
                 f"s3 endpoint {endpoint!r} is plain http; set s3.allow_http=true (local test servers only)"
             )
-        return S3Settings(endpoint, region, self.allow_http)
+        return S3Settings(endpoint, region, self.allow_http, self.max_attempts)
 
 
 def is_s3(uri: str) -> bool:
@@ -55,7 +61,9 @@ def filesystem_for(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSys
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
     settings = (s3 or S3Settings()).resolved()
-    kwargs: dict = {}
+    kwargs: dict = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts)
+    }
     if settings.region:
         kwargs["region"] = settings.region
     if settings.endpoint_url:

@@ -220,7 +220,12 @@ def test_s3_settings_and_storage_options_carry_no_credentials(monkeypatch):
     hands LanceDB hold none even when the AWS chain has them (the store reads the chain itself)."""
     from pipelines.indexing.tables import storage_options
 
-    assert {f.name for f in fields(S3Settings)} == {"endpoint_url", "region", "allow_http"}
+    assert {f.name for f in fields(S3Settings)} == {
+        "endpoint_url",
+        "region",
+        "allow_http",
+        "max_attempts",
+    }
     for name, value in TEST_AWS_ENV.items():
         monkeypatch.setenv(name, value)
     options = storage_options("s3://b/db", S3Settings("http://127.0.0.1:9", "us-east-1", True))

@@ -575,3 +575,16 @@ def test_metrics_and_json_logs_carry_the_request_id(client, serve_url):
     assert {m["kind"] for m in model_calls} >= {"text", "itm"}
     everything = "".join(p.read_text(errors="replace") for p in logs_dir.glob("worker-*"))
     assert "zebra-quilt" not in everything and re.search(r'"event": "request"', everything)
+
+
+def test_a_lost_model_replica_is_a_503_not_a_500():
+    """A request whose model replica died answers 503 + Retry-After (tests/test_faults.py kills
+    one under load); other server errors stay 500."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from pipelines.serve_search import _replica_lost
+
+    assert _replica_lost(ActorDiedError())
+    wrapped = RayTaskError("f", "traceback", ActorDiedError())
+    assert _replica_lost(wrapped)
+    assert not _replica_lost(RuntimeError("bug")) and not _replica_lost(ValueError("x"))

@@ -45,10 +45,11 @@ KINDS = ("index", "maintain", "publish")
 
 
 class LeaseHeldError(RuntimeError):
-    """Another live writer holds the lease; the message names it."""
+    """Another live writer holds the lease; the message names it. Retryable: the same command
+    succeeds once that writer is done (the CLIs exit 3 for it)."""
 
     def __init__(self, message: str, holder: LeaseRecord):
-        super().__init__(message)
+        super().__init__(f"{message} (retryable: run it again once that writer is done)")
         self.holder = holder
 
 

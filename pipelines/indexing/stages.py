@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.faults import FaultPlan, encoder_exit_once
 from pipelines.indexing.validate import validate_batch
 from pipelines.storage import S3Settings, filesystem_for, is_s3
 
@@ -152,6 +153,7 @@ class EncodeBatch:
         s3: S3Settings,
         max_image_bytes: int,
         torch_threads: int | None = None,
+        faults: FaultPlan | None = None,  # test hook (pipelines/faults.py); None in production
     ) -> None:
         from blip_ops import load_model
 
@@ -167,6 +169,7 @@ class EncodeBatch:
         self.s3 = s3
         self.max_image_bytes = max_image_bytes
         self.dim = self.model.embedding_dim
+        self.faults = faults
 
     def _fetch(self, uri: str) -> bytes:
         """Bytes of an ``image_uri``: ``s3://…``, an absolute path, or a path relative to the catalog."""
@@ -189,6 +192,7 @@ class EncodeBatch:
         from blip_ops.decode import ImageDecodeError, decode_batch
         from pipelines.indexing.derivatives import model_resolution_jpeg, thumbnail_jpeg
 
+        encoder_exit_once(self.faults)
         n = batch.num_rows
         status = batch.column(STATUS).to_pylist()
         reason = batch.column(REASON).to_pylist()
