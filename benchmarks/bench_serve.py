@@ -1,7 +1,8 @@
 """The search service under load over real HTTP: latency, throughput and where the time goes.
 
     python benchmarks/bench_serve.py --config configs/local.yaml --index-uri DIR \
-        [--model PATH] [--seconds 8] [--clients 1 4 16] [--json FILE]
+        [--model PATH] [--seconds 6] [--clients 1 2 4 8 16 32]
+        [--json benchmarks/results/serve-cpu.json] [--plot benchmarks/results/serve-cpu.png]
 
 Starts a local Ray (2 CPUs unless ``ray.num_cpus`` says otherwise) and Serve on 127.0.0.1, deploys
 the application twice (``serve.batching`` true, then false) and, for each, measures:
@@ -10,13 +11,17 @@ the application twice (``serve.batching`` true, then false) and, for each, measu
     soon as the last one answers), re-rank on;
   * the share of server time per stage (the responses' timings_ms: encode, ann, rerank).
 Queries are shortened product titles drawn from the table (English, pinyin and mixed, as the
-catalog's titles are), so every query is realistic for the index being measured.
+catalog's titles are), so every query is realistic for the index being measured. The JSON starts
+with the command, machine and date (``benchmarks/common.py``); the plot shows queries/s and p99
+against the number of clients, with and without ``@serve.batch``. ``make bench`` runs it on the
+tiny-model index that ``benchmarks/bench_index.py`` leaves in ``.data/bench/index/index-tiny``.
+Runtime: about 2 x (3 + (2 + len(clients)) x seconds) s plus ~20 s of start-up (~2 min with the
+defaults).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import socket
 import statistics
@@ -29,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
+from benchmarks.common import RESULTS, finish, header, line_chart, stack, write_json  # noqa: E402
 from pipelines.config import add_config_arguments, cli_config  # noqa: E402
 
 
@@ -108,9 +114,14 @@ def run_load(url: str, queries: list[str], clients: int, seconds: float, body: d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, ("index_uri", "model"))
-    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per measurement")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--seconds", type=float, default=6.0, help="seconds per measurement")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument(
+        "--json", default=str(RESULTS / "serve-cpu.json"), help="write the results here"
+    )
+    parser.add_argument(
+        "--plot", default=str(RESULTS / "serve-cpu.png"), help="PNG chart ('' for none)"
+    )
     args = parser.parse_intermixed_args(argv)
     cfg = cli_config(args)
     if cfg is None:
@@ -121,17 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.index_catalog import init_ray
     from pipelines.serve_search import build_app
 
+    head = header("serve", argv)
+    init_ray(cfg)  # before lancedb is imported (ENV_NOTES: fork warning otherwise)
     queries = sample_queries(cfg)
-    init_ray(cfg)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     results: dict = {
+        **head,
         "index_uri": cfg.index.uri,
         "model": cfg.model.name_or_path,
         "candidates": cfg.serve.candidates,
         "rerank_k": cfg.serve.rerank_k,
         "cpus": ray.cluster_resources().get("CPU"),
+        "seconds_per_measurement": args.seconds,
+        "max_batch_size": cfg.serve.max_batch_size,
+        "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
         "runs": [],
     }
     for batching in (True, False):
@@ -163,10 +179,40 @@ def main(argv: list[str] | None = None) -> int:
             )
         serve.delete("bench")
     serve.shutdown()
+    finish(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
         print(f"\nwritten to {args.json}")
+    if args.plot:
+        plot(results, Path(args.plot))
+        print(f"plot: {args.plot}")
     return 0
+
+
+def plot(results: dict, out: Path) -> Path:
+    qps, p99 = {}, {}
+    for run in results["runs"]:
+        name = f"@serve.batch {'on' if run['batching'] else 'off'}"
+        qps[name] = [(r["clients"], r["qps"]) for r in run["concurrency"]]
+        p99[name] = [(r["clients"], r["p99_ms"]) for r in run["concurrency"]]
+    what = f"{results['rows']:,} products, rerank_k {results['rerank_k']}, {results['cpus']:g} CPUs"
+    panels = [
+        line_chart(
+            f"Search over HTTP on CPU: queries/s vs concurrent clients ({what})",
+            qps,
+            xlabel="concurrent clients (closed loop)",
+            ylabel="queries/s",
+            logx=True,
+        ),
+        line_chart(
+            "p99 latency vs concurrent clients",
+            p99,
+            xlabel="concurrent clients",
+            ylabel="p99 ms",
+            logx=True,
+        ),
+    ]
+    return stack(panels, out)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,28 @@ def test_import_pulls_in_no_pipeline_dependencies():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gpu_check_smoke_runs_every_section_without_ray_or_lancedb(tmp_path):
+    """benchmarks/gpu_check.py --smoke: every code path of the GPU check once on the CPU (CUDA-only
+    rows say 'skipped'), one JSON, and none of the modules the GPU machine lacks imported."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {r["section"] for r in rows} >= {"encode", "text", "itm", "decode", "graphs", "imports"}
+    for r in rows:
+        if r["section"] == "imports":
+            assert r["note"].startswith("ok"), r
+        elif r["value"] is None:
+            assert "skipped" in r["note"], r
+        else:
+            assert math.isfinite(r["value"]) and r["value"] > 0, r
+    assert report["machine"] and report["command"] and report["date"]
