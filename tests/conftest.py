@@ -158,9 +158,12 @@ def index_config(source_uri, index_uri, model_dir, *overrides):
 
 # ---- the search service: one catalog, one index run and one Serve app per session -------------
 SEARCH_PRODUCTS = 120
-SEARCH_LIGHT = [  # small reservations so the index job still gets CPUs beside the service
-    "serve.ingress.num_cpus=0.1",
-    "serve.model.num_cpus=0.1",
+# No CPU reservations for the suite's Serve apps: a session app that held even 0.2 of the 2 CPUs
+# starved the Ray Data tasks of the tests that run after it (a Ray Train test with 2 x 0.5-CPU
+# workers then waited forever for a whole CPU for its read tasks).
+SEARCH_LIGHT = [
+    "serve.ingress.num_cpus=0",
+    "serve.model.num_cpus=0",
     "serve.refresh_seconds=0.5",
 ]
 

@@ -744,7 +744,6 @@ def test_serve_survives_model_replica_kill(search_url, search_index, tiny_model_
         tiny_model_dir,
         *SEARCH_LIGHT,
         "serve.model.num_replicas=2",
-        "serve.model.num_cpus=0.1",
     )
     app, prefix = "faults", "/faults"
     serve.run(build_app(cfg), name=app, route_prefix=prefix)
