@@ -251,7 +251,7 @@ def _plan_search(
 ) -> Plan:
     from pipelines.search.request import BadRequest, Limits
     from pipelines.search.scorer import QueryScorer
-    from pipelines.search.snapshot import open_snapshot
+    from pipelines.search.snapshot import ann_settings, open_snapshot
 
     pointer = {
         "products_table": source.name,
@@ -259,7 +259,13 @@ def _plan_search(
         "model_id": source.model_id,
         "run_id": source.run_id or "",
     }
-    snap = open_snapshot(cfg.index.uri, s3, cache_dir=cfg.serve.cache_dir, pointer=pointer)
+    snap = open_snapshot(
+        cfg.index.uri,
+        s3,
+        cache_dir=cfg.serve.cache_dir,
+        pointer=pointer,
+        ann=ann_settings(cfg.index),
+    )
     global_filter = req.filter.strip() if req.filter and req.filter.strip() else None
     if req.filter is not None and global_filter is None:
         raise ExportError("--filter is empty")

@@ -396,10 +396,14 @@ class SearchIngress:
 
     # ---- index versions ---------------------------------------------------------------------
     def _open(self, pointer: dict | None = None):
-        from pipelines.search.snapshot import open_snapshot
+        from pipelines.search.snapshot import ann_settings, open_snapshot
 
         return open_snapshot(
-            self.cfg.index.uri, self.s3, cache_dir=self.cfg.serve.cache_dir, pointer=pointer
+            self.cfg.index.uri,
+            self.s3,
+            cache_dir=self.cfg.serve.cache_dir,
+            pointer=pointer,
+            ann=ann_settings(self.cfg.index),
         )
 
     def _mismatch_message(

@@ -51,6 +51,8 @@ class Snapshot:
     # query text settings.
     model_ref: tuple | None = None
     text_settings: object | None = None
+    # Query-time ANN settings (index.search_*): nprobes, refine_factor, ef; absent = LanceDB's.
+    ann: dict = field(default_factory=dict)
     filter_columns: tuple[str, ...] = field(init=False)
     has_fts: bool = field(init=False)
     _facets: dict | None = field(init=False, default=None, repr=False)
@@ -84,6 +86,8 @@ class Snapshot:
             .with_row_id(True)
             .limit(n)
         )
+        for setting, value in self.ann.items():  # nprobes / refine_factor / ef
+            query = getattr(query, setting)(value)
         found = self._execute(query, where)
         itc = pc.subtract(pa.scalar(1.0, pa.float32()), found.column("_distance"))
         return found.append_column("itc", itc.cast(pa.float32())).drop_columns(["_distance"])
@@ -185,6 +189,16 @@ def _clean(err: Exception) -> str:
     return _CARGO_PATH.sub("", str(err)).strip()[:300]
 
 
+def ann_settings(index) -> dict:
+    """The query-time ANN settings of an ``IndexConfig`` that are set (``index.search_*``)."""
+    settings = {
+        "nprobes": index.search_nprobes,
+        "refine_factor": index.search_refine_factor,
+        "ef": index.search_ef,
+    }
+    return {k: v for k, v in settings.items() if v is not None}
+
+
 def published_pointer(index_uri: str, s3: S3Settings | None = None) -> dict | None:
     """The newest completed run at the ``published`` tag (table name, version, model_id)."""
     db = tables.connect(index_uri, s3)
@@ -217,6 +231,7 @@ def open_snapshot(
     *,
     cache_dir: str | None = None,
     pointer: dict | None = None,
+    ann: dict | None = None,
 ) -> Snapshot:
     """Open the published version (``pointer`` from :func:`published_pointer`, or looked up)."""
     pointer = pointer or published_pointer(index_uri, s3)
@@ -243,6 +258,7 @@ def open_snapshot(
         rows=table.count_rows(),
         metadata_columns=tuple(c for c in names if c not in SYSTEM_COLUMNS),
         local_dir=local_dir,
+        ann=dict(ann or {}),
     )
     logger.info(
         "opened %s version %d (%d rows, model %s)%s",
