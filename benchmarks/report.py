@@ -778,6 +778,21 @@ def section_ann(d: dict, results: Path, out_dir: Path) -> str:
     return "\n".join(parts)
 
 
+def _serve_row(batching: str, label: str, r: dict, num) -> list:
+    """One row of the service table: throughput, latency, server time, HTTP overhead, stages."""
+    overhead = None if r.get("mean_ms") is None else r["mean_ms"] - r["server_ms_per_request"]
+    return [
+        batching,
+        label,
+        num(r["qps"]),
+        num(r["p50_ms"]),
+        num(r["p99_ms"]),
+        num(r["server_ms_per_request"]),
+        num(overhead),
+        ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["stage_share"].items()),
+    ]
+
+
 def section_serve(d: dict, results: Path, out_dir: Path) -> str:
     serve = d["serve"]
     parts = ["## 3. The service over HTTP on CPU", "", SERVE_TEXT, ""]
@@ -794,37 +809,10 @@ def section_serve(d: dict, results: Path, out_dir: Path) -> str:
     for run in serve["runs"]:
         b = "on" if run["batching"] else "off"
         for name, r in run["single_client"].items():
-            overhead = (
-                None if r.get("mean_ms") is None else r["mean_ms"] - r["server_ms_per_request"]
-            )
-            rows.append(
-                [
-                    b,
-                    f"1 client, {name}",
-                    num(r["qps"]),
-                    num(r["p50_ms"]),
-                    num(r["p99_ms"]),
-                    num(r["server_ms_per_request"]),
-                    num(overhead),
-                    ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["stage_share"].items()),
-                ]
-            )
+            rows.append(_serve_row(b, f"1 client, {name}", r, num))
         for r in run["concurrency"]:
-            overhead = (
-                None if r.get("mean_ms") is None else r["mean_ms"] - r["server_ms_per_request"]
-            )
-            rows.append(
-                [
-                    b,
-                    f"{r['clients']} client{'' if r['clients'] == 1 else 's'}",
-                    num(r["qps"]),
-                    num(r["p50_ms"]),
-                    num(r["p99_ms"]),
-                    num(r["server_ms_per_request"]),
-                    num(overhead),
-                    ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["stage_share"].items()),
-                ]
-            )
+            label = f"{r['clients']} client{'' if r['clients'] == 1 else 's'}"
+            rows.append(_serve_row(b, label, r, num))
     parts += [
         table(
             [
