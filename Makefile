@@ -108,7 +108,7 @@ BENCH_PRODUCTS ?= 1000
 BENCH_ANN_SIZES ?= 10000 100000
 bench: venv fonts
 	$(PY) benchmarks/bench_model.py
-	$(PY) benchmarks/bench_index.py --products $(BENCH_PRODUCTS)
+	$(PY) benchmarks/bench_index.py --products $(BENCH_PRODUCTS) --ablate
 	$(PY) benchmarks/bench_ann.py --sizes $(BENCH_ANN_SIZES)
 	$(PY) benchmarks/bench_serve.py --config configs/local.yaml --index-uri .data/bench/index/index-tiny --model .data/models/tiny
 	$(PY) benchmarks/report.py

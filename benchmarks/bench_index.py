@@ -1,6 +1,7 @@
 """Indexing on CPU: the Ray job end to end vs the model alone vs a naive loop, and where the time goes.
 
     python benchmarks/bench_index.py [--products 1000] [--models tiny compact] [--batch-size 16]
+        [--ablate]
         [--workdir .data/bench/index] [--decode-sample 200] [--stage-sample 256]
         [--json benchmarks/results/index-cpu.json] [--plot benchmarks/results/index-cpu.png]
 
@@ -24,13 +25,15 @@ On a demo catalog (``pipelines.make_catalog``: rendered product photos, 400-1000
 4. **Where the time goes**: each stage's own function timed over a sample of the catalog (ms per
    image, torch on ``encode.torch_threads`` threads as in the actor): ``read_files``,
    ``validate``, then inside ``EncodeBatch``: decode (``decode_batch``), preprocess, encode,
-   derivatives (model-resolution JPEG, thumbnail, normalised title), the whole ``EncodeBatch``
-   call as a cross-check, and ``write_staged_rows`` (stage); merge and index per image come from
-   the job run. The encoder is also timed, with its minor page faults counted, on the same
-   pixel tensors before and after ``EncodeBatch`` is built (``malloc_cap``): its constructor's
-   ``cap_malloc_retention()`` changes glibc's malloc for the whole process, and this shows what
-   that costs the model. In the job the
-   stream's stages overlap on 2 cores, so these add up to CPU time, not wall time.
+   derivatives (``EncodeBatch._derivatives`` on one thread: model-resolution JPEG from the
+   model's own resize, thumbnail, plus the normalised title), the whole ``EncodeBatch`` call as a
+   cross-check (wall time: its derivative threads overlap the encoder), and
+   ``write_staged_rows`` (stage); merge and index per image come from the job run. The encoder is
+   also timed, with its minor page faults counted, on the same pixel tensors with glibc's default
+   malloc, with ``EncodeBatch``'s mmap threshold (``encode.malloc_mmap_threshold_mb``) and with
+   the 1 MiB threshold it had before (``malloc_cap``): the threshold applies to the whole process,
+   and this shows what it costs the model. In the job the stream's stages overlap on 2 cores, so
+   these add up to CPU time, not wall time.
 Model-only, naive, stage and decode measurements each run in a fresh spawned process, so no
 setting of one (threads, malloc) leaks into the next; the job runs in this process.
 5. **Decode options** on the catalog's images at each model's input size and at BLIP-base's 384:
@@ -102,7 +105,7 @@ def ensure_catalog(workdir: Path, products: int, seed: int = 0) -> Path:
     return out
 
 
-def job_config(model_dir: Path, catalog: Path, index_dir: Path, batch_size: int):
+def job_config(model_dir: Path, catalog: Path, index_dir: Path, batch_size: int, *extra: str):
     from pipelines.config import load_config
 
     return load_config(
@@ -112,8 +115,20 @@ def job_config(model_dir: Path, catalog: Path, index_dir: Path, batch_size: int)
             f"source.uri={catalog / 'products'}",
             f"index.uri={index_dir}",
             f"encode.batch_size={batch_size}",
+            *extra,
         ],
     )
+
+
+# The job again with one encoder setting at a time turned back (``--ablate``): what each of the
+# 2026-11-29 encoder changes is worth on its own.
+ABLATIONS = (
+    ("derivatives on the actor's thread", ("encode.derivative_threads=0",)),
+    (
+        "and the 1 MiB malloc threshold (before)",
+        ("encode.derivative_threads=0", "encode.malloc_mmap_threshold_mb=1"),
+    ),
+)
 
 
 def in_subprocess(fn, *args):
@@ -319,11 +334,11 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
     from blip_ops.decode import decode_batch
     from pipelines.indexing import staging as stage_io
     from pipelines.indexing import tables
-    from pipelines.indexing.derivatives import model_resolution_jpeg, thumbnail_jpeg
     from pipelines.indexing.stages import (
         Columns,
         EncodeBatch,
         RunState,
+        _thumbnail_source,
         _to_pil,
         read_files,
         validate,
@@ -395,6 +410,10 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
 
     before = encode_loop(plain, pix)
     del plain
+    from pipelines.indexing.stages import cap_malloc_retention
+
+    cap_malloc_retention(1 << 20)  # the threshold EncodeBatch set before 2026-11-29
+    one_mib = encode_loop(load_model(cfg.model.name_or_path, device=cfg.model.device), pix)
     enc = EncodeBatch(
         model=cfg.model.name_or_path,
         device=cfg.model.device,
@@ -405,9 +424,11 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
         s3=s3,
         max_image_bytes=cfg.source.max_image_bytes,
         torch_threads=cfg.encode.torch_threads,
+        derivative_threads=cfg.encode.derivative_threads,
+        malloc_mmap_threshold_mb=cfg.encode.malloc_mmap_threshold_mb,
     )
     model, size = enc.model, enc.model.image_settings.size
-    after = encode_loop(model, pix)  # the same tensors, the same loop, malloc capped
+    after = encode_loop(model, pix)  # the same tensors, the same loop, EncodeBatch's threshold
     del pix
     parts = dict.fromkeys(
         ("decode", "preprocess", "encode", "derivatives", "encode_batch_call", "stage"), 0.0
@@ -428,20 +449,18 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
         parts["decode"] += time.perf_counter() - t
         ok = [im for im in decoded.images if im is not None]
         t = time.perf_counter()
-        pixels = model.preprocess(ok, device=model.device)
+        resized = model.resize(ok)
+        pixels = model.preprocess(resized, device=model.device)
         parts["preprocess"] += time.perf_counter() - t
         t = time.perf_counter()
         model.encode_images(pixels)
         parts["encode"] += time.perf_counter() - t
         t = time.perf_counter()
-        display = (
-            decode_batch(datas, target_size=enc.thumbnail_size).images
-            if enc.thumbnail_size > size
-            else ok
-        )
-        for im, shown, title in zip(ok, display, batch.column("title").to_pylist(), strict=False):
-            model_resolution_jpeg(_to_pil(im), size)
-            thumbnail_jpeg(_to_pil(shown), enc.thumbnail_size)
+        display = datas if enc.thumbnail_size > size else ok
+        for r, shown, title in zip(
+            resized, display, batch.column("title").to_pylist(), strict=False
+        ):
+            enc._derivatives((_to_pil(r), _thumbnail_source(shown, enc.thumbnail_size)))
             model.normalize_text(title)
         parts["derivatives"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -454,14 +473,19 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
     shutil.rmtree(workdir / "stage-split", ignore_errors=True)
     ms.update({k: v / images * 1000 for k, v in parts.items()})
     ms["encode_default_malloc"] = before[0]
+    ms["encode_1mib_malloc"] = one_mib[0]
     return {
         "malloc_cap": {
             "images": n_pix,
+            "threshold_mb": cfg.encode.malloc_mmap_threshold_mb,
             "ms_per_image_default": round(before[0], 3),
             "ms_per_image_capped": round(after[0], 3),
+            "ms_per_image_1mib": round(one_mib[0], 3),
             "minor_faults_per_image_default": round(before[1], 1),
             "minor_faults_per_image_capped": round(after[1], 1),
+            "minor_faults_per_image_1mib": round(one_mib[1], 1),
         },
+        "derivative_threads": cfg.encode.derivative_threads,
         "sample_images": images,
         "batch_size": bs,
         "torch_threads": torch.get_num_threads(),
@@ -527,24 +551,39 @@ def decode_options(catalog: Path, sizes: list[int], sample: int) -> dict:
                 }
             )
             logger.info("decode %s @%d: %.1f images/s", name, s, len(blobs) / dt)
-    # The job's per-image work after decoding, at BLIP-base's size: the stored model-resolution
-    # JPEG (384 px) and the 256-px display thumbnail, both made on the encoder actor's thread.
-    # From a draft-decoded image (the CPU path) and from a full-size one (the GPU path: nvJPEG
-    # decodes at full size and EncodeBatch brings each image back to the host for these).
-    from pipelines.indexing.derivatives import model_resolution_jpeg, thumbnail_jpeg
+    # The job's per-image CPU work after decoding, at BLIP-base's size: the stored
+    # model-resolution JPEG (384 px) and the 256-px display thumbnail (EncodeBatch._derivatives, on
+    # its derivative threads). CPU path: the JPEG of the model's own resize (that resize is the
+    # model's preprocessing, counted there) and the thumbnail resized from the draft-decoded image.
+    # GPU path: both images are resized on the GPU where nvJPEG decoded them (RetrievalModel.resize,
+    # stages._thumbnail_source), so the CPU only JPEG-encodes them.
+    from pipelines.indexing.derivatives import model_resolution_jpeg, thumbnail_jpeg, thumbnail_size
 
-    for key, target in (("derivatives_384", 384), ("derivatives_384_full_size", None)):
-        decoded = [decode_image(b, target_size=target) for b in blobs]
+    decoded = [decode_image(b, target_size=384) for b in blobs]
+    model_in = [im.convert("RGB").resize((384, 384), Image.Resampling.BICUBIC) for im in decoded]
+    small = [
+        im.resize(thumbnail_size(im.width, im.height, 256), Image.Resampling.BICUBIC)
+        for im in decoded
+    ]
+    for key, thumbs, what in (
+        (
+            "derivatives_384",
+            decoded,
+            "CPU path: JPEG of the 384-px model input + thumbnail_jpeg(256) "
+            "of the draft-decoded image",
+        ),
+        (
+            "derivatives_384_gpu_path",
+            small,
+            "GPU path: JPEG encodes only (both resizes on the GPU)",
+        ),
+    ):
         t = time.perf_counter()
-        for im in decoded:
+        for im, th in zip(model_in, thumbs, strict=True):
             model_resolution_jpeg(im, 384)
-            thumbnail_jpeg(im, 256)
+            thumbnail_jpeg(th, 256)
         dt = time.perf_counter() - t
-        out[key] = {
-            "ms_per_image": round(dt / len(decoded) * 1000, 3),
-            "what": "model_resolution_jpeg(384) + thumbnail_jpeg(256) of a "
-            + ("draft-decoded image (CPU path)" if target else "full-size image (GPU path)"),
-        }
+        out[key] = {"ms_per_image": round(dt / len(decoded) * 1000, 3), "what": what}
     return out
 
 
@@ -632,6 +671,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage-sample", type=int, default=256, help="images timed per stage")
     p.add_argument("--decode-sample", type=int, default=200, help="images per decode option")
     p.add_argument("--skip-naive", action="store_true")
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also run the job with each encoder setting turned back (derivative threads, malloc)",
+    )
     p.add_argument("--json", type=Path, default=RESULTS / "index-cpu.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "index-cpu.png")
     args = p.parse_args(argv)
@@ -705,6 +749,15 @@ def main(argv: list[str] | None = None) -> int:
             mo,
             (entry["naive"] or {}).get("images_per_s"),
         )
+        if args.ablate:
+            entry["ablation"] = []
+            for label, overrides in ABLATIONS:
+                logger.info("%s: the index job, %s", name, label)
+                job = run_job(
+                    job_config(model_dir, catalog, index_dir, args.batch_size, *overrides),
+                    index_dir,
+                )
+                entry["ablation"].append({"label": label, "overrides": list(overrides), "job": job})
         result["models"].append(entry)
     sizes.add(384)
     logger.info("decode options")

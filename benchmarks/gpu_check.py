@@ -467,8 +467,9 @@ def _blip_ops_gpu_path(
 
     size = plan["decode"]["target"]
 
-    class _Pre:  # RetrievalModel.preprocess needs only image_settings
+    class _Pre:  # RetrievalModel.preprocess needs only image_settings and resize
         image_settings = ImageSettings(size=size, mean=CLIP_MEAN, std=CLIP_STD)
+        resize = RetrievalModel.resize
 
     def path(batch):
         res = decode_batch(batch, target_size=size, device=str(c.device), gpu_jpeg_decoder=decoder)

@@ -85,38 +85,33 @@ class RetrievalModel(ABC):
     def normalize_text(self, text: str) -> str:
         return normalize_text(text, self.text_settings)
 
-    def preprocess(
-        self, images: Sequence[Image.Image | torch.Tensor], device: torch.device | str | None = None
-    ) -> torch.Tensor:
-        """Decoded images → (B, 3, S, S) float32 pixel values on ``device`` (default CPU).
+    def resize(
+        self, images: Sequence[Image.Image | torch.Tensor]
+    ) -> list[Image.Image | torch.Tensor]:
+        """Each decoded image at the model's square input size, as :meth:`preprocess` sees it.
 
-        Items are RGB PIL images (resized by PIL, as transformers' BLIP processor does) or
-        (3, H, W) uint8 tensors from ``decode_batch``'s GPU path (resized where they lie, with
-        antialiased bicubic interpolation, so GPU-decoded images never round-trip to the host).
+        RGB PIL images are resized by PIL with the checkpoint's filter (as transformers' BLIP
+        processor does); an image already at the size and in RGB is returned as it is. (3, H, W)
+        uint8 tensors from ``decode_batch``'s GPU path become (3, S, S) uint8 tensors where they lie
+        (antialiased bicubic), so GPU-decoded images never round-trip to the host. Callers that
+        also store the model-resolution image (the index job) resize once and pass the result to
+        :meth:`preprocess`, which then does no second resize.
         """
         s = self.image_settings
-        out_device = torch.device(device) if device is not None else torch.device("cpu")
-        out = torch.empty(len(images), 3, s.size, s.size, device=out_device)  # (B, 3, S, S)
-        pil = [i for i, im in enumerate(images) if isinstance(im, Image.Image)]
-        if pil:
-            # PIL's resize is the one per-image step; the arithmetic is batched.
-            arr = np.stack(
-                [
-                    np.asarray(
-                        images[i].convert("RGB").resize((s.size, s.size), s.resample),
-                        dtype=np.uint8,
-                    )
-                    for i in pil
-                ]
-            )  # (P, S, S, 3) uint8
-            out[pil] = torch.from_numpy(arr).to(out_device).permute(0, 3, 1, 2).float()
+        out: list[Image.Image | torch.Tensor] = []
         for i, im in enumerate(images):
             if isinstance(im, Image.Image):
+                if im.size != (s.size, s.size) or im.mode != "RGB":
+                    im = im.convert("RGB").resize((s.size, s.size), s.resample)
+                out.append(im)
                 continue
             if not isinstance(im, torch.Tensor) or im.ndim != 3 or im.shape[0] != 3:
                 raise TypeError(
                     f"image {i}: expected an RGB PIL image or a (3, H, W) tensor, got {im!r:.80}"
                 )
+            if tuple(im.shape[1:]) == (s.size, s.size) and im.dtype == torch.uint8:
+                out.append(im)
+                continue
             resized = torch.nn.functional.interpolate(
                 im.unsqueeze(0).float(),
                 size=(s.size, s.size),
@@ -124,7 +119,28 @@ class RetrievalModel(ABC):
                 antialias=True,
                 align_corners=False,
             )  # (1, 3, S, S) on the tensor's device
-            out[i] = resized[0].clamp_(0, 255).round_().to(out_device)
+            out.append(resized[0].clamp_(0, 255).round_().to(torch.uint8))
+        return out
+
+    def preprocess(
+        self, images: Sequence[Image.Image | torch.Tensor], device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Decoded images → (B, 3, S, S) float32 pixel values on ``device`` (default CPU).
+
+        Items are RGB PIL images or (3, H, W) uint8 tensors, resized by :meth:`resize`.
+        """
+        s = self.image_settings
+        out_device = torch.device(device) if device is not None else torch.device("cpu")
+        out = torch.empty(len(images), 3, s.size, s.size, device=out_device)  # (B, 3, S, S)
+        resized = self.resize(images)
+        pil = [i for i, im in enumerate(resized) if isinstance(im, Image.Image)]
+        if pil:
+            # PIL's resize is the one per-image step; the arithmetic is batched.
+            arr = np.stack([np.asarray(resized[i], dtype=np.uint8) for i in pil])  # (P, S, S, 3)
+            out[pil] = torch.from_numpy(arr).to(out_device).permute(0, 3, 1, 2).float()
+        for i, im in enumerate(resized):
+            if not isinstance(im, Image.Image):
+                out[i] = im.to(out_device).float()
         mean = torch.tensor(s.mean, device=out_device).view(1, 3, 1, 1)
         std = torch.tensor(s.std, device=out_device).view(1, 3, 1, 1)
         return out.div_(255.0).sub_(mean).div_(std)

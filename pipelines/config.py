@@ -207,6 +207,20 @@ class EncodeConfig(_Section):
         gt=0,
         description="torch threads per CPU actor; None = Ray's default (its CPU reservation)",
     )
+    derivative_threads: int = Field(
+        2,
+        ge=0,
+        description="threads per encoder actor that make the stored JPEGs (model-resolution image "
+        "and thumbnail) while the model encodes; 0 = on the actor's own thread, after encoding",
+    )
+    malloc_mmap_threshold_mb: int = Field(
+        32,
+        ge=0,
+        le=32,
+        description="glibc mmap threshold in the encoder actor: freed buffers of this size and "
+        "more go back to the OS; smaller ones are reused. 1 returned every activation tensor "
+        "(compact model: 2.1x slower encoding, benchmarks/bench_index.py); 0 leaves glibc's default",
+    )
 
 
 class DeploymentConfig(_Section):

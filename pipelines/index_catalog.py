@@ -385,6 +385,8 @@ def _index_run(cfg: AppConfig, run_id: str, lease: WriterLease) -> dict:
                 "s3": s3,
                 "max_image_bytes": cfg.source.max_image_bytes,
                 "torch_threads": cfg.encode.torch_threads,
+                "derivative_threads": cfg.encode.derivative_threads,
+                "malloc_mmap_threshold_mb": cfg.encode.malloc_mmap_threshold_mb,
                 "faults": faults or None,  # explicitly: actors never see the driver's env
             },
         )

@@ -19,10 +19,12 @@ from collections.abc import Sequence
 from PIL import Image
 
 MODEL_RESAMPLE = Image.Resampling.BICUBIC  # what blip_ops.family.ImageSettings uses for BLIP
-THUMBNAIL_RESAMPLE = Image.Resampling.LANCZOS  # sharpest PIL filter for display downscaling
-# reduce() by an integer factor first when the image is over 3x the target. This is much faster
-# on large photos and looks the same at thumbnail size.
-THUMBNAIL_REDUCING_GAP = 3.0
+# What PIL's own Image.thumbnail uses. Lanczos was 1.4x slower for a mean difference of 0.5 grey
+# levels at 256 px (benchmarks/bench_index.py), and the thumbnail is made for every indexed image.
+THUMBNAIL_RESAMPLE = Image.Resampling.BICUBIC
+# reduce() by an integer factor first when the image is over 2x the target (Image.thumbnail's
+# default). This is much faster on large photos and looks the same at thumbnail size.
+THUMBNAIL_REDUCING_GAP = 2.0
 
 
 def _check_quality(quality: int) -> None:
@@ -47,9 +49,18 @@ def _jpeg(image: Image.Image, quality: int, subsampling: str) -> bytes:
 
 
 def model_resolution_jpeg(
-    image: Image.Image, size: int, quality: int = 90, *, subsampling: str = "4:2:0"
+    image: Image.Image,
+    size: int,
+    quality: int = 90,
+    *,
+    subsampling: str = "4:2:0",
+    resample: int = MODEL_RESAMPLE,
 ) -> bytes:
     """JPEG of `image` in RGB, resized to (size, size) with bicubic as blip_ops preprocessing does.
+
+    An RGB image already at (size, size) (``RetrievalModel.resize``'s output, which the index job
+    passes so the image is resized once for the model and the JPEG) is encoded as it is. Pass the
+    checkpoint's ``image_settings.resample`` for a model that does not use bicubic.
 
     At quality 90 the decoded JPEG is within about 1-2 grey levels (mean absolute error) of the
     direct resize. 4:2:0 chroma keeps colour at half the model resolution, which is still finer
@@ -59,8 +70,9 @@ def model_resolution_jpeg(
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive int (the model's input side), got {size!r}")
     _check_quality(quality)
-    resized = image.convert("RGB").resize((size, size), MODEL_RESAMPLE)
-    return _jpeg(resized, quality, subsampling)
+    if image.size != (size, size) or image.mode != "RGB":
+        image = image.convert("RGB").resize((size, size), resample)
+    return _jpeg(image, quality, subsampling)
 
 
 def thumbnail_size(width: int, height: int, max_side: int) -> tuple[int, int]:

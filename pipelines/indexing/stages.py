@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
@@ -153,11 +154,16 @@ class EncodeBatch:
         s3: S3Settings,
         max_image_bytes: int,
         torch_threads: int | None = None,
+        derivative_threads: int = 2,
+        malloc_mmap_threshold_mb: int = 32,
         faults: FaultPlan | None = None,  # test hook (pipelines/faults.py); None in production
     ) -> None:
         from blip_ops import load_model
 
-        cap_malloc_retention()
+        if malloc_mmap_threshold_mb:
+            # Not 1 MiB as in staging and merge: every activation tensor of the vision tower would
+            # then be a fresh mmap, page-faulted in on each batch (compact model: 2.1x slower).
+            cap_malloc_retention(malloc_mmap_threshold_mb << 20)
         if torch_threads:
             import torch
 
@@ -170,6 +176,13 @@ class EncodeBatch:
         self.max_image_bytes = max_image_bytes
         self.dim = self.model.embedding_dim
         self.faults = faults
+        # PIL releases the GIL while it resizes and encodes, so these threads make the stored JPEGs
+        # of a batch while torch encodes it, instead of after it on the actor's one thread.
+        self._pool = (
+            ThreadPoolExecutor(derivative_threads, thread_name_prefix="derivatives")
+            if derivative_threads
+            else None
+        )
 
     def _fetch(self, uri: str) -> bytes:
         """Bytes of an ``image_uri``: ``s3://…``, an absolute path, or a path relative to the catalog."""
@@ -188,9 +201,20 @@ class EncodeBatch:
         with fs.open_input_stream(path) as f:
             return f.read()
 
+    def _derivatives(self, job: tuple) -> tuple[bytes, bytes]:
+        """(model-resolution JPEG, thumbnail JPEG) of one image; runs on the derivative threads."""
+        from blip_ops.decode import decode_image
+        from pipelines.indexing.derivatives import model_resolution_jpeg, thumbnail_jpeg
+
+        resized, shown = job
+        if isinstance(shown, bytes):  # decoded again, finer than the model's size
+            shown = decode_image(shown, target_size=self.thumbnail_size)
+        return model_resolution_jpeg(resized, resized.width), thumbnail_jpeg(
+            shown, self.thumbnail_size
+        )
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         from blip_ops.decode import ImageDecodeError, decode_batch
-        from pipelines.indexing.derivatives import model_resolution_jpeg, thumbnail_jpeg
 
         encoder_exit_once(self.faults)
         n = batch.num_rows
@@ -234,18 +258,27 @@ class EncodeBatch:
         thumbnail: list[bytes | None] = [None] * n
         title_norm: list[str | None] = [None] * n
         if ok_rows:
-            pixels = self.model.preprocess(ok_images, device=self.model.device)
-            emb[ok_rows] = self.model.encode_images(pixels).embeddings.numpy()  # (k, D)
-            titles = batch.column("title").to_pylist()
+            # Resized once: the model's input and the stored model-resolution image are the same
+            # pixels (on the GPU path, (3, S, S) uint8 tensors resized where they were decoded).
+            resized = self.model.resize(ok_images)
+            pixels = self.model.preprocess(resized, device=self.model.device)
             # A model smaller than the thumbnail (the tiny test model) needs a finer decode for it.
-            display = (
-                decode_batch(ok_datas, target_size=self.thumbnail_size).images
-                if self.thumbnail_size > size
-                else ok_images
+            display = ok_datas if self.thumbnail_size > size else ok_images
+            jobs = [
+                (_to_pil(r), _thumbnail_source(d, self.thumbnail_size))
+                for r, d in zip(resized, display, strict=True)
+            ]
+            made = (
+                self._pool.map(self._derivatives, jobs)
+                if self._pool is not None
+                else None  # made after encoding, on this thread
             )
-            for i, im, shown in zip(ok_rows, ok_images, display, strict=True):
-                model_image[i] = model_resolution_jpeg(_to_pil(im), size)
-                thumbnail[i] = thumbnail_jpeg(_to_pil(shown), self.thumbnail_size)
+            emb[ok_rows] = self.model.encode_images(pixels).embeddings.numpy()  # (k, D)
+            if made is None:
+                made = map(self._derivatives, jobs)
+            titles = batch.column("title").to_pylist()
+            for i, (model_jpeg, thumb_jpeg) in zip(ok_rows, made, strict=True):
+                model_image[i], thumbnail[i] = model_jpeg, thumb_jpeg
                 title_norm[i] = self.model.normalize_text(titles[i])
                 status[i] = "indexed"
         out = batch.drop_columns(["image", "image_uri", STATUS, REASON, DETAIL])
@@ -292,6 +325,33 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _thumbnail_source(image, max_side: int):
+    """What the thumbnail is made from: PIL images and bytes as they are; a GPU-decoded (3, H, W)
+    tensor resized to the thumbnail's size where it lies, so only that comes back to the host."""
+    import torch
+
+    if not isinstance(image, torch.Tensor):
+        return image
+    from pipelines.indexing.derivatives import thumbnail_size
+
+    h, w = image.shape[1:]
+    tw, th = thumbnail_size(w, h, max_side)
+    if (tw, th) != (w, h):
+        image = (
+            torch.nn.functional.interpolate(
+                image.unsqueeze(0).float(),
+                size=(th, tw),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
+            )[0]
+            .clamp_(0, 255)
+            .round_()
+            .to(torch.uint8)
+        )
+    return _to_pil(image)
 
 
 def _to_pil(image):
