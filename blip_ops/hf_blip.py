@@ -155,6 +155,15 @@ class HFBlipModel(RetrievalModel):
         return ImageEncoding(embeddings=emb.cpu(), tokens=tokens if return_tokens else None)
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        # A batched re-rank repeats each query once per candidate (16 queries x 32 = 512 strings):
+        # tokenise each distinct text once and repeat its rows. "longest" padding over the
+        # distinct texts is the same length, so the tensors are the same.
+        distinct = list(dict.fromkeys(texts))
+        if len(distinct) < len(texts):
+            enc = self._tokenize(distinct)
+            pos = {t: i for i, t in enumerate(distinct)}
+            rows = torch.tensor([pos[t] for t in texts], device=self.device)
+            return {name: t[rows] for name, t in enc.items()}
         norm = [self.normalize_text(t) for t in texts]
         enc = self.tokenizer(
             norm,

@@ -276,6 +276,12 @@ class ServeConfig(_Section):
     token_cache_items: int = Field(
         4096, ge=0, description="ITM image tokens kept in memory per model replica (hot products)"
     )
+    decode_threads: int = Field(
+        4,
+        ge=0,
+        description="threads per model replica that decode the re-rank candidates' stored JPEGs "
+        "on a token-cache miss (PIL releases the GIL); 0 = one at a time on the request's thread",
+    )
     hybrid: Literal["off", "rrf", "weighted"] = Field(
         "off",
         description="fuse BM25 on the normalised title with the vector candidates (off until measured)",

@@ -277,7 +277,9 @@ def _plan_search(
         except BadRequest as err:
             raise ExportError(f"--filter {global_filter!r}: {err}") from None
     model = load_query_model(cfg, source)
-    scorer = BatchedScorer(QueryScorer(model, cfg.serve.token_cache_items))
+    scorer = BatchedScorer(
+        QueryScorer(model, cfg.serve.token_cache_items, cfg.serve.decode_threads)
+    )
     limits = Limits.from_config(cfg.serve)
     counts: dict[str, int] = {}
 

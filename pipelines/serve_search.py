@@ -82,6 +82,7 @@ class QueryModel:
             cfg.model.name_or_path,
             max_models=cfg.serve.max_models,
             cache_items=cfg.serve.token_cache_items,
+            decode_threads=cfg.serve.decode_threads,
         )
         self.batching = cfg.serve.batching
         for method in (self._text_batch, self._image_batch, self._itm_batch):

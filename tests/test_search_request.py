@@ -146,6 +146,62 @@ def test_scorer_batches_equal_single_requests_and_cache_tokens(tiny_model):
     np.testing.assert_allclose(np.linalg.norm(texts, axis=1), 1.0, atol=1e-5)
 
 
+def test_candidates_decode_on_threads_like_one_at_a_time():
+    """The re-ranker decodes cache misses on a thread pool: the same images, in order, and a bad
+    JPEG still fails with the decoder's own error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blip_ops.decode import ImageDecodeError
+    from pipelines.search.scorer import decode_candidates
+
+    blobs = [encode_image_bytes(draw_product(s, (64 + 8 * s, 64))) for s in range(9)]
+    serial = decode_candidates(blobs, 64)
+    with ThreadPoolExecutor(3) as pool:
+        pooled = decode_candidates(blobs, 64, pool)
+        assert [im.size for im in pooled] == [im.size for im in serial]
+        for a, b in zip(serial, pooled, strict=True):
+            assert a.tobytes() == b.tobytes()
+        with pytest.raises(ImageDecodeError):
+            decode_candidates([*blobs[:2], b"\xff\xd8 truncated"], 64, pool)
+
+
+def test_batched_itm_tokenises_each_query_once(tiny_model, monkeypatch):
+    """itm_scores gets one text per (query, candidate) pair; only the distinct texts reach the
+    tokenizer, and the scores equal one query at a time."""
+    tokens = tiny_model.encode_images(
+        [draw_product(s) for s in range(5)], return_tokens=True
+    ).tokens  # (5, N, H)
+    texts = ["red sofa"] * 3 + ["蓝色台灯"] * 2
+    seen: list[int] = []
+    tokenizer = tiny_model.tokenizer
+
+    def counting(batch, **kw):
+        seen.append(len(batch))
+        return tokenizer(batch, **kw)
+
+    monkeypatch.setattr(tiny_model, "tokenizer", counting)
+    pairs = tiny_model.itm_scores(texts, tokens)
+    assert seen == [2]
+    one = torch.cat(
+        [
+            tiny_model.itm_scores("red sofa", tokens[:3]),
+            tiny_model.itm_scores("蓝色台灯", tokens[3:]),
+        ]
+    )
+    torch.testing.assert_close(pairs, one, atol=1e-5, rtol=0)
+    enc = tiny_model._tokenize(texts)
+    monkeypatch.setattr(tiny_model, "tokenizer", tokenizer)
+    direct = tokenizer(
+        [tiny_model.normalize_text(t) for t in texts],
+        padding="longest",
+        truncation=True,
+        max_length=tiny_model.text_settings.max_length,
+        return_tensors="pt",
+    )
+    assert torch.equal(enc["input_ids"], direct["input_ids"])
+    assert torch.equal(enc["attention_mask"], direct["attention_mask"])
+
+
 def test_fusion_rules():
     from pipelines.search.hybrid import fused_order, rrf_scores, weighted_scores
 

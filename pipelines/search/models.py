@@ -43,15 +43,17 @@ class QueryModels:
         *,
         max_models: int = 2,
         cache_items: int = 4096,
+        decode_threads: int = 4,
     ):
         if max_models < 1:
             raise ValueError(f"max_models must be at least 1, got {max_models}")
         self._load = load
         self.max_models = max_models
         self.cache_items = cache_items
+        self.decode_threads = decode_threads
         self._scorers: OrderedDict[str, QueryScorer] = OrderedDict()
         self._lock = threading.Lock()
-        default = QueryScorer(load(default_path), cache_items)
+        default = QueryScorer(load(default_path), cache_items, decode_threads)
         self.default_id = default.model_id
         self._scorers[default.model_id] = default
 
@@ -89,7 +91,7 @@ class QueryModels:
                 f"the checkpoint at {ref.path!r} is now model {model.model_id}, but the published "
                 f"version was encoded by {ref.model_id}: the checkpoint changed since that run"
             )
-        scorer = QueryScorer(model, self.cache_items)
+        scorer = QueryScorer(model, self.cache_items, self.decode_threads)
         self._scorers[ref.model_id] = scorer
         while len(self._scorers) > self.max_models:
             dropped, _ = self._scorers.popitem(last=False)

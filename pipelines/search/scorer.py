@@ -13,7 +13,9 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -64,13 +66,32 @@ class TokenCache:
         return len(self._items)
 
 
+def decode_candidates(
+    blobs: Sequence[bytes], size: int, pool: ThreadPoolExecutor | None = None
+) -> list[Image.Image]:
+    """Stored model-resolution JPEGs → RGB images for the vision tower, on ``pool``'s threads
+    when there is more than one (``decode_image``: the same checks as indexing)."""
+    from blip_ops.decode import decode_image
+
+    if pool is not None and len(blobs) > 1:
+        return list(pool.map(partial(decode_image, target_size=size), blobs))
+    return [decode_image(b, target_size=size) for b in blobs]
+
+
 class QueryScorer:
     """Encodes queries and scores ITM pairs with one loaded ``RetrievalModel``."""
 
-    def __init__(self, model, cache_items: int = 4096):
+    def __init__(self, model, cache_items: int = 4096, decode_threads: int = 4):
         self.model = model
         self.model_id: str = model.model_id
         self.cache = TokenCache(cache_items)
+        # Cache misses' JPEGs are decoded on these threads (PIL releases the GIL while decoding):
+        # 32 candidates at 384 px took 13.8 ms one at a time (benchmarks/bench_ann.py).
+        self._decode_pool = (
+            ThreadPoolExecutor(decode_threads, thread_name_prefix="rerank-decode")
+            if decode_threads > 1
+            else None
+        )
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """(B, D) float32 ITC embeddings of raw query texts (normalised by the checkpoint's rule)."""
@@ -82,13 +103,12 @@ class QueryScorer:
 
     def image_tokens(self, keys: Sequence[str], images: Sequence[bytes]) -> torch.Tensor:
         """(k, N, H) tokens for the candidates, from the cache or by one vision pass over the misses."""
-        from blip_ops.decode import decode_image
-
         found: list[torch.Tensor | None] = [self.cache.get(key) for key in keys]
         missing = [i for i, t in enumerate(found) if t is None]
         if missing:
-            size = self.model.image_settings.size
-            decoded = [decode_image(images[i], target_size=size) for i in missing]
+            decoded = decode_candidates(
+                [images[i] for i in missing], self.model.image_settings.size, self._decode_pool
+            )
             tokens = self.model.encode_images(decoded, return_tokens=True).tokens  # (m, N, H)
             for j, i in enumerate(missing):
                 found[i] = tokens[j]
