@@ -101,16 +101,17 @@ lint: venv
 catalog: venv fonts
 	$(PY) -m pipelines.make_catalog --out .data/catalog-10k --products 10000 --seed 0 --overwrite
 
-# The CPU benchmarks of docs/performance.md (~15-20 minutes on 2 quiet cores; add 1,000,000 to
-# BENCH_ANN_SIZES for the 1M-row ANN figures, ~10-15 minutes more). Each writes JSON + a PNG under
+# The CPU benchmarks of docs/performance.md (~25 minutes on 2 quiet cores, ~10 of them the ANN
+# tables up to 1M rows; BENCH_ANN_SIZES="10000 100000" skips 1M). Each writes JSON + a PNG under
 # benchmarks/results/; report.py renders docs/performance.md from them.
 BENCH_PRODUCTS ?= 1000
-BENCH_ANN_SIZES ?= 10000 100000
+BENCH_ANN_SIZES ?= 10000 100000 1000000
 bench: venv fonts
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_index.py --products $(BENCH_PRODUCTS) --ablate
 	$(PY) benchmarks/bench_ann.py --sizes $(BENCH_ANN_SIZES)
 	$(PY) benchmarks/bench_serve.py --config configs/local.yaml --index-uri .data/bench/index/index-tiny --model .data/models/tiny
+	$(PY) benchmarks/bench_serve.py --config configs/local.yaml --index-uri .data/bench/index/index-tiny --model .data/models/tiny serve.batch_wait_timeout_s=0.005 --json benchmarks/results/serve-cpu-wait5ms.json --plot ''
 	$(PY) benchmarks/report.py
 
 bench-gpu:

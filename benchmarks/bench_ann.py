@@ -464,6 +464,45 @@ def candidate_decode(args) -> dict:
     return out
 
 
+def cold_itm(args) -> list[dict]:
+    """One query's ITM of 32 candidates with the token cache off (decode + vision + ITM), with the
+    misses decoded one at a time (``serve.decode_threads`` 0, as before) and on the default
+    threads, interleaved in one process so that the machine's drift hits both alike."""
+    from blip_ops import load_model
+    from pipelines.config import ServeConfig
+    from pipelines.search.scorer import ItmJob, QueryScorer
+
+    threads = ServeConfig().decode_threads
+    rows = []
+    for name in args.query_models:
+        model = load_model(str(model_path(name)), device="cpu", dtype="float32", attention="sdpa")
+        images = side_images(model.image_settings.size)[:32]
+        job = ItmJob("red leather shoe", tuple(f"p{i}" for i in range(32)), tuple(images))
+        scorers = {n: QueryScorer(model, cache_items=0, decode_threads=n) for n in (0, threads)}
+        times: dict[int, list[float]] = {n: [] for n in scorers}
+        stop = time.perf_counter() + args.cell_seconds
+        for rep in range(21):
+            for n, scorer in scorers.items():
+                t0 = time.perf_counter()
+                scorer.itm([job])
+                if rep:  # the first round warms up
+                    times[n].append(time.perf_counter() - t0)
+            if rep >= 3 and time.perf_counter() > stop:
+                break
+        row = {
+            "model": name,
+            "image_size": model.image_settings.size,
+            "candidates": 32,
+            "rounds": len(times[0]),
+            "decode_threads": threads,
+            "one_thread_p50_ms": round(float(np.median(times[0])) * 1000, 2),
+            "threads_p50_ms": round(float(np.median(times[threads])) * 1000, 2),
+        }
+        logger.info("%s cold ITM of 32: %s", name, row)
+        rows.append(row)
+    return rows
+
+
 def batched_itm(args) -> list[dict]:
     """``QueryScorer.itm`` on a batch of ``--itm-batch`` queries x 32 cached candidates (what one
     ``@serve.batch`` call hands the model replica), and the tokenisation inside it: the distinct
@@ -656,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
             result["text_query"] = bench_text_query(db, table, last["rows"], setting, args)
             result["candidate_decode_384"] = candidate_decode(args)
             result["batched_itm"] = batched_itm(args)
+            result["cold_itm"] = cold_itm(args)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

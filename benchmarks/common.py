@@ -76,6 +76,24 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (short), with "+changes" when tracked code files differ from it."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "-uno", "--", "blip_ops", "pipelines", "benchmarks")
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout (a copied tree on the GPU machine)
+    changed = [ln for ln in changed.splitlines() if "benchmarks/results/" not in ln]
+    return commit + ("+changes" if changed else "")
+
+
 def header(benchmark: str, argv: Sequence[str] | None) -> dict[str, Any]:
     """The first keys of every result file: what ran, where, when."""
     script = Path(sys.argv[0]).resolve()
@@ -87,6 +105,7 @@ def header(benchmark: str, argv: Sequence[str] | None) -> dict[str, Any]:
     return {
         "benchmark": benchmark,
         "command": shlex.join(["python", shown, *args]),
+        "commit": git_commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "started": time.time(),
