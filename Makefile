@@ -111,7 +111,7 @@ bench: venv fonts
 	$(PY) benchmarks/bench_index.py --products $(BENCH_PRODUCTS) --ablate
 	$(PY) benchmarks/bench_ann.py --sizes $(BENCH_ANN_SIZES)
 	$(PY) benchmarks/bench_serve.py --config configs/local.yaml --index-uri .data/bench/index/index-tiny --model .data/models/tiny
-	$(PY) benchmarks/bench_serve.py --config configs/local.yaml --index-uri .data/bench/index/index-tiny --model .data/models/tiny serve.batch_wait_timeout_s=0.005 --json benchmarks/results/serve-cpu-wait5ms.json --plot ''
+	$(PY) benchmarks/bench_serve.py --config configs/local.yaml --index-uri .data/bench/index/index-tiny --model .data/models/tiny serve.adaptive_batch_wait=false --json benchmarks/results/serve-cpu-fixed-wait.json --plot ''
 	$(PY) benchmarks/report.py
 
 bench-gpu:

@@ -301,10 +301,12 @@ class ServeConfig(_Section):
     batching: bool = Field(True, description="@serve.batch query encoding and ITM across requests")
     max_batch_size: int = Field(16, gt=0, description="requests per @serve.batch call")
     batch_wait_timeout_s: float = Field(
-        0.0,
-        ge=0,
-        description="how long a batch waits to fill; 0 = no wait: a batch is what queued while the "
-        "last one ran (a lone request goes at once; under load batches still form)",
+        0.005, ge=0, description="how long a batch waits to fill (see adaptive_batch_wait)"
+    )
+    adaptive_batch_wait: bool = Field(
+        True,
+        description="wait batch_wait_timeout_s only while other calls are in flight at the model "
+        "replica: a lone request goes at once; false = every batch waits",
     )
     ingress: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(num_cpus=0.25, max_ongoing_requests=32),

@@ -85,9 +85,12 @@ class QueryModel:
             decode_threads=cfg.serve.decode_threads,
         )
         self.batching = cfg.serve.batching
+        self.batch_wait_s = cfg.serve.batch_wait_timeout_s
+        self.adaptive_wait = cfg.serve.adaptive_batch_wait
+        self.in_flight = 0  # model calls this replica is answering (the event loop's thread only)
         for method in (self._text_batch, self._image_batch, self._itm_batch):
             method.set_max_batch_size(cfg.serve.max_batch_size)
-            method.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+            method.set_batch_wait_timeout_s(self.batch_wait_s)
         default = self.models.get()
         logger.info("query model %s ready on %s", default.model_id, default.model.device)
 
@@ -121,18 +124,31 @@ class QueryModel:
     # version's model (None: the configured one).
     async def encode_text(self, text: str, request_id: str = "", model=None) -> dict:
         if self.batching:
-            return await self._text_batch(text, request_id, model)
+            return await self._batched(self._text_batch, text, request_id, model)
         return self._texts([text], [request_id], [model])[0]
 
     async def encode_image(self, image, request_id: str = "", model=None) -> dict:
         if self.batching:
-            return await self._image_batch(image, request_id, model)
+            return await self._batched(self._image_batch, image, request_id, model)
         return self._images([image], [request_id], [model])[0]
 
     async def itm(self, job, request_id: str = "", model=None) -> dict:
         if self.batching:
-            return await self._itm_batch(job, request_id, model)
+            return await self._batched(self._itm_batch, job, request_id, model)
         return self._itms([job], [request_id], [model])[0]
+
+    async def _batched(self, method, item, request_id: str, model) -> dict:
+        """Queue ``item`` for ``method``'s next batch. With ``serve.adaptive_batch_wait`` a batch
+        waits ``batch_wait_timeout_s`` to fill only while other calls are in flight here: a lone
+        request would wait for nobody (5 ms on each of a query's two calls), while under load the
+        wait lets the requests that arrived during the last batch join the next one."""
+        self.in_flight += 1
+        try:
+            if self.adaptive_wait:
+                method.set_batch_wait_timeout_s(self.batch_wait_s if self.in_flight > 1 else 0.0)
+            return await method(item, request_id, model)
+        finally:
+            self.in_flight -= 1
 
     @serve.batch
     async def _text_batch(self, texts: list[str], request_ids: list[str], models: list):

@@ -152,17 +152,29 @@ def test_candidates_decode_on_threads_like_one_at_a_time():
     from concurrent.futures import ThreadPoolExecutor
 
     from blip_ops.decode import ImageDecodeError
-    from pipelines.search.scorer import decode_candidates
+    from pipelines.search.scorer import POOL_MIN_SIDE, decode_candidates
 
-    blobs = [encode_image_bytes(draw_product(s, (64 + 8 * s, 64))) for s in range(9)]
-    serial = decode_candidates(blobs, 64)
-    with ThreadPoolExecutor(3) as pool:
-        pooled = decode_candidates(blobs, 64, pool)
+    class CountingPool(ThreadPoolExecutor):
+        calls = 0
+
+        def map(self, *a, **kw):
+            CountingPool.calls += 1
+            return super().map(*a, **kw)
+
+    side = POOL_MIN_SIDE
+    blobs = [encode_image_bytes(draw_product(s, (side + 8 * s, side))) for s in range(9)]
+    serial = decode_candidates(blobs, side)
+    with CountingPool(3) as pool:
+        pooled = decode_candidates(blobs, side, pool)
+        assert CountingPool.calls == 1
         assert [im.size for im in pooled] == [im.size for im in serial]
         for a, b in zip(serial, pooled, strict=True):
             assert a.tobytes() == b.tobytes()
         with pytest.raises(ImageDecodeError):
-            decode_candidates([*blobs[:2], b"\xff\xd8 truncated"], 64, pool)
+            decode_candidates([*blobs[:2], b"\xff\xd8 truncated"], side, pool)
+        small = [encode_image_bytes(draw_product(s, (64, 64))) for s in range(4)]
+        assert len(decode_candidates(small, 64, pool)) == 4
+        assert CountingPool.calls == 2  # small images decode on the caller's thread
 
 
 def test_batched_itm_tokenises_each_query_once(tiny_model, monkeypatch):
@@ -267,3 +279,43 @@ def test_query_models_load_check_and_evict(tmp_path, tiny_model_dir):
     assert models.loaded == [b_id, c_id]
     with pytest.raises(ValueError, match="max_models must be at least 1, got 0"):
         QueryModels(load, str(tiny_model_dir), max_models=0)
+
+
+def test_batch_wait_only_while_other_calls_are_in_flight():
+    """QueryModel._batched: a lone call is batched with no wait; a call that arrives while
+    another is in flight waits batch_wait_timeout_s for company (and 'false' always waits)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pipelines.serve_search import QueryModel
+
+    batched = QueryModel.func_or_class._batched
+
+    class Method:
+        def __init__(self):
+            self.waits: list[float] = []
+            self.release = asyncio.Event()
+
+        def set_batch_wait_timeout_s(self, s: float) -> None:
+            self.waits.append(s)
+
+        async def __call__(self, item, request_id, model):
+            if item == "hold":
+                await self.release.wait()
+            return {"value": item}
+
+    async def scenario(adaptive: bool) -> list[float]:
+        state = SimpleNamespace(in_flight=0, adaptive_wait=adaptive, batch_wait_s=0.005)
+        method = Method()
+        assert await batched(state, method, "alone", "r0", None) == {"value": "alone"}
+        held = asyncio.ensure_future(batched(state, method, "hold", "r1", None))
+        await asyncio.sleep(0)
+        assert state.in_flight == 1
+        await batched(state, method, "second", "r2", None)
+        method.release.set()
+        await held
+        assert state.in_flight == 0
+        return method.waits
+
+    assert asyncio.run(scenario(True)) == [0.0, 0.0, 0.005]
+    assert asyncio.run(scenario(False)) == []  # the configured wait, set once at start
