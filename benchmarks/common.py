@@ -90,7 +90,12 @@ def git_commit() -> str | None:
         changed = git("status", "--porcelain", "-uno", "--", "blip_ops", "pipelines", "benchmarks")
     except (OSError, subprocess.SubprocessError):
         return None  # not a git checkout (a copied tree on the GPU machine)
-    changed = [ln for ln in changed.splitlines() if "benchmarks/results/" not in ln]
+    # The result files and the page renderer are not code any benchmark runs.
+    changed = [
+        ln
+        for ln in changed.splitlines()
+        if "benchmarks/results/" not in ln and not ln.endswith("benchmarks/report.py")
+    ]
     return commit + ("+changes" if changed else "")
 
 
