@@ -1316,7 +1316,8 @@ def section_findings(d: dict) -> str:
             "repeated (the same tensors: `tests/test_search_request.py`).",
             "5. **`@serve.batch` waited 5 ms for every batch to fill** (`serve.batch_wait_timeout_s`), twice per query (text "
             "encode, then ITM), so one client was slower with batching than without (section 3). With no wait at all, "
-            "16–32 clients lost 15–25% in two of three runs (smaller batches). Now (`serve.adaptive_batch_wait`, "
+            "16–32 clients were slower in two of three back-to-back runs (smaller batches; commit 926ce6e, figures in "
+            "docs/decisions.md). Now (`serve.adaptive_batch_wait`, "
             "`QueryModel._batched`) a batch waits only while other calls are in flight at the replica: a lone request "
             "goes at once, and under load the wait still gathers the requests that arrived during the last batch.",
             "6. **IVF_PQ recall** (query-time ANN settings): see below.",
