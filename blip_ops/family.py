@@ -57,6 +57,21 @@ class ImageSettings:
         )
 
 
+def resize_tensor(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A (3, H, W) image tensor (``decode_batch``'s GPU path) → (3, height, width) uint8, resized
+    where it lies with antialiased bicubic interpolation; already that size and uint8: as is."""
+    if tuple(image.shape[1:]) == (height, width) and image.dtype == torch.uint8:
+        return image
+    resized = torch.nn.functional.interpolate(
+        image.unsqueeze(0).float(),
+        size=(height, width),
+        mode="bicubic",
+        antialias=True,
+        align_corners=False,
+    )  # (1, 3, height, width) on the tensor's device
+    return resized[0].clamp_(0, 255).round_().to(torch.uint8)
+
+
 @dataclass
 class ImageEncoding:
     """Output of :meth:`RetrievalModel.encode_images`."""
@@ -109,17 +124,7 @@ class RetrievalModel(ABC):
                 raise TypeError(
                     f"image {i}: expected an RGB PIL image or a (3, H, W) tensor, got {im!r:.80}"
                 )
-            if tuple(im.shape[1:]) == (s.size, s.size) and im.dtype == torch.uint8:
-                out.append(im)
-                continue
-            resized = torch.nn.functional.interpolate(
-                im.unsqueeze(0).float(),
-                size=(s.size, s.size),
-                mode="bicubic",
-                antialias=True,
-                align_corners=False,
-            )  # (1, 3, S, S) on the tensor's device
-            out.append(resized[0].clamp_(0, 255).round_().to(torch.uint8))
+            out.append(resize_tensor(im, s.size, s.size))
         return out
 
     def preprocess(

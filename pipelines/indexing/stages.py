@@ -162,7 +162,8 @@ class EncodeBatch:
 
         if malloc_mmap_threshold_mb:
             # Not 1 MiB as in staging and merge: every activation tensor of the vision tower would
-            # then be a fresh mmap, page-faulted in on each batch (compact model: 2.1x slower).
+            # then be a fresh mmap, page-faulted in on each batch (compact model job: 15.9 vs 32.7
+            # images/s, benchmarks/bench_index.py --ablate).
             cap_malloc_retention(malloc_mmap_threshold_mb << 20)
         if torch_threads:
             import torch
@@ -200,6 +201,16 @@ class EncodeBatch:
             raise ImageTooLargeError(f"{uri} is {info.size} bytes, limit is {self.max_image_bytes}")
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    def derivative_jobs(self, resized: list, images: list, datas: list[bytes]) -> list[tuple]:
+        """One job per image for :meth:`_derivatives`: the model-resolution image as PIL and what
+        the thumbnail is made from (the decoded image; its bytes when the model's size is smaller
+        than the thumbnail, as with the tiny test model, so it is decoded again finer)."""
+        display = datas if self.thumbnail_size > self.model.image_settings.size else images
+        return [
+            (_to_pil(r), _thumbnail_source(d, self.thumbnail_size))
+            for r, d in zip(resized, display, strict=True)
+        ]
 
     def _derivatives(self, job: tuple) -> tuple[bytes, bytes]:
         """(model-resolution JPEG, thumbnail JPEG) of one image; runs on the derivative threads."""
@@ -262,12 +273,7 @@ class EncodeBatch:
             # pixels (on the GPU path, (3, S, S) uint8 tensors resized where they were decoded).
             resized = self.model.resize(ok_images)
             pixels = self.model.preprocess(resized, device=self.model.device)
-            # A model smaller than the thumbnail (the tiny test model) needs a finer decode for it.
-            display = ok_datas if self.thumbnail_size > size else ok_images
-            jobs = [
-                (_to_pil(r), _thumbnail_source(d, self.thumbnail_size))
-                for r, d in zip(resized, display, strict=True)
-            ]
+            jobs = self.derivative_jobs(resized, ok_images, ok_datas)
             made = (
                 self._pool.map(self._derivatives, jobs)
                 if self._pool is not None
@@ -334,24 +340,11 @@ def _thumbnail_source(image, max_side: int):
 
     if not isinstance(image, torch.Tensor):
         return image
+    from blip_ops.family import resize_tensor
     from pipelines.indexing.derivatives import thumbnail_size
 
-    h, w = image.shape[1:]
-    tw, th = thumbnail_size(w, h, max_side)
-    if (tw, th) != (w, h):
-        image = (
-            torch.nn.functional.interpolate(
-                image.unsqueeze(0).float(),
-                size=(th, tw),
-                mode="bicubic",
-                antialias=True,
-                align_corners=False,
-            )[0]
-            .clamp_(0, 255)
-            .round_()
-            .to(torch.uint8)
-        )
-    return _to_pil(image)
+    tw, th = thumbnail_size(int(image.shape[2]), int(image.shape[1]), max_side)
+    return _to_pil(resize_tensor(image, th, tw))
 
 
 def _to_pil(image):
