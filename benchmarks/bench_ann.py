@@ -52,12 +52,11 @@ import pyarrow as pa  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS,
     bar_chart,
-    finish,
     header,
     line_chart,
+    save,
     stack,
     summary_ms,
-    write_json,
 )
 
 logger = logging.getLogger("bench_ann")
@@ -699,11 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    finish(result)
-    write_json(args.json, result)
-    if args.plot:
-        plot(result, args.plot)
-    print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
+    save(result, args.json, plot, args.plot)
     return 0
 
 

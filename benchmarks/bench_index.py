@@ -62,7 +62,15 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from benchmarks.common import REPO, RESULTS, bar_chart, finish, header, stack, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    REPO,
+    RESULTS,
+    bar_chart,
+    decode_grid,
+    header,
+    save,
+    stack,
+)
 
 logger = logging.getLogger("bench_index")
 
@@ -338,8 +346,6 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
         Columns,
         EncodeBatch,
         RunState,
-        _thumbnail_source,
-        _to_pil,
         read_files,
         validate,
     )
@@ -456,11 +462,13 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
         model.encode_images(pixels)
         parts["encode"] += time.perf_counter() - t
         t = time.perf_counter()
-        display = datas if enc.thumbnail_size > size else ok
-        for r, shown, title in zip(
-            resized, display, batch.column("title").to_pylist(), strict=False
+        ok_datas = [d for d, im in zip(datas, decoded.images, strict=True) if im is not None]
+        for job, title in zip(
+            enc.derivative_jobs(resized, ok, ok_datas),
+            batch.column("title").to_pylist(),
+            strict=False,
         ):
-            enc._derivatives((_to_pil(r), _thumbnail_source(shown, enc.thumbnail_size)))
+            enc._derivatives(job)
             model.normalize_text(title)
         parts["derivatives"] += time.perf_counter() - t
         t = time.perf_counter()
@@ -628,22 +636,7 @@ def plot(result: dict, out: Path) -> Path:
         )
     )
     dec = result["decode"]
-    sizes = sorted({r["target_px"] for r in dec["rows"]})
-    opts = list(dict.fromkeys(r["option"] for r in dec["rows"]))
-    series3 = {
-        o: [
-            next(
-                (
-                    r["images_per_s"]
-                    for r in dec["rows"]
-                    if r["option"] == o and r["target_px"] == s
-                ),
-                None,
-            )
-            for s in sizes
-        ]
-        for o in opts
-    }
+    sizes, series3 = decode_grid(dec)
     panels.append(
         bar_chart(
             f"Decode + resize, one thread, {dec['images']} catalog images: images/s",
@@ -762,11 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes.add(384)
     logger.info("decode options")
     result["decode"] = in_subprocess(decode_options, catalog, sorted(sizes), args.decode_sample)
-    finish(result)
-    write_json(args.json, result)
-    if args.plot:
-        plot(result, args.plot)
-    print(f"wrote {args.json}" + (f" and {args.plot}" if args.plot else ""))
+    save(result, args.json, plot, args.plot)
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS, finish, header, write_json  # noqa: E402
+from benchmarks.common import RESULTS, header, save  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             row["name"] = name
         print(format_report(rows) + "\n")
         result["rows"].extend(rows)
-    finish(result)
-    write_json(args.json, result)
-    print(f"wrote {args.json}")
+    save(result, args.json)
     return 0
 
 

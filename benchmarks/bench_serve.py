@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
-from benchmarks.common import RESULTS, finish, header, line_chart, stack, write_json  # noqa: E402
+from benchmarks.common import RESULTS, header, line_chart, save, stack  # noqa: E402
 from pipelines.config import add_config_arguments, cli_config  # noqa: E402
 
 
@@ -179,13 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         serve.delete("bench")
     serve.shutdown()
-    finish(results)
-    if args.json:
-        write_json(args.json, results)
-        print(f"\nwritten to {args.json}")
-    if args.plot:
-        plot(results, Path(args.plot))
-        print(f"plot: {args.plot}")
+    save(results, args.json, plot, args.plot)
     return 0
 
 

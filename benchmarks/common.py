@@ -123,6 +123,26 @@ def finish(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def save(result: dict[str, Any], json_path, plot=None, plot_path=None) -> None:
+    """The end of every benchmark: finish the header, write the JSON, draw ``plot(result, path)``
+    when a plot path is given, and say where they went."""
+    finish(result)
+    plot_path = plot_path if plot is not None and str(plot_path or "") not in ("", ".") else None
+    if json_path:
+        write_json(json_path, result)
+    if plot_path:  # ("--plot ''" arrives as Path(".") from a Path-typed option: no plot)
+        plot(result, Path(plot_path))
+    print("wrote " + " and ".join(str(p) for p in (json_path, plot_path) if p))
+
+
+def decode_grid(decode: dict[str, Any]) -> tuple[list[int], dict[str, list[float | None]]]:
+    """``bench_index.py``'s decode options as (target sizes, {option: images/s per size})."""
+    sizes = sorted({r["target_px"] for r in decode["rows"]})
+    by = {(r["option"], r["target_px"]): r["images_per_s"] for r in decode["rows"]}
+    options = dict.fromkeys(r["option"] for r in decode["rows"])
+    return sizes, {o: [by.get((o, s)) for s in sizes] for o in options}
+
+
 def write_json(path: str | Path, result: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,6 +209,20 @@ def _light(color: tuple[int, int, int], f: float = 0.55) -> tuple[int, ...]:
     return tuple(int(c + (255 - c) * f) for c in color)
 
 
+def _canvas(title: str, series: dict, width: int, height: int, *, bottom: int):
+    """A white chart with its title; the plot area (left, top, width, height) leaves room on the
+    right for the legend of ``series``' names."""
+    from PIL import Image, ImageDraw
+
+    font, small = _font(15), _font(11)
+    right = 40 + max((int(small.getlength(n)) for n in series), default=100)
+    left, top = 80, 62
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    d.text((left, 12), title, fill="black", font=font)
+    return im, d, font, small, (left, top, width - left - right, height - top - bottom)
+
+
 def bar_chart(
     title: str,
     groups: Sequence[str],
@@ -202,15 +236,7 @@ def bar_chart(
 ):
     """Grouped vertical bars (one colour per series, one group per x label), values on the bars;
     None draws no bar. ``log``: a log10 y axis (for figures spanning orders of magnitude)."""
-    from PIL import Image, ImageDraw
-
-    font, small = _font(15), _font(11)
-    right = 40 + max((int(small.getlength(n)) for n in series), default=100)
-    left, top, bottom = 80, 62, 70
-    pw, ph = width - left - right, height - top - bottom
-    im = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(im)
-    d.text((left, 12), title, fill="black", font=font)
+    im, d, font, small, (left, top, pw, ph) = _canvas(title, series, width, height, bottom=70)
     values = [v for vs in series.values() for v in vs if v is not None and v > 0]
     vmax = max(values, default=1.0)
     if hline:
@@ -289,15 +315,7 @@ def line_chart(
     xrange: tuple[float, float] | None = None,
 ):
     """Lines with markers, one per series of (x, y) points."""
-    from PIL import Image, ImageDraw
-
-    font, small = _font(15), _font(11)
-    right = 40 + max((int(small.getlength(n)) for n in series), default=100)
-    left, top, bottom = 80, 62, 60
-    pw, ph = width - left - right, height - top - bottom
-    im = Image.new("RGB", (width, height), "white")
-    d = ImageDraw.Draw(im)
-    d.text((left, 12), title, fill="black", font=font)
+    im, d, font, small, (left, top, pw, ph) = _canvas(title, series, width, height, bottom=60)
     pts = [p for s in series.values() for p in s if all(math.isfinite(c) for c in p)]
     xs = [p[0] for p in pts if not logx or p[0] > 0] or [0.0, 1.0]
     ys = [p[1] for p in pts if not logy or p[1] > 0] or [0.0, 1.0]

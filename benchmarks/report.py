@@ -25,6 +25,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import decode_grid  # noqa: E402
+
 NOT_YET = "not measured yet"
 
 # ANCHORS.md, "Measured on one H200 (torch 2.11 + transformers 5.17, bf16, random weights,
@@ -687,27 +691,8 @@ def section_index(d: dict, results: Path, out_dir: Path) -> str:
             "",
         ]
     dec = index["decode"]
-    sizes = sorted({r["target_px"] for r in dec["rows"]})
-    opts = list(dict.fromkeys(r["option"] for r in dec["rows"]))
-    rows = [
-        [
-            o,
-            *(
-                num(
-                    next(
-                        (
-                            r["images_per_s"]
-                            for r in dec["rows"]
-                            if r["option"] == o and r["target_px"] == s
-                        ),
-                        None,
-                    )
-                )
-                for s in sizes
-            ),
-        ]
-        for o in opts
-    ]
+    sizes, grid = decode_grid(dec)
+    rows = [[o, *(num(v) for v in values)] for o, values in grid.items()]
     formats = ", ".join(f"{n} {f}" for f, n in dec["formats"].items())
     lo, hi = dec["source_px"]
     parts += [

@@ -60,6 +60,25 @@ def test_missing_results_say_not_measured(tmp_path):
     assert "### Fixed" not in page
 
 
+def test_save_writes_the_json_and_skips_an_empty_plot_path(tmp_path, capsys):
+    from benchmarks.common import decode_grid, header, save
+
+    drawn = []
+    result = header("t", ["--x"])
+    save(result, tmp_path / "r.json", lambda r, p: drawn.append(p), Path(""))
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["benchmark"] == "t" and "seconds" in data and "started" not in data
+    assert drawn == [] and capsys.readouterr().out.strip() == f"wrote {tmp_path / 'r.json'}"
+    save(header("t", []), tmp_path / "s.json", lambda r, p: drawn.append(p), tmp_path / "s.png")
+    assert drawn == [tmp_path / "s.png"]
+    rows = [
+        {"option": "a", "target_px": 64, "images_per_s": 1.0},
+        {"option": "a", "target_px": 384, "images_per_s": 2.0},
+        {"option": "b", "target_px": 384, "images_per_s": 3.0},
+    ]
+    assert decode_grid({"rows": rows}) == ([64, 384], {"a": [1.0, 2.0], "b": [None, 3.0]})
+
+
 def test_before_after_ratio():
     assert report._ba_row("x", 10.0, 5.0, "ms", 1, "here")[1:4] == ["10.0 ms", "5.0 ms", "0.50×"]
     assert report._ba_row("x", None, 5.0, "ms", 1, "here")[3] == "–"
