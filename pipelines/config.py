@@ -219,7 +219,7 @@ class EncodeConfig(_Section):
         le=32,
         description="glibc mmap threshold in the encoder actor: freed buffers of this size and "
         "more go back to the OS; smaller ones are reused. 1 returned every activation tensor "
-        "(compact model: 2.1x slower encoding, benchmarks/bench_index.py); 0 leaves glibc's default",
+        "(compact model job: 15.9 vs 32.7 images/s, bench_index.py --ablate); 0 = glibc's default",
     )
 
 

@@ -67,7 +67,8 @@ class TokenCache:
 
 
 # Below this side a JPEG decodes faster than a thread hand-off costs (tiny test model at 64 px:
-# 12.5 ms for 32 on one thread, 13.9 ms on four; BLIP-base at 384 px: 26 ms vs 14.5 ms).
+# 12.5 ms for 32 on one thread, 13.9 ms on four, in a bench_ann.py run before this threshold;
+# at BLIP-base's 384 px: 18.5 ms vs 11.2 ms, benchmarks/results/ann-query.json).
 POOL_MIN_SIDE = 256
 
 
