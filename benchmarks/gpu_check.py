@@ -428,12 +428,7 @@ def section_decode(c: Check, plan: dict, pool) -> None:
             )
 
         raw(batches[0])
-        c.sync()
-        t0 = time.perf_counter()
-        for b in batches:
-            raw(b)
-        c.sync()
-        dt = time.perf_counter() - t0
+        dt = _timed_pass(c, raw, batches)
         c.add(
             "decode",
             desc,
@@ -446,6 +441,16 @@ def section_decode(c: Check, plan: dict, pool) -> None:
     except Exception as err:  # noqa: BLE001
         c.fail("decode", desc, "nvJPEG raw", bsz, err)
     _blip_ops_gpu_path(c, plan, desc, gpu_label, batches, n, None)
+
+
+def _timed_pass(c: Check, fn, batches) -> float:
+    """Seconds for ``fn`` over every batch, the device synced before and after (after a warm-up)."""
+    c.sync()
+    t0 = time.perf_counter()
+    for b in batches:
+        fn(b)
+    c.sync()
+    return time.perf_counter() - t0
 
 
 def _pil_tensor_decoder(datas: list[bytes]) -> list[torch.Tensor]:
@@ -478,12 +483,7 @@ def _blip_ops_gpu_path(
 
     try:
         _, gpu_n = path(batches[0])
-        c.sync()
-        t0 = time.perf_counter()
-        for b in batches:
-            path(b)
-        c.sync()
-        dt = time.perf_counter() - t0
+        dt = _timed_pass(c, path, batches)
         c.add(
             "decode",
             desc,
