@@ -8,10 +8,15 @@ Writes, deterministically for a seed:
     OUT/products/part-00000.parquet ...   the catalog contract of DESIGN.md (one row per product)
     OUT/products/_images/p0000000.jpg ... with --image-mode files: ``image_uri`` is relative to products/;
                                           the "_" keeps Parquet dataset readers from listing the images
-    OUT/pairs.parquet                     each product's title in English, 汉字 and pinyin (fine-tuning)
-    OUT/queries.parquet                   held-out shopper queries for every `test` product, 3 languages
+    OUT/pairs.parquet                     each product's title in English, 汉字 and pinyin, and its
+                                          attributes (fine-tuning)
+    OUT/queries.parquet                   held-out shopper queries for every `val` and `test` product,
+                                          3 languages, with the attributes each query names
     OUT/config.resolved.yaml              the resolved config of the command (CLI runs)
     OUT/manifest.json                     what was written; written last, so its presence means complete
+Splits are by family: train / val / test, 70 / 10 / 20 (``pipelines.catalog.plan``). A query's
+``kind`` and the attributes it names (null when it does not name one) say which products answer it
+(``pipelines.catalog.relevance``), written as the products table writes them.
 Point ``source.uri`` at ``OUT/products``. S3 endpoint/region come from ``s3.*`` config keys or the
 AWS chain, credentials from the AWS chain only.
 """
@@ -34,15 +39,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.catalog.plan import ProductPlan, plan_catalog
+from pipelines.catalog.plan import SPLITS, TITLE_LANGS, ProductPlan, plan_catalog
 from pipelines.catalog.vocab import BRANDS, COLORS, KIND_BY_KEY
 from pipelines.storage import S3Settings, filesystem_for, is_s3, join
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1  # bump when the same seed would give different products
+GENERATOR_VERSION = 2  # bump when the same seed would give different products
 ROW_GROUP_SIZE = 128  # rows per Parquet row group: a few MB of images, a sensible Ray read unit
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+QUERY_SPLITS = ("val", "test")  # the held-out splits: shopper queries are written for these
 
 PRODUCTS_SCHEMA_FIELDS = [
     pa.field("product_id", pa.string(), nullable=False),
@@ -83,6 +89,12 @@ PAIRS_SCHEMA = pa.schema(
         ("title_en", pa.string()),
         ("title_zh", pa.string()),
         ("title_pinyin", pa.string()),
+        ("kind", pa.string()),
+        ("color", pa.string()),
+        ("pattern", pa.string()),
+        ("material", pa.string()),
+        ("brand", pa.string()),
+        ("differs_by", pa.string()),
     ]
 )
 QUERIES_SCHEMA = pa.schema(
@@ -90,8 +102,15 @@ QUERIES_SCHEMA = pa.schema(
         ("query_id", pa.string()),
         ("product_id", pa.string()),
         ("family_id", pa.string()),
+        ("split", pa.string()),
         ("lang", pa.string()),
         ("query", pa.string()),
+        pa.field("kind", pa.string(), nullable=False),
+        # The product's value when the query names the attribute, else null.
+        ("color", pa.string()),
+        ("pattern", pa.string()),
+        ("material", pa.string()),
+        ("brand", pa.string()),
     ]
 )
 
@@ -128,21 +147,28 @@ def render_image(product: ProductPlan) -> bytes:
     return encode_image(render_product(render_spec(product)), product.image_format)
 
 
+def _attributes(product: ProductPlan) -> dict:
+    """What the product is, as the products table, pairs.parquet and queries.parquet write it."""
+    return {
+        "kind": product.kind,
+        "color": product.color,
+        "pattern": product.pattern,
+        "material": product.material,
+        "brand": BRANDS[product.brand].en,
+    }
+
+
 def _row(product: ProductPlan) -> dict:
     return {
         "product_id": product.product_id,
         "title": product.title,
         "title_lang": product.title_lang,
         "category": KIND_BY_KEY[product.kind].category,
-        "brand": BRANDS[product.brand].en,
         "price": product.price,
         "split": product.split,
         "family_id": product.family_id,
         "differs_by": product.differs_by,
-        "kind": product.kind,
-        "color": product.color,
-        "pattern": product.pattern,
-        "material": product.material,
+        **_attributes(product),
         "model_code": product.model_code,
         "image_format": product.image_format,
         "image_width": product.width,
@@ -200,27 +226,31 @@ def _side_tables(products: Sequence[ProductPlan]) -> tuple[pa.Table, pa.Table]:
                 "title_en": p.titles["en"],
                 "title_zh": p.titles["zh"],
                 "title_pinyin": p.titles["pinyin"],
+                **_attributes(p),
+                "differs_by": p.differs_by,
             }
             for p in products
         ],
         schema=PAIRS_SCHEMA,
     )
     queries = pa.Table.from_pylist(
-        [
-            {
-                "query_id": f"q-{p.product_id}-{lang}",
-                "product_id": p.product_id,
-                "family_id": p.family_id,
-                "lang": lang,
-                "query": p.queries[lang],
-            }
-            for p in products
-            if p.split == "test"
-            for lang in ("en", "zh", "pinyin")
-        ],
+        [_query_row(p, lang) for p in products if p.split in QUERY_SPLITS for lang in TITLE_LANGS],
         schema=QUERIES_SCHEMA,
     )
     return pairs, queries
+
+
+def _query_row(product: ProductPlan, lang: str) -> dict:
+    return {
+        "query_id": f"q-{product.product_id}-{lang}",
+        "product_id": product.product_id,
+        "family_id": product.family_id,
+        "split": product.split,
+        "lang": lang,
+        "query": product.queries[lang],
+        "kind": product.kind,
+        **product.query_attributes,
+    }
 
 
 def _prepare_output(fs: pafs.FileSystem, root: str, overwrite: bool, image_mode: str) -> None:
@@ -306,7 +336,7 @@ def make_catalog(
         "rows_per_file": rows_per_file,
         "files": [p["file"] for p in parts],
         "image_bytes": sum(p["image_bytes"] for p in parts),
-        "splits": dict(Counter(p.split for p in products)),
+        "splits": _counts((p.split for p in products), SPLITS),
         "title_langs": dict(Counter(p.title_lang for p in products)),
         "image_formats": dict(Counter(p.image_format for p in products)),
         "differs_by": dict(Counter(p.differs_by or "none" for p in products)),
@@ -324,6 +354,15 @@ def make_catalog(
     with fs.open_output_stream(join(root, "manifest.json")) as f:
         f.write(json.dumps(manifest, indent=2, ensure_ascii=False).encode())
     return manifest
+
+
+def _counts(values, keys: Sequence[str]) -> dict[str, int]:
+    """How many of each key, zero included, so readers can index any split of a small catalog."""
+    counts = Counter(values)
+    unknown = set(counts) - set(keys)
+    if unknown:
+        raise ValueError(f"expected only {list(keys)}, got {sorted(unknown)}")
+    return {key: counts[key] for key in keys}
 
 
 def read_manifest(out: str, s3: S3Settings | None = None) -> dict | None:

@@ -16,7 +16,7 @@ from PIL import Image
 
 from blip_ops.decode import decode_image
 from pipelines import make_catalog as mc
-from pipelines.catalog.plan import plan_catalog
+from pipelines.catalog.plan import SPLITS, plan_catalog
 from pipelines.catalog.titles import to_pinyin
 from pipelines.catalog.vocab import BRANDS, COLORS, MATERIALS, PATTERNS
 from pipelines.storage import S3Settings, filesystem_for
@@ -61,7 +61,7 @@ def test_families_differ_in_exactly_one_visible_attribute():
         families[p.family_id].append(p)
     assert sum(len(f) > 1 for f in families.values()) > 100
     for fam in families.values():
-        assert len({p.split for p in fam}) == 1, "a family straddles the split"
+        assert len({p.split for p in fam}) == 1, "a family straddles two splits"
         for a, b in itertools.combinations(fam, 2):
             changed = [attr for attr in VISIBLE if getattr(a, attr) != getattr(b, attr)]
             assert changed == [a.differs_by], (a, b)
@@ -78,12 +78,15 @@ def test_families_differ_in_exactly_one_visible_attribute():
                 assert getattr(a, same) == getattr(b, same)
     axes = {f[0].differs_by for f in families.values() if len(f) > 1}
     assert axes == set(VISIBLE)
+    assert {p.split for p in products} == set(SPLITS)
 
 
 def test_split_languages_and_formats_are_realistic_mixes():
     products = plan_catalog(2000, 5)
     share = lambda key, value: sum(getattr(p, key) == value for p in products) / len(products)  # noqa: E731
-    assert 0.1 < share("split", "test") < 0.3
+    assert 0.15 < share("split", "test") < 0.25
+    assert 0.06 < share("split", "val") < 0.14
+    assert 0.64 < share("split", "train") < 0.76
     for lang in ("en", "zh", "pinyin"):
         assert share("title_lang", lang) > 0.1
     assert (
@@ -123,6 +126,15 @@ def test_queries_are_short_not_copies_and_name_the_varying_attribute():
         assert q["pinyin"] == to_pinyin(q["zh"])
         if p.differs_by:
             assert words[p.differs_by](p) in q["en"], (p.differs_by, q["en"])
+            assert p.query_attributes[p.differs_by] is not None
+        # query_attributes says exactly which attribute words the query holds.
+        assert set(p.query_attributes) == set(VISIBLE)
+        for attr, word in words.items():
+            named = p.query_attributes[attr]
+            assert (f" {word(p)} " in f" {q['en']} ") == (named is not None), (attr, q["en"])
+        values = {"color": p.color, "pattern": p.pattern, "material": p.material}
+        values["brand"] = BRANDS[p.brand].en
+        assert all(v is None or v == values[a] for a, v in p.query_attributes.items())
 
 
 # ---- the written catalog ------------------------------------------------------------------------
@@ -150,14 +162,35 @@ def test_catalog_contract_and_schema(catalog):
 def test_side_files_pairs_queries_manifest(catalog):
     root, manifest = catalog
     rows = {r["product_id"]: r for r in _products(root)}
-    pairs = pq.read_table(root / "pairs.parquet").to_pylist()
+    pairs_table = pq.read_table(root / "pairs.parquet")
+    assert pairs_table.schema.remove_metadata() == mc.PAIRS_SCHEMA
+    pairs = pairs_table.to_pylist()
     assert len(pairs) == N
     for pair in pairs:
-        assert rows[pair["product_id"]]["title"] == pair[f"title_{pair['title_lang']}"]
-    queries = pq.read_table(root / "queries.parquet").to_pylist()
-    test_ids = {pid for pid, r in rows.items() if r["split"] == "test"}
-    assert {q["product_id"] for q in queries} == test_ids
-    assert len(queries) == 3 * len(test_ids) == manifest["queries"]
+        row = rows[pair["product_id"]]
+        assert row["title"] == pair[f"title_{pair['title_lang']}"]
+        for column in ("split", "family_id", "kind", *VISIBLE, "differs_by"):
+            assert pair[column] == row[column], column
+    queries_table = pq.read_table(root / "queries.parquet")
+    assert queries_table.schema.remove_metadata() == mc.QUERIES_SCHEMA
+    queries = queries_table.to_pylist()
+    held_out = {pid for pid, r in rows.items() if r["split"] in ("val", "test")}
+    assert {r["split"] for r in rows.values()} == set(SPLITS)  # this seed has all three
+    assert {q["product_id"] for q in queries} == held_out
+    assert len(queries) == 3 * len(held_out) == manifest["queries"]
+    named = 0
+    for q in queries:
+        product = rows[q["product_id"]]
+        assert q["split"] == product["split"] and q["kind"] == product["kind"]
+        assert q["family_id"] == product["family_id"]
+        for attr in VISIBLE:
+            assert q[attr] is None or q[attr] == product[attr], (attr, q)
+            named += q[attr] is not None
+        if product["differs_by"]:
+            assert q[product["differs_by"]] == product[product["differs_by"]]
+    assert named >= len(queries)  # one or two attributes per query, on average at least one
+    assert manifest["splits"] == {s: sum(r["split"] == s for r in rows.values()) for s in SPLITS}
+    assert manifest["generator_version"] == mc.GENERATOR_VERSION == 2
     assert json.loads((root / "manifest.json").read_text()) == manifest
 
 

@@ -7,7 +7,13 @@ does not depend on how the work is split across processes or files.
 
 Families are near-duplicates: 2–4 products of one kind that differ in exactly one *visible*
 attribute (colour, pattern, material or the printed brand), shot with the same layout. They are
-the hard negatives of retrieval, and a family never straddles the train/test split.
+the hard negatives of retrieval, and a family never straddles two splits.
+
+Splits are by family: ``train`` (70%) to fine-tune on, ``val`` (10%) to choose checkpoints and
+settings on, ``test`` (20%) to report. Choosing on the figures that are reported would flatter
+them, so the two held-out splits are kept apart. A family's split is one draw from
+``(seed, "split", family)``: below TEST_FRACTION is ``test`` (as when there was no ``val``), the
+next VAL_FRACTION is ``val``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ FAMILY_SIZE_WEIGHTS = (0.3, 0.35, 0.25, 0.1)
 AXES = ("color", "pattern", "material", "brand")  # what a family may vary in: all visible
 FORMATS = ("JPEG", "PNG", "WEBP")
 FORMAT_WEIGHTS = (0.88, 0.07, 0.05)
+SPLITS = ("train", "val", "test")
+VAL_FRACTION = 0.1
 TEST_FRACTION = 0.2
 # On near-black or near-white bodies the materials' textures have little room to show (a black
 # wood vs black steel coffee table differed in 0.3% of pixels), so material families avoid them.
@@ -43,7 +51,7 @@ class ProductPlan:
     style: int  # index into vocab.STYLES; a claim about the product, so shared by its family
     model_code: str  # e.g. "TE04": shared by a family, as marketplaces do
     differs_by: str | None  # the attribute this product's family varies in (None: no family)
-    split: str  # "train" | "test", by family
+    split: str  # one of SPLITS ("train" | "val" | "test"), by family
     width: int
     height: int
     layout_seed: int  # everything in the photo that is not an attribute
@@ -52,6 +60,8 @@ class ProductPlan:
     title_lang: str
     titles: dict[str, str] = field(default_factory=dict)  # all three languages
     queries: dict[str, str] = field(default_factory=dict)  # shopper queries, all three languages
+    # What the queries name: {"color"|"pattern"|"material"|"brand": the product's value or None}
+    query_attributes: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def title(self) -> str:
@@ -60,6 +70,13 @@ class ProductPlan:
 
 def _rng(seed: int, what: str, index: int) -> random.Random:
     return random.Random(f"{seed}:{what}:{index}")
+
+
+def _split(seed: int, family: int) -> str:
+    draw = _rng(seed, "split", family).random()
+    if draw < TEST_FRACTION:
+        return "test"
+    return "val" if draw < TEST_FRACTION + VAL_FRACTION else "train"
 
 
 def _image_size(rng: random.Random) -> tuple[int, int]:
@@ -86,7 +103,7 @@ def _base_product(seed: int, family: int) -> ProductPlan:
         style=rng.randrange(len(STYLES)),
         model_code=f"{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{rng.choice('ABCDEFGHJKLMNPRSTUVWXYZ')}{rng.randrange(1, 100):02d}",
         differs_by=None,
-        split="test" if _rng(seed, "split", family).random() < TEST_FRACTION else "train",
+        split=_split(seed, family),
         width=width,
         height=height,
         layout_seed=rng.randrange(2**31),
@@ -133,7 +150,11 @@ def _finish(seed: int, index: int, product: ProductPlan) -> ProductPlan:
         title_lang=rng.choices(TITLE_LANGS, weights=LANG_WEIGHTS)[0],
         price=round(price, 2),
     )
-    return replace(product, titles=titles_for(product, rng), queries=queries_for(product, rng))
+    titles = titles_for(product, rng)
+    queries = queries_for(product, rng)
+    return replace(
+        product, titles=titles, queries=queries.texts, query_attributes=queries.attributes
+    )
 
 
 def plan_catalog(n_products: int, seed: int) -> list[ProductPlan]:

@@ -5,12 +5,15 @@ product noun, filler (sizes, ages, features) and a model code, in a noisy order 
 "M & D Simple Modern Light Luxury Grey Linen Sofa 3 Seater TE04" or
 "【热销】优品简约现代灰色亚麻沙发 三人位 TE04". Queries are what a shopper types: short, lower
 case, a synonym now and then, and always the attribute that tells a product from its family.
+Each query also says which attributes it names (:class:`ShopperQueries`), so an evaluation can
+count every product those words describe as a right answer, not only the one it was written for.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from dataclasses import dataclass
 
 from pipelines.catalog.vocab import (
     BRANDS,
@@ -98,14 +101,31 @@ def titles_for(product, rng: random.Random) -> dict[str, str]:
     return {"en": english_title(product, rng), "zh": zh, "pinyin": to_pinyin(zh)}
 
 
-def queries_for(product, rng: random.Random) -> dict[str, str]:
+QUERY_ATTRIBUTES = ("color", "pattern", "material", "brand")  # what a query may name, in order
+
+
+@dataclass(frozen=True)
+class ShopperQueries:
+    """One product's shopper query in every language, and what the query names.
+
+    ``attributes`` maps each of :data:`QUERY_ATTRIBUTES` to the product's value when the query
+    names it, else None, written as the products table writes it: colour, pattern and material
+    keys ("red", "striped", "linen") and the brand's English name ("M & D"). The same attributes
+    are named in all three languages.
+    """
+
+    texts: dict[str, str]
+    attributes: dict[str, str | None]
+
+
+def queries_for(product, rng: random.Random) -> ShopperQueries:
     """A short shopper query per language, always naming the attribute its family varies in."""
     kind = KIND_BY_KEY[product.kind]
     brand = BRANDS[product.brand]
     pattern_en, pattern_zh = PATTERNS[product.pattern]
     material_en, material_zh, _ = MATERIALS[product.material]
     # Which attributes the query names: the family's varying one, plus one or two others.
-    axes = ["color", "pattern", "material", "brand"]
+    axes = list(QUERY_ATTRIBUTES)
     keep = {product.differs_by} if product.differs_by else set()
     keep |= set(rng.sample(axes, k=rng.randint(1, 2)))
     if product.pattern == "solid" and product.differs_by != "pattern":
@@ -125,4 +145,13 @@ def queries_for(product, rng: random.Random) -> dict[str, str]:
         zh += material_zh
     en.append(rng.choice(kind.en))
     zh += kind.zh
-    return {"en": " ".join(en), "zh": zh, "pinyin": to_pinyin(zh)}
+    values = {
+        "color": product.color,
+        "pattern": product.pattern,
+        "material": product.material,
+        "brand": brand.en,
+    }
+    return ShopperQueries(
+        texts={"en": " ".join(en), "zh": zh, "pinyin": to_pinyin(zh)},
+        attributes={a: values[a] if a in keep else None for a in QUERY_ATTRIBUTES},
+    )
