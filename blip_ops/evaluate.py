@@ -13,6 +13,13 @@ are re-scored with ITM positive-class logit + ITC cosine and sorted; the rest ke
 order below them. Ties keep the cosine order (stable sorts everywhere), so ``k_test = 1`` can never
 change the first place.
 
+``itm_weight`` scales the logit (cosine + itm_weight × logit; 1.0, the default, is BLIP's rule).
+
+A recall without its spread over queries cannot tell two models apart, so ``with_ci`` adds a
+bootstrap 95% interval over the queries beside every recall, and ``with_ranks`` hands back each
+query's rank so that callers can form paired intervals ("ITM minus ITC") with
+:mod:`blip_ops.metrics`.
+
 The metric code (:func:`rank_positives`, :func:`retrieval_metrics`) takes a similarity matrix and
 ITM *scorers* (callables), so it runs on hand-made numbers; :func:`evaluate_model` builds both from a
 :class:`~blip_ops.family.RetrievalModel`. No Ray here; torch, numpy and PIL only.
@@ -30,6 +37,7 @@ import numpy as np
 import torch
 
 from blip_ops.family import RetrievalModel
+from blip_ops.metrics import bootstrap_ci, hits_at_k
 from blip_ops.rerank import combine_scores
 
 logger = logging.getLogger(__name__)
@@ -60,6 +68,7 @@ def rank_positives(
     k_test: Sequence[int] = (),
     itm: ItmScorer | None = None,
     chunk: int = 1024,
+    itm_weight: float = 1.0,
 ) -> RankResult:
     """Ranks of the positives of Q queries over C candidates (positive: equal labels).
 
@@ -67,7 +76,8 @@ def rank_positives(
     candidates by cosine are re-ordered by ``combine_scores`` with the logits ``itm`` gives for
     them. ITM is asked once per query, for the largest head; a query whose first positive lies
     below that head is not scored at all (no head re-ordering can move a candidate across the
-    head boundary, so its rank is its cosine rank for every ``k``).
+    head boundary, so its rank is its cosine rank for every ``k``). ``itm_weight`` scales the
+    logit in the head's score (cosine + itm_weight × logit; 1.0 is BLIP's rule).
     """
     sims = np.asarray(sims, dtype=np.float32)
     if sims.ndim != 2:
@@ -110,7 +120,8 @@ def rank_positives(
             kk = min(k, n_c)
             if itc[q] >= kk:  # no positive inside this head: nothing above it moves
                 continue
-            head = combine_scores(cos[:kk], logits[:kk])  # the service's rule, head only
+            # the service's rule, head only
+            head = combine_scores(cos[:kk], logits[:kk], itm_weight)
             result.itm[k][q] = int(np.argmax(hit[:kk][head.order]))
     return result
 
@@ -119,6 +130,20 @@ def recall_from_ranks(ranks: np.ndarray, recall_at: Sequence[int] = RECALL_AT) -
     """{"R@K": share of ranks < K}; None for each K when there are no queries."""
     ranks = np.asarray(ranks)
     return {f"R@{k}": (float((ranks < k).mean()) if len(ranks) else None) for k in recall_at}
+
+
+def ci_from_ranks(
+    ranks: np.ndarray, recall_at: Sequence[int] = RECALL_AT, *, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """{"R@K": [lo, hi]}: bootstrap 95% interval of each recall over the queries ([None, None]
+    when there are none); the same queries are resampled for every K."""
+    ranks = np.asarray(ranks)
+    if not len(ranks):
+        return {f"R@{k}": [None, None] for k in recall_at}
+    return {
+        f"R@{k}": list(bootstrap_ci(hits_at_k(ranks, k), n_boot=n_boot, seed=seed))
+        for k in recall_at
+    }
 
 
 def _mean_recall(block: dict) -> float | None:
@@ -154,6 +179,10 @@ def retrieval_metrics(
     itm_p2t: ItmScorer | None = None,
     languages: Sequence[str] | None = None,
     recall_at: Sequence[int] = RECALL_AT,
+    itm_weight: float = 1.0,
+    with_ci: bool = False,
+    with_ranks: bool = False,
+    n_boot: int = 1000,
 ) -> dict:
     """Recall@K both ways, ITC and (with scorers) ITC→ITM per ``k_test``, overall and per language.
 
@@ -162,6 +191,12 @@ def retrieval_metrics(
     itm_t2p(text, products) / itm_p2t(product, texts): ITM logits for those pairs.
     languages: (T,) language of each text; adds ``by_lang`` (text→product over that language's
         texts; product→text against that language's texts only).
+    itm_weight: re-rank score = cosine + itm_weight × ITM logit (1.0: BLIP's rule).
+    with_ci: add ``"ci": {direction: {"R@K": [lo, hi]}}`` beside the recalls of every figure
+        (bootstrap 95% over that block's queries, ``n_boot`` resamples, seed 0).
+    with_ranks: add ``"ranks": {"itc": {direction: (n,) int64}, "itm": {"<k>": same}}`` to every
+        block: each query's 0-based rank of its best positive (numpy, not JSON), for paired
+        intervals between methods (``blip_ops.metrics``).
 
     Returns {"counts", "itc": {direction: {"R@K"}, "mean"}, "itm": {"<k>": same}, "by_lang"}.
     """
@@ -184,6 +219,7 @@ def retrieval_metrics(
         return rank_positives(
             sims[rows], text_product[rows], np.arange(n_p), k_test=ks,
             itm=(lambda q, c: itm_t2p(int(rows[q]), c)) if with_itm else None,
+            itm_weight=itm_weight,
         )  # fmt: skip
 
     def p2t(texts: np.ndarray) -> tuple[RankResult, int]:
@@ -191,27 +227,33 @@ def retrieval_metrics(
         ranks = rank_positives(
             sims[texts][:, products].T, products, text_product[texts], k_test=ks,
             itm=(lambda q, c: p2t_memo(int(products[q]), texts[c])) if with_itm else None,
+            itm_weight=itm_weight,
         )  # fmt: skip
         return ranks, len(products)
 
+    def figure(by_direction: dict[str, np.ndarray]) -> dict:
+        fig = {d: recall_from_ranks(r, recall_at) for d, r in by_direction.items()}
+        fig["mean"] = _mean_recall(fig)
+        if with_ci:
+            fig["ci"] = {
+                d: ci_from_ranks(r, recall_at, n_boot=n_boot) for d, r in by_direction.items()
+            }
+        return fig
+
     def block(t2p_ranks: RankResult, p2t_ranks: RankResult, n_products: int, rows) -> dict:
+        itc = {"text_to_product": t2p_ranks.itc, "product_to_text": p2t_ranks.itc}
+        itm = {
+            str(k): {"text_to_product": t2p_ranks.itm[k], "product_to_text": p2t_ranks.itm[k]}
+            for k in ks
+        }
         out = {
             "counts": {"texts": len(rows), "products_with_texts": n_products},
-            "itc": {
-                "text_to_product": recall_from_ranks(t2p_ranks.itc, recall_at),
-                "product_to_text": recall_from_ranks(p2t_ranks.itc, recall_at),
-            },
+            "itc": figure(itc),
         }
-        out["itc"]["mean"] = _mean_recall(out["itc"])
         if with_itm:
-            out["itm"] = {}
-            for k in ks:
-                fig = {
-                    "text_to_product": recall_from_ranks(t2p_ranks.itm[k], recall_at),
-                    "product_to_text": recall_from_ranks(p2t_ranks.itm[k], recall_at),
-                }
-                fig["mean"] = _mean_recall(fig)
-                out["itm"][str(k)] = fig
+            out["itm"] = {k: figure(by_direction) for k, by_direction in itm.items()}
+        if with_ranks:
+            out["ranks"] = {"itc": itc, "itm": itm}
         return out
 
     all_rows = np.arange(n_t)
@@ -378,6 +420,9 @@ def evaluate_model(
     batch_size: int = 32,
     itm_batch_size: int = 128,
     token_cache_mb: float = 2048,
+    itm_weight: float = 1.0,
+    with_ci: bool = False,
+    with_ranks: bool = False,
 ) -> dict:
     """Embed, rank and re-rank with ``model``; :func:`retrieval_metrics` plus model_id and timings.
 
@@ -385,6 +430,8 @@ def evaluate_model(
     texts / text_product / languages: the T texts, each text's product index, its language.
     k_test: re-rank depths; ITM is run once per query for the largest.
     token_cache_mb: ITM image tokens kept between queries (recomputed when evicted).
+    itm_weight, with_ci, with_ranks: as :func:`retrieval_metrics` (re-rank weight, bootstrap
+        intervals, per-query ranks).
     """
     timings = {}
     started = time.perf_counter()
@@ -420,7 +467,7 @@ def evaluate_model(
     t0 = time.perf_counter()
     metrics = retrieval_metrics(
         sims, np.asarray(text_product), k_test=k_test, itm_t2p=itm_t2p, itm_p2t=itm_p2t,
-        languages=languages,
+        languages=languages, itm_weight=itm_weight, with_ci=with_ci, with_ranks=with_ranks,
     )  # fmt: skip
     timings["rank"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started

@@ -82,6 +82,17 @@ class ImageEncoding:
     )
 
 
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(T, L, H) text encoder states → (T, H): [CLS] (BLIP) or the mean over real tokens (how
+    sentence-transformers models such as all-MiniLM-L6-v2 were trained)."""
+    if pooling == "cls":
+        return hidden[:, 0, :]
+    if pooling != "mean":
+        raise ValueError(f"text pooling must be 'cls' or 'mean', got {pooling!r}")
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (T, L, 1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
 class RetrievalModel(ABC):
     """One loaded checkpoint: preprocessing, ITC encoders and the ITM head."""
 

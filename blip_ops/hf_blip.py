@@ -23,6 +23,7 @@ from blip_ops.family import (
     ImageEncoding,
     ImageSettings,
     RetrievalModel,
+    pool_text,
     read_catalog_config,
     register_family,
     resolve_device,
@@ -147,11 +148,40 @@ class HFBlipModel(RetrievalModel):
         CNN's feature maps)."""
         return self._pixels(images).float().cpu()
 
+    # ---- forward passes with gradients (the train step calls these; encode_* wrap them) --------
+    text_pooling = "cls"  # ITC text embedding from [CLS], as BLIP and transformers do
+    itm_pooling = "cls"  # what itm_head reads: [CLS], as transformers' BlipForImageTextRetrieval
+
+    def image_forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-ready vision inputs → (tokens (B, N, H), ITC embedding (B, D) float32)."""
+        tokens = self.model.vision_model(pixel_values=pixels).last_hidden_state  # (B, N, H)
+        return tokens, F.normalize(self.model.vision_proj(tokens[:, 0, :]).float(), dim=-1)
+
+    def text_forward(self, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens → (hidden (T, L, H), ITC embedding (T, D) float32), pooled by ``text_pooling``."""
+        hidden = self.model.text_encoder(**enc).last_hidden_state  # (T, L, H)
+        pooled = pool_text(hidden, enc["attention_mask"], self.text_pooling)  # (T, H)
+        return hidden, F.normalize(self.model.text_proj(pooled).float(), dim=-1)
+
+    def itm_forward(self, enc: dict[str, torch.Tensor], image_tokens: torch.Tensor) -> torch.Tensor:
+        """ITM logits (k, 2) of k (text, image tokens) pairs: the text encoder cross-attends to
+        the image tokens and ``itm_head`` reads ``itm_pooling`` ([CLS] for HF checkpoints, as
+        transformers' BlipForImageTextRetrieval does)."""
+        image_mask = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=self.device)
+        hidden = self.model.text_encoder(
+            **enc, encoder_hidden_states=image_tokens, encoder_attention_mask=image_mask
+        ).last_hidden_state  # (k, L, H)
+        pooled = pool_text(hidden, enc["attention_mask"], self.itm_pooling)  # (k, H)
+        return self.model.itm_head(pooled)  # (k, 2)
+
+    def parameter_roles(self) -> dict[str, str]:
+        """``{parameter name: "pretrained" | "fresh"}`` for per-part learning rates. A hub BLIP
+        checkpoint was pretrained whole."""
+        return {name: "pretrained" for name, _ in self.model.named_parameters()}
+
     @torch.inference_mode()
     def encode_images(self, images, *, return_tokens: bool = False) -> ImageEncoding:
-        pixels = self._pixels(images)
-        tokens = self.model.vision_model(pixel_values=pixels).last_hidden_state  # (B, N, H)
-        emb = F.normalize(self.model.vision_proj(tokens[:, 0, :]).float(), dim=-1)  # (B, D)
+        tokens, emb = self.image_forward(self._pixels(images))  # (B, N, H), (B, D)
         return ImageEncoding(embeddings=emb.cpu(), tokens=tokens if return_tokens else None)
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -180,9 +210,7 @@ class HFBlipModel(RetrievalModel):
             raise TypeError("encode_texts takes a sequence of strings, got one str")
         if not texts:
             return torch.empty(0, self.embedding_dim)
-        enc = self._tokenize(texts)
-        hidden = self.model.text_encoder(**enc).last_hidden_state  # (B, L, H)
-        return F.normalize(self.model.text_proj(hidden[:, 0, :]).float(), dim=-1).cpu()  # (B, D)
+        return self.text_forward(self._tokenize(texts))[1].cpu()  # (B, D)
 
     @torch.inference_mode()
     def itm_scores(self, texts, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -197,11 +225,7 @@ class HFBlipModel(RetrievalModel):
                 raise ValueError(f"got {len(texts)} texts for {k} images; pass one text or one per image")
             enc = self._tokenize(texts)
         tokens = image_tokens.to(device=self.device, dtype=self.dtype)
-        image_mask = torch.ones(tokens.shape[:-1], dtype=torch.long, device=self.device)  # (k, N)
-        hidden = self.model.text_encoder(
-            **enc, encoder_hidden_states=tokens, encoder_attention_mask=image_mask
-        ).last_hidden_state  # (k, L, H)
-        return self.model.itm_head(hidden[:, 0, :])[:, 1].float().cpu()  # positive-class logit
+        return self.itm_forward(enc, tokens)[:, 1].float().cpu()  # positive-class logit
 
 
 def preprocessor_config(s: ImageSettings) -> dict:

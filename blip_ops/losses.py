@@ -28,7 +28,7 @@ Imports only torch at module load (this module is part of the ``blip_ops`` core)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -363,6 +363,32 @@ def sample_hard_negatives(
     return Negatives(_multinomial(w_i2t, generator), _multinomial(w_t2i, generator))
 
 
+# A negative sampler: sample_hard_negatives' signature, returning one negative per row.
+NegativeSampler = Callable[..., Negatives]
+
+
+def first_candidate_negatives(
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    image_ids: torch.Tensor,
+    text_ids: torch.Tensor,
+    temp: torch.Tensor | float,
+    generator: torch.Generator | None = None,
+    mode: str = "hard",
+    extra_negatives=None,
+    *,
+    all_image_ids: torch.Tensor | None = None,
+    all_text_ids: torch.Tensor | None = None,
+) -> Negatives:
+    """A deterministic :data:`NegativeSampler`: each row takes its first candidate of another
+    product. For exactness tests only (distributed vs one process draw from different streams)."""
+    t_ids = text_ids if all_text_ids is None else all_text_ids
+    i_ids = image_ids if all_image_ids is None else all_image_ids
+    w_i2t = negative_weights(sim_i2t, image_ids, t_ids, temp, mode="random")  # (B, T')
+    w_t2i = negative_weights(sim_t2i, text_ids, i_ids, temp, mode="random")  # (T, B')
+    return Negatives((w_i2t > 0).float().argmax(dim=1), (w_t2i > 0).float().argmax(dim=1))
+
+
 # ---- cross-rank gathering ---------------------------------------------------------------------
 def _dist_world() -> int:
     dist = torch.distributed
@@ -410,15 +436,23 @@ def gather_features(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # ---- ITM --------------------------------------------------------------------------------------
-def itm_loss(itm_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def itm_loss(
+    itm_logits: torch.Tensor, labels: torch.Tensor, *, balanced: bool = False
+) -> torch.Tensor:
     """Cross-entropy of the 2-way ITM head: ``itm_logits`` (N, 2), ``labels`` (N,) 1 = matching.
 
     BLIP feeds B positives and 2B negatives (one negative text per image, one negative image per
-    text), unweighted.
+    text), unweighted. ``balanced`` weighs each class by the inverse of its count, so positives
+    and negatives carry equal total weight: "no" to everything then costs ln 2, not the entropy
+    of the class prior, and stops being the easy minimum a fresh head falls into.
     """
     if itm_logits.ndim != 2 or itm_logits.shape[1] != 2 or labels.shape != itm_logits.shape[:1]:
         raise ValueError(
             f"ITM: expected logits (N, 2) and labels (N,), got {tuple(itm_logits.shape)} and "
             f"{tuple(labels.shape)}"
         )
-    return F.cross_entropy(itm_logits.float(), labels.to(itm_logits.device).long())
+    labels = labels.to(itm_logits.device).long()
+    if not balanced:
+        return F.cross_entropy(itm_logits.float(), labels)
+    counts = torch.bincount(labels, minlength=2).float().clamp_min(1.0)  # (2,)
+    return F.cross_entropy(itm_logits.float(), labels, weight=counts.sum() / (2.0 * counts))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from blip_ops.family import pool_text
 from blip_ops.losses import gather_features
 
 PARTS = ("vision_model", "vision_proj", "text_encoder", "text_proj")
@@ -140,18 +141,22 @@ class MomentumDistiller:
 
     @torch.no_grad()
     def features(
-        self, pixel_values: torch.Tensor, tokens: Mapping[str, torch.Tensor]
+        self,
+        pixel_values: torch.Tensor,
+        tokens: Mapping[str, torch.Tensor],
+        text_pooling: str = "cls",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Momentum features of a batch: (B, D) image and (T, D) text, L2-normalised float32.
 
         ``pixel_values`` as the train step feeds the vision tower; ``tokens`` the tokenizer's
-        ``input_ids`` / ``attention_mask``.
+        ``input_ids`` / ``attention_mask``; ``text_pooling`` the online model's.
         """
         p = self.parts
         image_cls = p["vision_model"](pixel_values=pixel_values).last_hidden_state[:, 0, :]
         image_feat = F.normalize(p["vision_proj"](image_cls).float(), dim=-1)
-        text_cls = p["text_encoder"](**tokens).last_hidden_state[:, 0, :]
-        text_feat = F.normalize(p["text_proj"](text_cls).float(), dim=-1)
+        hidden = p["text_encoder"](**tokens).last_hidden_state  # (T, L, H)
+        text_pooled = pool_text(hidden, tokens["attention_mask"], text_pooling)  # (T, H)
+        text_feat = F.normalize(p["text_proj"](text_pooled).float(), dim=-1)
         return image_feat, text_feat
 
     @torch.no_grad()

@@ -1,9 +1,11 @@
 """Two-stage ranking: ITC (embedding cosine) finds candidates, ITM (cross-attention) orders them.
 
-The rule is BLIP's evaluation rule (salesforce/BLIP ``train_retrieval.py``) as the HTTP API of
-../shared/DESIGN.md states it: candidates arrive in ANN order; the first ``rerank_k`` are
-re-scored with ``score = ITM positive-class logit + ITC cosine`` and sorted by it; the rest follow
-in ANN order with no ITM score (their ``score`` is their ITC cosine).
+The rule is BLIP's evaluation rule (salesforce/BLIP ``train_retrieval.py``): candidates arrive in
+ANN order; the first ``rerank_k`` are re-scored with ``score = ITC cosine + itm_weight * ITM
+positive-class logit`` and sorted by it; the rest follow in ANN order with no ITM score (their
+``score`` is their ITC cosine). ``itm_weight`` 1.0 is BLIP's rule exactly. A smaller weight keeps
+the cosine in play: the raw logit spans several units while cosines of near-duplicates differ by
+hundredths, so at 1.0 the re-ranked order is the ITM head's order alone.
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ class RerankResult:
         return RerankResult(self.order[:k], self.score[:k], self.itc[:k], self.itm[:k])
 
 
-def combine_scores(itc_scores, itm_logits) -> RerankResult:
+def combine_scores(itc_scores, itm_logits, itm_weight: float = 1.0) -> RerankResult:
     """Apply the rule to ITC cosines of n candidates (ANN order) and ITM logits of the first r."""
+    if not np.isfinite(itm_weight) or itm_weight < 0:
+        raise ValueError(f"itm_weight must be a finite number >= 0, got {itm_weight!r}")
     itc = np.asarray(itc_scores, dtype=np.float32).reshape(-1)  # (n,)
     itm = np.asarray(itm_logits, dtype=np.float32).reshape(-1)  # (r,)
     n, r = len(itc), len(itm)
     if r > n:
         raise ValueError(f"got {r} ITM scores for only {n} candidates")
-    head = itm + itc[:r]  # (r,)
+    head = np.float32(itm_weight) * itm + itc[:r]  # (r,)
     head_order = np.argsort(-head, kind="stable")  # ties keep ANN order
     order = np.concatenate([head_order, np.arange(r, n)]).astype(np.int64)
     itm_full = np.full(n, np.nan, dtype=np.float32)
@@ -59,6 +63,7 @@ def rerank(
     images: torch.Tensor | Sequence[Image.Image] | None = None,
     rerank_k: int = 32,
     k: int | None = None,
+    itm_weight: float = 1.0,
 ) -> RerankResult:
     """Re-rank candidates for one text query.
 
@@ -76,5 +81,5 @@ def rerank(
             raise ValueError(f"got image tokens for {len(image_tokens)} candidates, need the first {r}")
         tokens = image_tokens[:r]
     itm = model.itm_scores(text, tokens).numpy() if r else np.empty(0, np.float32)
-    result = combine_scores(itc_scores, itm)
+    result = combine_scores(itc_scores, itm, itm_weight)
     return result if k is None else result.head(k)

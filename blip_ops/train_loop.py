@@ -28,16 +28,18 @@ No Ray; imports only torch at module load.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from blip_ops.losses import TEMP_INIT, make_temperature
+from blip_ops.losses import TEMP_INIT, NegativeSampler, make_temperature, sample_hard_negatives
 
 if TYPE_CHECKING:
     from blip_ops.hf_blip import HFBlipModel
@@ -45,6 +47,49 @@ if TYPE_CHECKING:
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "finetune.config.resolved.yaml"
 OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything :func:`fit` needs to know about a run, in one typed object."""
+
+    steps: int  # optimiser steps; the schedule spans them
+    lr: float = 1e-4  # peak rate of the fresh parts (of every part when lr_pretrained is None)
+    lr_pretrained: float | None = None  # peak rate of the pretrained encoders; None = lr
+    lr_temp: float | None = None  # peak rate of the ITC temperature (never decayed); None = lr
+    weight_decay: float = 0.05  # AdamW decay of matrices (none on biases, norms, temperature)
+    warmup_steps: int = 0  # linear warm-up, then cosine decay to 0 at ``steps``
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    negatives: str = "hard"  # ITM negatives: "hard" (BLIP) or "random" (the ablation)
+    seed: int = 0  # init order and negative sampling
+    eval_every: int = 0  # evaluate + checkpoint every N steps; 0 = at the end only
+    out_dir: str | Path | None = None  # best/ and last/ checkpoints; None = keep nothing
+    resume: bool = True  # continue from out_dir/last when it exists
+    mixed_precision: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    optimizer: str = "adamw"  # "sgd" (no momentum) exists for exactness tests
+    log_every: int = 10  # progress line every N steps
+    momentum: bool = False  # BLIP's momentum encoder + feature queue for ITC
+    momentum_m: float = 0.995  # EMA momentum of that encoder
+    queue_size: int = 4096  # momentum feature queue length
+    alpha: float = 0.4  # distillation weight, ramped from 0
+    alpha_warmup_steps: int | None = None  # its ramp; None = warmup_steps
+    mined_weight: float = 1.0  # sampling mass of a batch's mined pairs (one process only)
+    itm_titles: str = "all"  # ITM pairs per step: "all" titles or "one" per image
+    itm_balanced: bool = False  # ITM loss weighs positives and negatives equally in total
+    easy_steps: int = 0  # first steps: random ITM negatives and no swapped titles (a curriculum)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("lr", "lr_pretrained", "lr_temp"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+    def replace(self, **changes: Any) -> TrainSettings:
+        return dataclasses.replace(self, **changes)
 
 
 # ---- distributed --------------------------------------------------------------------------------
@@ -79,17 +124,51 @@ def sync_gradients(params: list[torch.nn.Parameter]) -> None:
 
 
 # ---- optimiser and schedule ---------------------------------------------------------------------
-def _param_groups(model: torch.nn.Module, temp: torch.nn.Parameter, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
+def param_groups(model: HFBlipModel, temp: torch.nn.Parameter, settings: TrainSettings) -> list[dict]:
+    """AdamW groups: fresh and pretrained parts each split into decayed matrices and undecayed
+    biases / norms (as BLIP, timm and HF trainers do), and the temperature alone (no decay).
+
+    Each group carries its ``name`` and peak ``lr``; empty groups are left out.
+    """
+    roles = model.parameter_roles()
+    rates = {
+        "fresh": settings.lr,
+        "pretrained": settings.lr if settings.lr_pretrained is None else settings.lr_pretrained,
+    }
+    buckets: dict[tuple[str, bool], list] = {}
+    for name, p in model.model.named_parameters():
         if not p.requires_grad:
             continue
-        # Biases and norms (1-d) get no weight decay, as BLIP / timm / HF trainers do.
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": [*no_decay, temp], "weight_decay": 0.0},
+        role = roles.get(name, "fresh")
+        decay = not (p.ndim < 2 or "norm" in name.lower())
+        buckets.setdefault((role, decay), []).append(p)
+    groups = [
+        {
+            "name": f"{role}{'' if decay else '_no_decay'}",
+            "params": params,
+            "lr": rates[role],
+            "weight_decay": settings.weight_decay if decay else 0.0,
+        }
+        for (role, decay), params in sorted(buckets.items())
     ]
+    lr_temp = settings.lr if settings.lr_temp is None else settings.lr_temp
+    groups.append({"name": "temperature", "params": [temp], "lr": lr_temp, "weight_decay": 0.0})
+    return groups
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _recent_accuracy(per_step: list[list[float | None]], window: int = 20) -> dict:
+    """Mean ITM train accuracy over the last ``window`` steps, per pair kind: a head that says
+    "no" to everything shows pos 0.0 / neg 1.0 here, whatever its overall accuracy."""
+    recent = per_step[-window:]
+    out = {}
+    for i, kind in enumerate(("pos", "neg", "swap")):
+        values = [row[i] for row in recent if row[i] is not None]
+        out[kind] = sum(values) / len(values) if values else None
+    return out
 
 
 def lr_factor(step: int, *, steps: int, warmup_steps: int) -> float:
@@ -129,75 +208,51 @@ def save_checkpoint(
 def fit(
     model: HFBlipModel,
     next_batch: Callable[[int], Any],
+    settings: TrainSettings,
     *,
-    steps: int,
-    lr: float = 1e-4,
-    weight_decay: float = 0.05,
-    warmup_steps: int = 0,
-    grad_clip: float = 1.0,
-    negatives: str = "hard",
-    seed: int = 0,
     eval_fn: Callable[[HFBlipModel], Mapping[str, Any]] | None = None,
-    eval_every: int = 0,
-    out_dir: str | Path | None = None,
-    resume: bool = True,
-    mixed_precision: bool = True,
-    optimizer: str = "adamw",
     config_yaml: str | None = None,
-    log_every: int = 10,
     stop_at: int | None = None,
     log: Callable[[str], None] | None = print,
-    momentum: bool = False,
-    momentum_m: float = 0.995,
-    queue_size: int = 4096,
-    alpha: float = 0.4,
-    alpha_warmup_steps: int | None = None,
-    mined_weight: float = 1.0,
-    itm_titles: str = "all",
+    negative_sampler: NegativeSampler = sample_hard_negatives,
 ) -> dict:
-    """Train ``model`` in place for ``steps`` optimiser steps; returns a summary dict.
+    """Train ``model`` in place for ``settings.steps`` optimiser steps; returns a summary dict.
 
     ``next_batch(step)`` gives the batch of 0-based ``step`` (this rank's share under
-    ``torch.distributed``). ``eval_fn(model)`` returns metrics with a ``mean`` recall (higher is
-    better); only rank 0 evaluates and writes checkpoints. ``optimizer="sgd"`` (plain SGD, no
-    momentum) exists for exactness tests; training uses AdamW. ``stop_at`` ends this run early
-    (at that step, checkpointed) without changing the schedule, which spans ``steps``.
-    ``log`` None is silent. ``momentum`` (off by default): BLIP's momentum encoder and feature
-    queue for ITC, see :mod:`blip_ops.momentum`; ``alpha`` ramps over ``alpha_warmup_steps``
-    (None: ``warmup_steps``). A batch with ``mined_pairs`` (mined hard negatives in the batch)
-    has them upweighted in the ITM negative sampling by ``mined_weight``
+    ``torch.distributed``). ``eval_fn(model)`` returns metrics with a ``mean`` (higher is better;
+    it picks the best checkpoint, so it must read validation data, never the test split); only
+    rank 0 evaluates and writes checkpoints. ``stop_at`` ends this run early (at that step,
+    checkpointed) without changing the schedule, which spans ``settings.steps``. ``log`` None is
+    silent. ``negative_sampler`` draws the ITM negatives (BLIP's similarity-weighted sampling by
+    default). A batch with ``mined_pairs`` has them upweighted by ``settings.mined_weight``
     (:meth:`blip_ops.training.RetrievalBatch.mined_negatives`; one process only).
-    ``itm_titles``: ``"all"`` or ``"one"`` title per image in the ITM pairs
-    (:func:`blip_ops.training.retrieval_train_step`).
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     from blip_ops.training import RetrievalBatch, retrieval_train_step
 
     log = log or (lambda _msg: None)
     main_rank = rank() == 0
-    out = Path(out_dir) if out_dir is not None else None
+    st = settings
+    steps, seed, negatives = st.steps, st.seed, st.negatives
+    out = Path(st.out_dir) if st.out_dir is not None else None
     device = model.device
     net = model.model
     temp = make_temperature(TEMP_INIT).to(device)
     temp = torch.nn.Parameter(temp.detach())
-    groups = _param_groups(net, temp, weight_decay)
+    groups = param_groups(model, temp, st)
     params = [p for g in groups for p in g["params"]]
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    if st.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.999))
     else:
-        opt = torch.optim.SGD(groups, lr=lr)
+        opt = torch.optim.SGD(groups, lr=st.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, steps=steps, warmup_steps=warmup_steps)
+        opt, lambda s: lr_factor(s, steps=steps, warmup_steps=st.warmup_steps)
     )
     generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + rank())
     start_step, best, history = 0, None, []
     resumed_momentum = None
 
     last = out / "last" if out is not None else None
-    if resume and last is not None and (last / TRAINER_STATE).is_file():
+    if st.resume and last is not None and (last / TRAINER_STATE).is_file():
         state = torch.load(last / TRAINER_STATE, map_location="cpu", weights_only=False)
         model.load_weights(last)
         opt.load_state_dict(state["optimizer"])
@@ -217,18 +272,18 @@ def fit(
         torch.manual_seed(seed)
 
     distiller = None
-    if momentum:
+    if st.momentum:
         from blip_ops.momentum import MomentumDistiller
 
         # Built after any resume has loaded the weights: a fresh copy starts equal to the model.
-        distiller = MomentumDistiller(net, m=momentum_m, queue_size=queue_size)
+        distiller = MomentumDistiller(net, m=st.momentum_m, queue_size=st.queue_size)
         if resumed_momentum is not None:
             distiller.load_state_dict(resumed_momentum)
         elif start_step > 0:
             log(f"resumed state has no momentum encoder: a fresh copy starts at step {start_step}")
-    ramp = warmup_steps if alpha_warmup_steps is None else alpha_warmup_steps
+    ramp = st.warmup_steps if st.alpha_warmup_steps is None else st.alpha_warmup_steps
 
-    autocast = mixed_precision and device.type == "cuda"
+    autocast = st.mixed_precision and device.type == "cuda"
     net.train()
 
     def trainer_state(step: int) -> dict:
@@ -249,19 +304,8 @@ def fit(
             "best": best,
             "history": history,
             "momentum": distiller.state_dict() if distiller is not None else None,
-            "settings": {
-                "steps": steps,
-                "lr": lr,
-                "negatives": negatives,
-                "seed": seed,
-                "momentum": momentum,
-                "momentum_m": momentum_m,
-                "queue_size": queue_size,
-                "alpha": alpha,
-                "alpha_warmup_steps": ramp,
-                "mined_weight": mined_weight,
-                "itm_titles": itm_titles,
-            },  # fmt: skip
+            "settings": {**dataclasses.asdict(st), "out_dir": str(st.out_dir),
+                         "alpha_warmup_steps": ramp},  # fmt: skip
         }
 
     def evaluate_and_save(step: int) -> None:
@@ -297,21 +341,26 @@ def fit(
     eval_seconds = 0.0  # evaluation + checkpoints, kept out of every samples/s figure
     last_out: dict = {}
     losses: list[float] = []  # this run's per-step losses (this rank's share)
+    accuracy: list[list[float | None]] = []  # per step: ITM accuracy on pos / neg / swap pairs
     while step < end:
         batch = RetrievalBatch.coerce(next_batch(step))
         momentum_kw = {}
         if distiller is not None:
             from blip_ops.momentum import alpha_at
 
-            momentum_kw = {"momentum": distiller, "alpha": alpha_at(step, alpha, ramp)}
-        extra = batch.mined_negatives(mined_weight)
+            momentum_kw = {"momentum": distiller, "alpha": alpha_at(step, st.alpha, ramp)}
+        easy = step < st.easy_steps  # easy negatives first, so the fresh ITM head can start
+        if easy:
+            batch = dataclasses.replace(batch, swap_texts=(), swap_images=())
+        extra = batch.mined_negatives(st.mined_weight)
         if extra is not None and world_size() > 1:
             # The sampling pool spans all ranks' columns; mined pairs index this rank's batch.
             raise ValueError("mined negative pairs are supported in a single process only")
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
             out_step = retrieval_train_step(
-                model, batch, temp, negatives=negatives, generator=generator,
-                extra_negatives=extra, itm_titles=itm_titles, **momentum_kw,
+                model, batch, temp, negatives="random" if easy else negatives,
+                generator=generator, extra_negatives=extra, itm_titles=st.itm_titles,
+                sampler=negative_sampler, itm_balanced=st.itm_balanced, **momentum_kw,
             )  # fmt: skip
         loss = out_step["loss"]
         if not torch.isfinite(loss):
@@ -320,9 +369,9 @@ def fit(
         loss.backward()
         sync_gradients(params)
         grad_norm = None
-        if grad_clip and grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-        lr_used = opt.param_groups[0]["lr"]
+        if st.grad_clip and st.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
+        lr_used = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
         opt.step()
         sched.step()
         step += 1
@@ -330,24 +379,35 @@ def fit(
         window_samples += n
         total_samples += n
         losses.append(float(loss.detach()))
+        accuracy.append(
+            [out_step[f"itm_accuracy_{k}"] for k in ("pos", "neg", "swap")]
+        )  # fmt: skip
         last_out = {
             "step": step,
             "loss": float(loss.detach()),
             "itc": float(out_step["itc"]),
             "itm": float(out_step["itm"]),
             "itm_accuracy": out_step["itm_accuracy"],
+            "itm_accuracy_pos": out_step["itm_accuracy_pos"],
+            "itm_accuracy_neg": out_step["itm_accuracy_neg"],
+            "itm_accuracy_swap": out_step["itm_accuracy_swap"],
             "temp": float(temp.detach()),
-            "lr": lr_used,
+            "lr": next(iter(lr_used.values())),
+            "lrs": lr_used,
             "grad_norm": grad_norm,
             "mined_share": out_step["mined_share"],
         }
         if distiller is not None:
             last_out.update(alpha=out_step["alpha"], queue=out_step["queue"])
-        if main_rank and (step % max(1, log_every) == 0 or step == end or step == start_step + 1):
+        if main_rank and (step % max(1, st.log_every) == 0 or step == end or step == start_step + 1):
             elapsed = time.perf_counter() - window_start
             log(
                 f"step {step}/{steps} loss {last_out['loss']:.4f} (itc {last_out['itc']:.4f} "
-                f"itm {last_out['itm']:.4f}, acc {last_out['itm_accuracy']:.2f}) temp "
+                f"itm {last_out['itm']:.4f}, acc {last_out['itm_accuracy']:.2f} pos "
+                f"{_fmt(last_out['itm_accuracy_pos'])} neg {_fmt(last_out['itm_accuracy_neg'])}"
+                + (f" swap {_fmt(last_out['itm_accuracy_swap'])}"
+                   if last_out["itm_accuracy_swap"] is not None else "")
+                + f") temp "
                 f"{last_out['temp']:.4f} lr {last_out['lr']:.2e} "
                 + (f"alpha {last_out['alpha']:.3f} queue {last_out['queue']} "
                    if distiller is not None else "")
@@ -356,7 +416,7 @@ def fit(
                 + f"{window_samples / max(elapsed, 1e-9):.1f} samples/s"
             )  # fmt: skip
             window_start, window_samples = time.perf_counter(), 0
-        if eval_every and step % eval_every == 0 and step < end:
+        if st.eval_every and step % st.eval_every == 0 and step < end:
             paused = time.perf_counter()
             evaluate_and_save(step)
             paused = time.perf_counter() - paused
@@ -379,6 +439,7 @@ def fit(
         "history": history,
         "last": last_out,
         "losses": losses,
+        "itm_accuracy_recent": _recent_accuracy(accuracy),
         "temperature": float(temp.detach()),
         "model_id": model.current_model_id(),
         "best_dir": str(out / "best") if out is not None and (out / "best").exists() else None,

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from blip_ops.losses import (
     NEGATIVE_MODES,
     Negatives,
+    NegativeSampler,
     gather_features,
     itc_loss,
     itc_loss_with_momentum,
@@ -60,6 +61,10 @@ class RetrievalBatch:
     text_ids: Sequence[str | int] | torch.Tensor  # (T,) product id of each title
     # (anchor, neighbour) image indices into this batch: mined hard-negative pairs (may be empty)
     mined_pairs: Sequence[tuple[int, int]] = ()
+    # Synthetic ITM negatives: a product's own title with one attribute word swapped (S texts),
+    # each paired with the image at ``swap_images[s]`` (index into this batch) as a non-match.
+    swap_texts: Sequence[str] = ()
+    swap_images: Sequence[int] = ()
 
     @classmethod
     def coerce(cls, batch: RetrievalBatch | Mapping[str, Any]) -> RetrievalBatch:
@@ -71,7 +76,8 @@ class RetrievalBatch:
                 raise KeyError(f"batch lacks {sorted(missing)}; got keys {sorted(batch)}")
             return cls(
                 batch["pixel_values"], batch["image_ids"], batch["texts"], batch["text_ids"],
-                batch.get("mined_pairs", ()),
+                batch.get("mined_pairs", ()), batch.get("swap_texts", ()),
+                batch.get("swap_images", ()),
             )  # fmt: skip
         raise TypeError(f"expected a RetrievalBatch or a mapping, got {type(batch).__name__}")
 
@@ -151,6 +157,8 @@ def retrieval_train_step(
     momentum: MomentumDistiller | None = None,
     alpha: float = 0.0,
     itm_titles: str = "all",
+    sampler: NegativeSampler = sample_hard_negatives,
+    itm_balanced: bool = False,
 ) -> dict[str, Any]:
     """Forward of ITC + ITM (hard or random negatives) with grad; returns the losses.
 
@@ -164,11 +172,16 @@ def retrieval_train_step(
     every title in the ITM pairs (2T + B of them); ``"one"`` draws one title per image (seeded by
     ``generator``) for its positive pair and its title → negative image pair (3B pairs, as BLIP's
     one caption per image), which roughly halves a step's text-side cost when each product has
-    several titles. ITC always uses every title.
+    several titles. ITC always uses every title. ``sampler``: draws the negatives
+    (:func:`blip_ops.losses.sample_hard_negatives`, or a deterministic one for exactness tests).
+    The batch's ``swap_texts`` join the ITM pairs as extra negatives of their ``swap_images``.
+    ``itm_balanced``: the class-balanced ITM loss (:func:`blip_ops.losses.itm_loss`).
 
     Returns ``loss`` (ITC + ITM, equal weights, with grad), ``itc`` and ``itm`` (detached),
-    ``temp``, ``itm_accuracy``, the sampled ``negatives``, the pair counts and ``mined_share``
-    (:func:`mined_share`; None without ``extra_negatives``).
+    ``temp``, ``itm_accuracy`` and its split over positive / sampled negative / swapped pairs
+    (``itm_accuracy_pos`` / ``_neg`` / ``_swap``: an ITM head that says "no" to everything
+    scores 1.0 on negatives and 0.0 on positives), the sampled ``negatives``, the pair counts and
+    ``mined_share`` (:func:`mined_share`; None without ``extra_negatives``).
     """
     if negatives not in NEGATIVE_MODES:
         raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
@@ -186,17 +199,24 @@ def retrieval_train_step(
     if pixels.shape[0] != image_ids.numel():
         raise ValueError(f"got {pixels.shape[0]} images for {image_ids.numel()} image ids")
 
+    swap_texts, swap_images = list(batch.swap_texts), [int(i) for i in batch.swap_images]
+    if len(swap_texts) != len(swap_images):
+        raise ValueError(f"got {len(swap_texts)} swapped titles for {len(swap_images)} images")
+    if any(not 0 <= i < pixels.shape[0] for i in swap_images):
+        raise ValueError(f"swapped-title image indices {swap_images} outside a batch of {pixels.shape[0]}")
+
     with torch.enable_grad():
-        # Encoders (ITC).
-        image_embeds = net.vision_model(pixel_values=pixels).last_hidden_state  # (B, N, H)
-        image_feat = F.normalize(net.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)  # (B, D)
-        enc = model._tokenize(texts)  # input_ids / attention_mask (T, L)
+        # Encoders (ITC). Swapped titles are tokenised with the batch's (one padding length).
+        image_embeds, image_feat = model.image_forward(pixels)  # (B, N, H), (B, D)
+        enc_all = model._tokenize(texts + swap_texts)  # input_ids / attention_mask (T+S, L)
         distributed = _distributed()
         if distributed:  # a fixed length so that token ids gather across ranks
             pad_id = model.tokenizer.pad_token_id or 0
-            enc = _pad_tokens(enc, model.text_settings.max_length, pad_id)
-        text_hidden = net.text_encoder(**enc).last_hidden_state  # (T, L, H)
-        text_feat = F.normalize(net.text_proj(text_hidden[:, 0, :]).float(), dim=-1)  # (T, D)
+            enc_all = _pad_tokens(enc_all, model.text_settings.max_length, pad_id)
+        n_texts = len(texts)
+        enc = {name: t[:n_texts] for name, t in enc_all.items()}  # (T, L)
+        swap_enc = {name: t[n_texts:] for name, t in enc_all.items()}  # (S, L)
+        _, text_feat = model.text_forward(enc)  # (T, D)
 
         # The pool: this rank's examples, or all ranks' (gradient back to the owner).
         image_feat_all = gather_features(image_feat)  # (B', D)
@@ -209,7 +229,9 @@ def retrieval_train_step(
             from blip_ops.momentum import gather_no_grad
 
             momentum.update(net)  # BLIP's _momentum_update, before the momentum features
-            image_feat_m, text_feat_m = momentum.features(pixels, enc)  # (B, D), (T, D)
+            image_feat_m, text_feat_m = momentum.features(
+                pixels, enc, model.text_pooling
+            )  # (B, D), (T, D)
             image_feat_m_all = gather_no_grad(image_feat_m)  # (B', D)
             text_feat_m_all = gather_no_grad(text_feat_m)  # (T', D)
             iq, tq = momentum.image_queue, momentum.text_queue
@@ -237,7 +259,7 @@ def retrieval_train_step(
                     sim_t2i = sim_i2t.t()  # (T, B)
             image_embeds_all = image_embeds
             ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
-        neg = sample_hard_negatives(
+        neg = sampler(
             sim_i2t, sim_t2i, image_ids, text_ids, temp_param, generator=generator,
             mode=negatives, extra_negatives=extra_negatives,
             all_image_ids=image_ids_all, all_text_ids=text_ids_all,
@@ -255,36 +277,44 @@ def retrieval_train_step(
         else:
             chosen = torch.arange(same.shape[0], device=device)  # (T,) every title
 
-        # ITM over [positives | B negative titles | negative images], one row per chosen title.
-        n_chosen, n_image = chosen.numel(), image_ids.numel()
+        # ITM over [positives | B negative titles | negative images | swapped titles].
+        n_chosen, n_image, n_swap = chosen.numel(), image_ids.numel(), len(swap_texts)
         ids_sel, mask_sel = enc["input_ids"][chosen], enc["attention_mask"][chosen]
-        itm_ids = torch.cat([ids_sel, ids_all[neg.text_for_image], ids_sel])  # (2T+B, L)
-        itm_mask = torch.cat([mask_sel, mask_all[neg.text_for_image], mask_sel])
+        itm_enc = {
+            "input_ids": torch.cat(
+                [ids_sel, ids_all[neg.text_for_image], ids_sel, swap_enc["input_ids"]]
+            ),  # (2T+B+S, L)
+            "attention_mask": torch.cat(
+                [mask_sel, mask_all[neg.text_for_image], mask_sel, swap_enc["attention_mask"]]
+            ),
+        }
+        swap_rows = torch.tensor(swap_images, dtype=torch.long, device=device)  # (S,)
         itm_images = torch.cat(
             [
                 image_embeds[pos_image[chosen]],
                 image_embeds,
                 image_embeds_all[neg.image_for_text[chosen]],
+                image_embeds[swap_rows],
             ]
-        )  # (2T+B, N, H)
-        image_mask = torch.ones(itm_images.shape[:-1], dtype=torch.long, device=device)
-        itm_hidden = net.text_encoder(
-            input_ids=itm_ids,
-            attention_mask=itm_mask,
-            encoder_hidden_states=itm_images,
-            encoder_attention_mask=image_mask,
-        ).last_hidden_state  # (2T+B, L, H)
-        itm_logits = net.itm_head(itm_hidden[:, 0, :]).float()  # (2T+B, 2)
-        labels = torch.cat(
+        )  # (2T+B+S, N, H)
+        itm_logits = model.itm_forward(itm_enc, itm_images).float()  # (2T+B+S, 2)
+        kinds = torch.cat(
             [
-                torch.ones(n_chosen, dtype=torch.long, device=device),
-                torch.zeros(n_image + n_chosen, dtype=torch.long, device=device),
+                torch.full((n_chosen,), 0, dtype=torch.long, device=device),
+                torch.full((n_image + n_chosen,), 1, dtype=torch.long, device=device),
+                torch.full((n_swap,), 2, dtype=torch.long, device=device),
             ]
-        )
-        itm = itm_loss(itm_logits, labels)
+        )  # 0 positive, 1 sampled negative, 2 swapped-title negative
+        labels = (kinds == 0).long()
+        itm = itm_loss(itm_logits, labels, balanced=itm_balanced)
 
     with torch.no_grad():
-        itm_accuracy = (itm_logits.argmax(dim=1) == labels).float().mean()
+        correct = (itm_logits.argmax(dim=1) == labels).float()  # (2T+B+S,)
+        itm_accuracy = correct.mean()
+        by_kind = [
+            float(correct[kinds == k].mean()) if bool((kinds == k).any()) else None
+            for k in range(3)
+        ]
     if momentum is not None:  # all ranks' momentum features, after the loss (BLIP's order)
         momentum.enqueue(
             image_feat_m_all, text_feat_m_all, image_ids_all.detach(), text_ids_all.detach(),
@@ -296,6 +326,9 @@ def retrieval_train_step(
         "itm": itm.detach(),
         "temp": float(temp_param.detach() if isinstance(temp_param, torch.Tensor) else temp_param),
         "itm_accuracy": float(itm_accuracy),
+        "itm_accuracy_pos": by_kind[0],
+        "itm_accuracy_neg": by_kind[1],
+        "itm_accuracy_swap": by_kind[2],
         "negatives": neg,
         "n_images": n_image,
         "n_texts": text_ids.numel(),
