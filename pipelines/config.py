@@ -54,6 +54,7 @@ PATH_KEYS = (
     "finetune.catalog",
     "finetune.out_dir",
     "finetune.mined_negatives",
+    "finetune.feature_cache",
     "mine.out",
 )
 # Holds a path *or* a hub id; only treated as a path when it clearly is one (see _resolve_model).
@@ -290,6 +291,11 @@ class ServeConfig(_Section):
     hybrid_weight: float = Field(
         0.5, ge=0, le=1, description="weighted fusion: share of the ITC cosine (rest: BM25)"
     )
+    itm_weight: float = Field(
+        1.0, ge=0,
+        description="re-rank score = ITC cosine + itm_weight * ITM logit (1.0 = BLIP's rule); "
+        "choose it on the val split (benchmarks/bench_quality.py)",
+    )  # fmt: skip
     follow_model: bool = Field(
         True,
         description="serve the published version's own model (the checkpoint its run recorded) "
@@ -347,7 +353,19 @@ class FinetuneConfig(_Section):
     batch_size: int = Field(
         16, ge=2, description="products per step over all workers (each with all its titles)"
     )
-    lr: float = Field(1e-4, gt=0, description="peak AdamW learning rate")
+    lr: float = Field(
+        1e-4, gt=0,
+        description="peak AdamW learning rate of the fresh parts (cross-attention, adapter, "
+        "projections, ITM head); of every part when lr_pretrained is null",
+    )  # fmt: skip
+    lr_pretrained: float | None = Field(
+        None, gt=0,
+        description="peak learning rate of the pretrained encoders (the family says which "
+        "parameters those are); null = lr",
+    )  # fmt: skip
+    lr_temp: float | None = Field(
+        None, gt=0, description="peak learning rate of the ITC temperature (no decay); null = lr"
+    )
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (BLIP: 0.05)")
     warmup_steps: int = Field(20, ge=0, description="linear warm-up steps before the cosine decay")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm (0 = no clipping)")
@@ -380,6 +398,49 @@ class FinetuneConfig(_Section):
         0.4, ge=0, le=1,
         description="distillation weight, ramped from 0 over warmup_steps (BLIP: 0.4)",
     )  # fmt: skip
+    batching: Literal["random", "family"] = Field(
+        "random",
+        description="batch makeup: random train products, or whole near-duplicate families "
+        "(P x K) so in-batch hard negatives are one-attribute twins; every train product once "
+        "per epoch either way",
+    )
+    random_share: float = Field(
+        0.5, ge=0, le=1,
+        description="family batching: share of each batch filled with random single products "
+        "(easy negatives beside the twins)",
+    )  # fmt: skip
+    swap_negatives: bool = Field(
+        False,
+        description="extra ITM negatives: each product's own title with one attribute word "
+        "(colour, pattern, material or brand) swapped, in the title's language; needs the "
+        "attribute columns in pairs.parquet and is off without them",
+    )
+    feature_cache: str | None = Field(
+        None,
+        description="folder that keeps the decoded training images (a frozen CNN's feature "
+        "maps for the compact family) between runs of the same base model and catalog; "
+        "null = recompute each run",
+    )
+    itm_balanced: bool = Field(
+        False,
+        description="ITM loss with positives and negatives weighted to equal totals (BLIP: "
+        "unweighted, 1 positive : 2 negatives)",
+    )
+    easy_steps: int = Field(
+        0, ge=0,
+        description="curriculum: the first N steps draw ITM negatives at random and leave the "
+        "swapped titles out, so the fresh ITM head learns the easy cases first",
+    )  # fmt: skip
+    eval_split: Literal["val"] = Field(
+        "val",
+        description="the split fitting evaluates for checkpoint selection (never test: that "
+        "split is read only by the final evaluation)",
+    )
+    eval_texts: Literal["titles", "queries"] = Field(
+        "titles",
+        description="what the periodic evaluation ranks: the val products' own titles (the "
+        "paper's task) or their shopper queries",
+    )
     itm_titles: Literal["all", "one"] = Field(
         "all",
         description="ITM pairs per step: every title (2T+B pairs) or one drawn title per image "

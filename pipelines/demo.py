@@ -183,16 +183,32 @@ def _port_free(host: str, port: int) -> bool:
 def sample_queries(catalog: Path, n_products: int) -> list[dict]:
     """The held-out queries (every language) of the first ``n_products`` test products."""
     queries = pq.read_table(catalog / "queries.parquet").to_pylist()
+    queries = [q for q in queries if q.get("split", "test") == "test"]
     products = sorted({q["product_id"] for q in queries})[:n_products]
     order = {lang: i for i, lang in enumerate(LANGS)}
     picked = [q for q in queries if q["product_id"] in products]
     return sorted(picked, key=lambda q: (q["product_id"], order.get(q["lang"], 9)))
 
 
-def run_samples(url: str, queries: list[dict], k: int) -> list[dict]:
-    """POST each query to the running service; the response plus where the expected product is."""
+def catalog_attributes(catalog: Path) -> dict[str, dict]:
+    """{product_id: its kind and attributes} from pairs.parquet ({} for an older catalog)."""
+    table = pq.read_table(catalog / "pairs.parquet")
+    if "kind" not in table.column_names:
+        return {}
+    return {r["product_id"]: r for r in table.to_pylist()}
+
+
+def run_samples(
+    url: str, queries: list[dict], k: int, attributes: dict[str, dict] | None = None
+) -> list[dict]:
+    """POST each query to the running service; the response, where the labelled product is, and
+    which hits are relevant (same kind and every attribute the query names) when ``attributes``
+    holds the products' attributes."""
     import httpx
 
+    from pipelines.catalog.relevance import is_relevant
+
+    attributes = attributes or {}
     shown = []
     with httpx.Client(base_url=url, timeout=60) as client:
         for q in queries:
@@ -200,6 +216,11 @@ def run_samples(url: str, queries: list[dict], k: int) -> list[dict]:
             resp.raise_for_status()
             body = resp.json()
             ids = [r["product_id"] for r in body["results"]]
+            for r in body["results"]:
+                product = attributes.get(r["product_id"])
+                r["relevant"] = (
+                    is_relevant(q, product) if product is not None and q.get("kind") else None
+                )
             shown.append(
                 {
                     **q,
@@ -211,16 +232,28 @@ def run_samples(url: str, queries: list[dict], k: int) -> list[dict]:
     return shown
 
 
+def _relevance_line(s: dict) -> str:
+    flags = [r.get("relevant") for r in s["results"]]
+    if not flags or any(f is None for f in flags):
+        return ""
+    first = "relevant" if flags[0] else "NOT relevant"
+    return f"; top hit {first}, {sum(flags)} of {len(flags)} hits relevant"
+
+
 def print_samples(shown: list[dict]) -> None:
     for s in shown:
         where = f"at rank {s['rank']}" if s["rank"] else "not in the top results"
-        print(f"\n[{s['lang']}] {s['query']!r}: expected {s['product_id']} {where}")
-        print(f"  {'#':>2}  {'product':<9} {'itc':>6} {'itm':>7} {'score':>7}  title")
+        print(
+            f"\n[{s['lang']}] {s['query']!r}: labelled product {s['product_id']} {where}"
+            + _relevance_line(s)
+        )
+        print(f"  {'#':>2}  {'product':<9} {'rel':>3} {'itc':>6} {'itm':>7} {'score':>7}  title")
         for i, r in enumerate(s["results"], 1):
             itm = "-" if r.get("itm_score") is None else f"{r['itm_score']:7.2f}"
             mark = "*" if r["product_id"] == s["product_id"] else " "
+            rel = {True: "yes", False: "no", None: "?"}[r.get("relevant")]
             print(
-                f" {mark}{i:>2}  {r['product_id']:<9} {r['itc_score']:6.3f} {itm:>7} "
+                f" {mark}{i:>2}  {r['product_id']:<9} {rel:>3} {r['itc_score']:6.3f} {itm:>7} "
                 f"{r['score']:7.2f}  {r['title'][:70]}"
             )
 
@@ -264,7 +297,9 @@ def run_demo(cfg: AppConfig, *, wait: bool = True) -> dict:
     timer.step("serve", t)
 
     t = time.perf_counter()
-    shown = run_samples(url, sample_queries(catalog, d.sample_products), d.k)
+    shown = run_samples(
+        url, sample_queries(catalog, d.sample_products), d.k, catalog_attributes(catalog)
+    )
     print_samples(shown)
     timer.step("samples", t)
     summary = {
@@ -275,7 +310,13 @@ def run_demo(cfg: AppConfig, *, wait: bool = True) -> dict:
             k: index[k]
             for k in ("run_id", "in", "indexed", "encoded_this_run", "rejected", "products_version")
         },
-        "samples": [{k: s[k] for k in ("lang", "query", "product_id", "rank")} for s in shown],
+        "samples": [
+            {
+                **{k: s[k] for k in ("lang", "query", "product_id", "rank")},
+                "relevant": [r.get("relevant") for r in s["results"]],
+            }
+            for s in shown
+        ],
         "seconds": {**timer.steps, "total": timer.total()},
     }
     out = Path(cfg.output.dir) / "demo" if cfg.output.dir else None

@@ -3,11 +3,18 @@
     python -m pipelines.finetune --config configs/finetune_demo.yaml [key=value ...] [--model PATH]
 
 Reads ``finetune.catalog`` (what ``pipelines.make_catalog`` writes): the products of split
-``train`` only (a ``test`` product in a batch is an error), each product's image with all of its
-titles from ``pairs.parquet`` (English, 汉字, pinyin: positives of one image). Every
-``finetune.eval_every`` steps the model is evaluated on the held-out queries over the ``test``
-split (``blip_ops.evaluate``, ITC→ITM at ``finetune.eval_k_test``); the best mean recall is kept in
-``out_dir/best``, the latest state in ``out_dir/last`` (a later run resumes from it).
+``train`` only (any other product in a batch is an error), each product's image with its titles
+from ``pairs.parquet`` (English, 汉字, pinyin: positives of one image, de-duplicated after the
+model's own text normalisation). Every ``finetune.eval_every`` steps the model is evaluated on the
+``val`` split (``blip_ops.evaluate``, ITC→ITM at ``finetune.eval_k_test``); the best mean recall is
+kept in ``out_dir/best``, the latest state in ``out_dir/last`` (a later run resumes from it). The
+``test`` split is never opened here: only the final evaluation reads it.
+
+Batches (``finetune.batching``): ``random`` train products, or ``family``: whole near-duplicate
+families plus a ``random_share`` of single products, so in-batch hard negatives are
+one-attribute twins. ``finetune.swap_negatives`` adds each product's own title with one attribute
+word swapped as an extra ITM negative. Fresh parts and pretrained encoders may learn at their own
+rates (``finetune.lr`` / ``lr_pretrained``; the temperature at ``lr_temp``).
 
 ``finetune.workers == 1``: this process. ``> 1``: Ray Train ``TorchTrainer`` (gloo on CPU, NCCL
 with ``gpus_per_worker > 0``), the catalog read with Ray Data and split into one shard per worker;
@@ -26,17 +33,21 @@ refused.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines.config import AppConfig, add_config_arguments, cli_config, dump_config
+
+if TYPE_CHECKING:
+    from blip_ops.train_loop import TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +62,60 @@ class TrainSplitError(ValueError):
 # --------------------------------------------------------------------------- data
 
 
-def read_titles(catalog: str | Path) -> dict[str, list[str]]:
-    """{product_id: its distinct titles (English, 汉字, pinyin)} for the train split."""
+ATTRIBUTE_COLUMNS = ("kind", "color", "pattern", "material", "brand")
+_LANG_OF = {"title_en": "en", "title_zh": "zh", "title_pinyin": "pinyin"}
+
+
+def read_pairs(catalog: str | Path) -> dict[str, dict]:
+    """{product_id: {"titles": {lang: title}, "family_id", attributes...}} for the train split.
+
+    Attributes (kind, colour, pattern, material, brand) come along when pairs.parquet has them;
+    they drive the attribute-swapped negatives.
+    """
     import pyarrow.parquet as pq
 
     table = pq.read_table(Path(catalog) / "pairs.parquet")
-    titles: dict[str, list[str]] = {}
+    names = set(table.column_names)
+    pairs: dict[str, dict] = {}
     for row in table.to_pylist():
         if row["split"] != TRAIN_SPLIT:
             continue
-        seen = [t for t in (row.get(c) for c in TITLE_COLUMNS) if t]
-        titles[row["product_id"]] = list(dict.fromkeys(seen))
-    if not titles:
+        entry = {"titles": {_LANG_OF[c]: row[c] for c in TITLE_COLUMNS if row.get(c)}}
+        entry["family_id"] = row.get("family_id")
+        entry.update({a: row[a] for a in ATTRIBUTE_COLUMNS if a in names and row.get(a)})
+        pairs[row["product_id"]] = entry
+    if not pairs:
         raise ValueError(f"{catalog}/pairs.parquet has no titles for split {TRAIN_SPLIT!r}")
-    return titles
+    return pairs
+
+
+_PUNCT_RE = re.compile(r"[^\w.&]+")
+
+
+def title_key(title: str, normalize: Callable[[str], str] | None = None) -> str:
+    """What two titles must share to be one positive: the model's text rule (``normalize``),
+    then punctuation and spacing dropped (【热销】 and "re xiao" read the same to a pinyin model)."""
+    text = normalize(title) if normalize is not None else title
+    return " ".join(_PUNCT_RE.sub(" ", text).split())
+
+
+def distinct_titles(
+    pairs: dict[str, dict], normalize: Callable[[str], str] | None = None
+) -> dict[str, list[str]]:
+    """{product_id: its titles, de-duplicated by :func:`title_key`} (with the model's own text
+    rule, a 汉字 title and its pinyin spelling are one text to a pinyin model: one positive)."""
+    out = {}
+    for pid, entry in pairs.items():
+        seen: dict[str, str] = {}
+        for title in entry["titles"].values():
+            seen.setdefault(title_key(title, normalize), title)
+        out[pid] = list(seen.values())
+    return out
+
+
+def read_titles(catalog: str | Path, normalize: Callable[[str], str] | None = None) -> dict[str, list[str]]:
+    """{product_id: its distinct titles (English, 汉字, pinyin)} for the train split."""
+    return distinct_titles(read_pairs(catalog), normalize)
 
 
 def read_train_products(catalog: str | Path, cfg: AppConfig) -> list[dict]:
@@ -78,13 +129,18 @@ def read_train_products(catalog: str | Path, cfg: AppConfig) -> list[dict]:
     dataset = pads.dataset(products_dir, format="parquet")
     if "split" not in dataset.schema.names:
         raise ValueError(f"{products_dir}: no 'split' column, so no train/test separation")
+    family = ["family_id"] if "family_id" in dataset.schema.names else []
     table = dataset.to_table(
-        columns=[cols.product_id, cols.image, "split"], filter=pads.field("split") == TRAIN_SPLIT
+        columns=[cols.product_id, cols.image, "split", *family],
+        filter=pads.field("split") == TRAIN_SPLIT,
     )
     rows = [
-        {"product_id": r[cols.product_id], "image": r[cols.image], "split": r["split"]}
+        {
+            "product_id": r[cols.product_id], "image": r[cols.image], "split": r["split"],
+            "family_id": r.get("family_id") or r[cols.product_id],
+        }
         for r in table.to_pylist()
-    ]
+    ]  # fmt: skip
     check_train_only(rows)
     if len(rows) < 2:
         raise ValueError(f"catalog {catalog}: {len(rows)} train products; need at least 2")
@@ -99,10 +155,14 @@ def check_train_only(rows: Sequence[dict]) -> None:
         )
 
 
-def build_batch(model, rows: Sequence[dict], titles: dict[str, list[str]], pixels=None):
+def build_batch(
+    model, rows: Sequence[dict], titles: dict[str, list[str]], pixels=None, swaps=None, step=0
+):
     """A RetrievalBatch: each row's image (decoded + preprocessed) and all its titles.
 
     ``pixels`` (optional) maps product id → a preprocessed (3, S, S) tensor (a decode cache).
+    ``swaps`` (optional): a :class:`SwapNegatives`; each product gains one of its titles with an
+    attribute word swapped, as an extra ITM negative of its own image.
     """
     import torch
 
@@ -124,7 +184,10 @@ def build_batch(model, rows: Sequence[dict], titles: dict[str, list[str]], pixel
             raise ValueError(f"product {pid!r} has no titles in pairs.parquet")
         texts.extend(own)
         text_ids.extend([pid] * len(own))
-    return RetrievalBatch(pix, ids, texts, text_ids)
+    batch = RetrievalBatch(pix, ids, texts, text_ids)
+    if swaps is not None:
+        batch.swap_texts, batch.swap_images = swaps.for_batch(ids, step)
+    return batch
 
 
 def catalog_splits(catalog: str | Path, cfg: AppConfig) -> dict[str, str]:
@@ -233,6 +296,108 @@ class EpochSampler:
         return [self.rows[i] for i in self.indices(step)]
 
 
+class FamilySampler:
+    """Batches built from whole near-duplicate families (P x K), with a share of random products.
+
+    Each epoch (a fresh seeded permutation) every train product is visited exactly once: a
+    ``1 - random_share`` share of the products, whole families at a time, are packed into each
+    batch's family slots (a family never split when it fits); the other products, drawn at random
+    as singles, fill the rest, so ITM sees one-attribute twins and easy negatives in every batch.
+    ``rows_for(step)`` depends on the step only (resume-exact); the last batch of an epoch may be
+    shorter.
+    """
+
+    def __init__(self, rows: list[dict], batch_size: int, random_share: float, seed: int):
+        if batch_size > len(rows):
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(rows)} train products")
+        if not 0.0 <= random_share <= 1.0:
+            raise ValueError(f"random_share must be in [0, 1], got {random_share}")
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.random_share = random_share
+        families: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            families.setdefault(str(r.get("family_id") or r["product_id"]), []).append(i)
+        self.families = [families[k] for k in sorted(families)]
+        self._epochs: dict[int, list[list[int]]] = {}
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """The batches (row indices) of ``epoch``."""
+        if epoch not in self._epochs:
+            self._epochs = {epoch: self._plan(epoch)}  # one epoch cached: steps run in order
+        return self._epochs[epoch]
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        grouped, singles, target = [], [], (1.0 - self.random_share) * len(self.rows)
+        for f in rng.permutation(len(self.families)).tolist():
+            family = [int(i) for i in rng.permutation(self.families[f])]
+            if sum(len(g) for g in grouped) < target:
+                grouped.append(family)
+            else:
+                singles.extend(family)
+        singles = [singles[i] for i in rng.permutation(len(singles))]
+        family_slots = max(1, round((1.0 - self.random_share) * self.batch_size))
+        batches: list[list[int]] = []
+        while grouped or singles:
+            batch: list[int] = []
+            while grouped and len(batch) + len(grouped[0]) <= family_slots:
+                batch.extend(grouped.pop(0))
+            while singles and len(batch) < self.batch_size:
+                batch.append(singles.pop())
+            while grouped and len(batch) < self.batch_size:  # singles ran out: split a family
+                room = self.batch_size - len(batch)
+                batch.extend(grouped[0][:room])
+                grouped[0] = grouped[0][room:]
+                if not grouped[0]:
+                    grouped.pop(0)
+            batches.append(batch)
+        if len(batches) > 1 and len(batches[-1]) < 2:  # a batch of one has no negative
+            batches[-2].extend(batches.pop())
+        return batches
+
+    def indices(self, step: int) -> list[int]:
+        epoch = 0
+        while step >= len(self.epoch(epoch)):
+            step -= len(self.epoch(epoch))
+            epoch += 1
+        return self.epoch(epoch)[step]
+
+    def rows_for(self, step: int) -> list[dict]:
+        return [self.rows[i] for i in self.indices(step)]
+
+
+class SwapNegatives:
+    """Attribute-swapped own titles as extra ITM negatives (one per product per step, seeded).
+
+    Uses the products' attributes from pairs.parquet; products without them, or whose titles name
+    none of them, get none.
+    """
+
+    def __init__(self, pairs: dict[str, dict], seed: int):
+        from pipelines.catalog.swap import SWAPPABLE
+
+        self.pairs, self.seed = pairs, seed
+        self.usable = any(any(a in e for a in SWAPPABLE) for e in pairs.values())
+
+    def for_batch(self, product_ids: Sequence[str], step: int) -> tuple[list[str], list[int]]:
+        """(swapped titles, index of the image each one is a negative of) for ``step``'s batch."""
+        import random
+
+        from pipelines.catalog.swap import swapped_titles
+
+        rng = random.Random(f"{self.seed}:swap:{step}")
+        texts, images = [], []
+        for i, pid in enumerate(product_ids):
+            entry = self.pairs.get(pid)
+            if entry is None:
+                continue
+            options = swapped_titles(entry["titles"], entry, rng)
+            if options:
+                texts.append(options[rng.randrange(len(options))][2])
+                images.append(i)
+        return texts, images
+
+
 class MinedSampler:
     """Batches of ``batch_size`` products built around anchors and their mined neighbours.
 
@@ -303,11 +468,42 @@ class MinedSampler:
         return [self.rows[i] for i in self.plan(step)[0]]
 
 
-def decode_cache(model, rows: Sequence[dict]) -> dict:
+def decode_cache(model, rows: Sequence[dict], cache_dir: str | Path | None = None) -> dict:
     """product id → what the train step takes for each row's image, computed once: the
     preprocessed pixels, or for a model with a frozen image backbone (the compact family) its
     feature maps (``model.vision_inputs``), so no step runs the frozen part again. The demo
-    catalog fits in memory (compact: 250 KB per product)."""
+    catalog fits in memory (compact: 250 KB per product).
+
+    ``cache_dir``: keep them on disk too, keyed by the model and the exact image bytes, so runs
+    that fine-tune the same base model on the same catalog (a settings comparison) decode and
+    run the frozen CNN once between them.
+    """
+    import torch
+
+    file = _feature_cache_file(model, rows, cache_dir) if cache_dir is not None else None
+    if file is not None and file.is_file():
+        logger.info("image features from %s", file)
+        return torch.load(file, weights_only=True)
+    out = _compute_vision_inputs(model, rows)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.rename(file)
+    return out
+
+
+def _feature_cache_file(model, rows: Sequence[dict], cache_dir: str | Path) -> Path:
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=12)
+    for r in rows:
+        digest.update(str(r["product_id"]).encode() + b"\0")
+        digest.update(hashlib.blake2b(bytes(r["image"]), digest_size=16).digest())
+    return Path(cache_dir) / f"{model.model_id}-{digest.hexdigest()}.pt"
+
+
+def _compute_vision_inputs(model, rows: Sequence[dict]) -> dict:
     from blip_ops.decode import decode_image
 
     size = model.image_settings.size
@@ -323,81 +519,69 @@ def decode_cache(model, rows: Sequence[dict]) -> dict:
 # --------------------------------------------------------------------------- evaluation
 
 
+def require_split(cfg: AppConfig, split: str) -> None:
+    """Fail before training when the catalog has no ``split`` products to evaluate."""
+    splits = catalog_splits(cfg.finetune.catalog, cfg)
+    if split not in set(splits.values()):
+        raise ValueError(
+            f"catalog {cfg.finetune.catalog} has no {split!r} products (splits: "
+            f"{sorted(set(splits.values()))}): checkpoints are chosen on the {split} split, so "
+            "generate a larger catalog or give it a split column with that value"
+        )
+
+
 def make_eval_fn(cfg: AppConfig, catalog: str | Path, k_test: int) -> Callable:
-    """eval_fn for ``fit``: held-out queries over the test split → metrics with ``mean``."""
+    """eval_fn for ``fit``: the ``finetune.eval_split`` (val) products → metrics with ``mean``.
+
+    It picks the best checkpoint, so it never reads the test split (the config allows only val).
+    The re-rank uses the service's rule and ``serve.itm_weight``.
+    """
     from blip_ops.evaluate import evaluate_model
     from pipelines.evaluate import load_catalog
 
+    f = cfg.finetune
+    if f.eval_split == "test":  # the config refuses it; a guard for callers building configs
+        raise TrainSplitError("fitting may not evaluate the test split")
     data = None
 
     def eval_fn(model) -> dict:
         nonlocal data
         if data is None:
-            data = load_catalog(str(catalog), "test", cfg, target_size=model.image_settings.size)
+            data = load_catalog(
+                str(catalog), f.eval_split, cfg, target_size=model.image_settings.size,
+                texts=f.eval_texts,
+            )  # fmt: skip
         k = min(k_test, len(data.product_ids), len(data.texts))
         metrics = evaluate_model(
             model, data.images, data.texts, data.text_product, languages=data.languages,
-            k_test=(k,), batch_size=cfg.encode.batch_size,
+            k_test=(k,), batch_size=cfg.encode.batch_size, itm_weight=cfg.serve.itm_weight,
         )  # fmt: skip
         itm = metrics["itm"][str(k)]
-        return {"mean": itm["mean"], "itc_mean": metrics["itc"]["mean"], "k_test": k}
+        return {
+            "mean": itm["mean"], "itc_mean": metrics["itc"]["mean"], "k_test": k,
+            "split": f.eval_split,
+        }  # fmt: skip
 
     return eval_fn
-
-
-# --------------------------------------------------------------------------- negatives for tests
-
-
-@contextlib.contextmanager
-def first_candidate_negatives() -> Iterator[None]:
-    """Make the train step's negative sampling deterministic: each row takes the first candidate
-    of another product. Only for exactness tests (distributed vs single process), where the two
-    runs draw from different random streams."""
-
-    import blip_ops.training as training
-    from blip_ops.losses import Negatives, negative_weights
-
-    original = training.sample_hard_negatives
-
-    def first(sim_i2t, sim_t2i, image_ids, text_ids, temp, **kw):
-        t_ids = kw.get("all_text_ids") if kw.get("all_text_ids") is not None else text_ids
-        i_ids = kw.get("all_image_ids") if kw.get("all_image_ids") is not None else image_ids
-        w_i2t = negative_weights(sim_i2t, image_ids, t_ids, temp, mode="random")
-        w_t2i = negative_weights(sim_t2i, text_ids, i_ids, temp, mode="random")
-        return Negatives((w_i2t > 0).float().argmax(dim=1), (w_t2i > 0).float().argmax(dim=1))
-
-    training.sample_hard_negatives = first
-    try:
-        yield
-    finally:
-        training.sample_hard_negatives = original
 
 
 # --------------------------------------------------------------------------- runners
 
 
-def _fit_kwargs(cfg: AppConfig) -> dict:
+def train_settings(cfg: AppConfig) -> TrainSettings:
+    """The training-loop settings of ``finetune.*``."""
+    from blip_ops.train_loop import TrainSettings
+
     f = cfg.finetune
-    return {
-        "steps": f.steps,
-        "lr": f.lr,
-        "weight_decay": f.weight_decay,
-        "warmup_steps": f.warmup_steps,
-        "grad_clip": f.grad_clip,
-        "negatives": f.negatives,
-        "seed": f.seed,
-        "eval_every": f.eval_every,
-        "out_dir": f.out_dir,
-        "resume": f.resume,
-        "mixed_precision": f.mixed_precision,
-        "log_every": f.log_every,
-        "momentum": f.momentum,
-        "momentum_m": f.momentum_m,
-        "queue_size": f.queue_size,
-        "alpha": f.alpha,
-        "mined_weight": f.mined_weight,
-        "itm_titles": f.itm_titles,
-    }
+    return TrainSettings(
+        steps=f.steps, lr=f.lr, lr_pretrained=f.lr_pretrained, lr_temp=f.lr_temp,
+        weight_decay=f.weight_decay, warmup_steps=f.warmup_steps, grad_clip=f.grad_clip,
+        negatives=f.negatives, seed=f.seed, eval_every=f.eval_every, out_dir=f.out_dir,
+        resume=f.resume, mixed_precision=f.mixed_precision, log_every=f.log_every,
+        momentum=f.momentum, momentum_m=f.momentum_m, queue_size=f.queue_size, alpha=f.alpha,
+        mined_weight=f.mined_weight, itm_titles=f.itm_titles, itm_balanced=f.itm_balanced,
+        easy_steps=f.easy_steps,
+    )  # fmt: skip
 
 
 def _load_for_training(cfg: AppConfig, device: str):
@@ -410,36 +594,61 @@ def _load_for_training(cfg: AppConfig, device: str):
     )
 
 
-def run_single(cfg: AppConfig, *, evaluate: bool = True, fit_overrides: dict | None = None) -> dict:
+def _sampler(cfg: AppConfig, rows: list[dict], model_id: str):
+    """(sampler, mined summary or None) for ``finetune.batching`` / ``mined_negatives``."""
+    f = cfg.finetune
+    if f.mined_negatives is not None:
+        mined = load_mined_neighbours(cfg, rows, model_id)
+        neighbours = mined.pop("neighbours")
+        return MinedSampler(rows, neighbours, f.batch_size, f.mined_slots, f.seed), mined
+    if f.batching == "family":
+        return FamilySampler(rows, f.batch_size, f.random_share, f.seed), None
+    return EpochSampler(rows, f.batch_size, f.seed), None
+
+
+def run_single(
+    cfg: AppConfig,
+    *,
+    evaluate: bool = True,
+    settings: TrainSettings | None = None,
+    stop_at: int | None = None,
+) -> dict:
+    """Fine-tune in this process; ``settings`` (default: from ``cfg``) and ``stop_at`` as
+    :func:`blip_ops.train_loop.fit` takes them."""
     from blip_ops.train_loop import fit
 
     f = cfg.finetune
     rows = read_train_products(f.catalog, cfg)
-    titles = read_titles(f.catalog)
     model = _load_for_training(cfg, cfg.model.device)
+    pairs = read_pairs(f.catalog)
+    titles = distinct_titles(pairs, model.normalize_text)
     initial_id = model.model_id
-    pixels = decode_cache(model, rows)
-    mined = None
-    if f.mined_negatives is None:
-        sampler = EpochSampler(rows, f.batch_size, f.seed)
+    pixels = decode_cache(model, rows, f.feature_cache)
+    sampler, mined = _sampler(cfg, rows, initial_id)
+    swaps = SwapNegatives(pairs, f.seed) if f.swap_negatives else None
+    if swaps is not None and not swaps.usable:
+        logger.warning("finetune.swap_negatives: pairs.parquet has no attribute columns: off")
+        swaps = None
 
-        def next_batch(step: int):
-            return build_batch(model, sampler.rows_for(step), titles, pixels)
-
-    else:
-        mined = load_mined_neighbours(cfg, rows, initial_id)
-        sampler = MinedSampler(rows, mined.pop("neighbours"), f.batch_size, f.mined_slots, f.seed)
-
-        def next_batch(step: int):
-            chosen, pairs = sampler.plan(step)
-            batch = build_batch(model, [rows[i] for i in chosen], titles, pixels)
-            batch.mined_pairs = pairs
+    def next_batch(step: int):
+        if isinstance(sampler, MinedSampler):
+            chosen, pairs_in_batch = sampler.plan(step)
+            batch = build_batch(model, [rows[i] for i in chosen], titles, pixels, swaps, step)
+            batch.mined_pairs = pairs_in_batch
             return batch
+        return build_batch(model, sampler.rows_for(step), titles, pixels, swaps, step)
 
     eval_fn = make_eval_fn(cfg, f.catalog, f.eval_k_test) if evaluate else None
-    kwargs = {**_fit_kwargs(cfg), **(fit_overrides or {})}
-    summary = fit(model, next_batch, eval_fn=eval_fn, config_yaml=dump_config(cfg), **kwargs)
-    summary.update(initial_model_id=initial_id, workers=1, train_products=len(rows), mined=mined)
+    if evaluate:
+        require_split(cfg, f.eval_split)
+    summary = fit(
+        model, next_batch, settings or train_settings(cfg), eval_fn=eval_fn,
+        config_yaml=dump_config(cfg), stop_at=stop_at,
+    )  # fmt: skip
+    summary.update(
+        initial_model_id=initial_id, workers=1, train_products=len(rows), mined=mined,
+        batching=f.batching, swap_negatives=swaps is not None,
+    )  # fmt: skip
     return summary
 
 
@@ -512,16 +721,17 @@ def _train_worker(config: dict) -> None:
         if rank == 0 and config.get("evaluate", True)
         else None
     )
-    kwargs = {**_fit_kwargs(cfg), **config.get("fit_overrides", {})}
-    negatives_ctx = (
-        first_candidate_negatives() if config.get("first_candidate_negatives")
-        else contextlib.nullcontext()
+    from blip_ops.losses import first_candidate_negatives, sample_hard_negatives
+
+    settings = train_settings(cfg).replace(**config.get("fit_overrides", {}))
+    sampler = (
+        first_candidate_negatives if config.get("first_candidate_negatives")
+        else sample_hard_negatives
     )  # fmt: skip
-    with negatives_ctx:
-        summary = fit(
-            model, next_batch, eval_fn=eval_fn, config_yaml=dump_config(cfg), **kwargs,
-            log=print if rank == 0 else None,
-        )  # fmt: skip
+    summary = fit(
+        model, next_batch, settings, eval_fn=eval_fn, config_yaml=dump_config(cfg),
+        log=print if rank == 0 else None, negative_sampler=sampler,
+    )  # fmt: skip
     shards = Path(f.out_dir) / "shards"
     shards.mkdir(parents=True, exist_ok=True)
     (shards / f"rank-{rank}.json").write_text(json.dumps(seen), encoding="utf-8")
@@ -554,6 +764,18 @@ def train_dataset(cfg: AppConfig, *, shuffle: bool = True):
     return ds
 
 
+def _normalizer(cfg: AppConfig) -> Callable[[str], str]:
+    """The checkpoint's own text rule, read without loading its weights."""
+    from blip_ops.family import read_catalog_config
+    from blip_ops.text import TextSettings, normalize_text
+    from pipelines.demo import ensure_model
+
+    path = Path(ensure_model(cfg))
+    text = read_catalog_config(path).get("text") if path.is_dir() else None
+    settings = TextSettings.from_dict(text)
+    return lambda t: normalize_text(t, settings)
+
+
 def run_ray(
     cfg: AppConfig,
     *,
@@ -574,6 +796,12 @@ def run_ray(
             "Train shards the data per worker, so a batch cannot be built around each anchor's "
             "mined neighbours"
         )
+    if f.batching != "random" or f.swap_negatives:
+        raise ValueError(
+            "finetune.batching=family and finetune.swap_negatives work in a single process only "
+            "(finetune.workers=1): Ray Train shards the data per worker, so a batch cannot be "
+            "built from whole families"
+        )
     if f.batch_size % f.workers or f.batch_size // f.workers < 2:
         raise ValueError(
             f"finetune.batch_size ({f.batch_size}) must split into >= 2 products per worker over "
@@ -586,7 +814,7 @@ def run_ray(
         _train_worker,
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"),
-            "titles": read_titles(f.catalog),
+            "titles": read_titles(f.catalog, _normalizer(cfg)),
             "evaluate": evaluate,
             "fit_overrides": fit_overrides or {},
             "first_candidate_negatives": first_negatives,
@@ -623,7 +851,14 @@ def print_summary(summary: dict, cfg: AppConfig) -> None:
     best = summary.get("best_mean_recall")
     print("\nfine-tuning summary")
     print(f"  model        {cfg.model.name_or_path}")
-    print(f"  catalog      {f.catalog} (train split only; eval: test split queries)")
+    print(f"  catalog      {f.catalog} (train split only; checkpoints chosen on {f.eval_split} {f.eval_texts})")
+    print(f"  batching     {f.batching}" + (f" ({f.random_share:.0%} random)" if f.batching == "family" else "")
+          + (", attribute-swapped title negatives" if summary.get("swap_negatives") else ""))
+    acc = summary.get("itm_accuracy_recent") or {}
+    if acc.get("pos") is not None:
+        swap = f", swapped titles {acc['swap']:.2f}" if acc.get("swap") is not None else ""
+        print(f"  ITM accuracy positives {acc['pos']:.2f}, negatives {acc['neg']:.2f}{swap} "
+              "(last 20 steps)")
     print(f"  workers      {summary.get('workers')} (negatives: {f.negatives})")
     mined = summary.get("mined")
     if mined:

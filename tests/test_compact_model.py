@@ -186,7 +186,7 @@ def test_precomputed_cnn_features_equal_the_pixel_path(built, pixels):
 
 # ---- training and evaluation -------------------------------------------------------------------
 def test_train_steps_keep_the_cnn_frozen_and_lower_the_loss(saved, catalog, tmp_path):
-    from blip_ops.train_loop import fit
+    from blip_ops.train_loop import TrainSettings, fit
     from blip_ops.training import RetrievalBatch
     from pipelines.config import load_config
     from pipelines.finetune import build_batch, read_titles, read_train_products
@@ -198,16 +198,7 @@ def test_train_steps_keep_the_cnn_frozen_and_lower_the_loss(saved, catalog, tmp_
     cnn_keys = [k for k in before if k.startswith("vision_model.cnn.")]  # weights and BN statistics
 
     # One step on pixels, with the momentum encoder: the CNN runs in train() but stays as it was.
-    fit(
-        model,
-        lambda step: batch,
-        steps=1,
-        lr=1e-3,
-        negatives="random",
-        seed=0,
-        log=None,
-        momentum=True,
-    )
+    fit(model, lambda step: batch, TrainSettings(steps=1, lr=1e-3, negatives="random", momentum=True), log=None)
     after = model.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in cnn_keys)
 
@@ -215,16 +206,8 @@ def test_train_steps_keep_the_cnn_frozen_and_lower_the_loss(saved, catalog, tmp_
     cached = RetrievalBatch(
         model.vision_inputs(batch.pixel_values), batch.image_ids, batch.texts, batch.text_ids
     )
-    out = fit(
-        model,
-        lambda step: cached,
-        steps=6,
-        lr=1e-3,
-        weight_decay=0.0,
-        negatives="random",
-        seed=0,
-        log=None,
-    )
+    settings = TrainSettings(steps=6, lr=1e-3, weight_decay=0.0, negatives="random")
+    out = fit(model, lambda step: cached, settings, log=None)
     losses = out["losses"]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
     after = model.model.state_dict()

@@ -35,7 +35,7 @@ def _overrides(tmp_path: Path, model: Path) -> list[str]:
         f"finetune.out_dir={tmp_path / 'finetune'}",
         f"output.dir={tmp_path / 'out'}",
         "finetune.steps=2", "finetune.batch_size=4", "finetune.eval_every=0",
-        "finetune.eval_k_test=4", "demo.products=40", "serve.port=0",
+        "finetune.eval_k_test=4", "demo.products=40", "demo.seed=1", "serve.port=0",
         "serve.candidates=20", "serve.rerank_k=8",
     ]  # fmt: skip
 
@@ -81,6 +81,11 @@ def test_make_demo_end_to_end_and_stop(compact_dir, tmp_path):
         assert len(samples) == 6 and {s["lang"] for s in samples} == {"en", "zh", "pinyin"}
         for s in samples:
             assert f"[{s['lang']}] {s['query']!r}" in printed
+            # every hit says whether it is relevant (kind and named attributes match)
+            assert s["relevant"] and all(isinstance(r, bool) for r in s["relevant"])
+            if s["rank"] is not None:  # the labelled product is always relevant to its query
+                assert s["relevant"][s["rank"] - 1] is True
+        assert "hits relevant" in printed
         assert set(summary["seconds"]) >= {"catalog", "fine-tune", "index", "serve", "total"}
 
         # The service the demo started is real: the page, health, and a search over HTTP.

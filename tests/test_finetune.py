@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from blip_ops import load_model
-from blip_ops.train_loop import TRAINER_STATE, fit
+from blip_ops.losses import first_candidate_negatives
+from blip_ops.train_loop import TRAINER_STATE, TrainSettings, fit
 from blip_ops.training import RetrievalBatch
 from pipelines.config import load_config
 from pipelines.finetune import (
@@ -16,7 +17,6 @@ from pipelines.finetune import (
     TrainSplitError,
     build_batch,
     check_train_only,
-    first_candidate_negatives,
     read_titles,
     read_train_products,
     run_ray,
@@ -29,7 +29,7 @@ def catalog(tmp_path_factory):
     from pipelines.make_catalog import make_catalog
 
     root = tmp_path_factory.mktemp("ft") / "catalog"
-    make_catalog(str(root), 24, seed=0, workers=1)
+    make_catalog(str(root), 24, seed=1, workers=1)  # 19 train, 2 val, 3 test products
     return root
 
 
@@ -62,10 +62,10 @@ def test_loss_decreases_on_a_fixed_batch(tiny_model_dir, catalog):
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
     rows = read_train_products(catalog, load_config(None))[:4]
     batch = build_batch(model, rows, read_titles(catalog))
-    out = fit(
-        model, lambda step: batch, steps=8, lr=1e-3, weight_decay=0.0, warmup_steps=0,
-        grad_clip=1.0, negatives="random", seed=0, log=None,
-    )  # fmt: skip
+    settings = TrainSettings(
+        steps=8, lr=1e-3, weight_decay=0.0, warmup_steps=0, grad_clip=1.0, negatives="random"
+    )
+    out = fit(model, lambda step: batch, settings, log=None)
     losses = out["losses"]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses
@@ -146,13 +146,13 @@ def test_two_ray_workers_average_gradients_and_resume(tiny_model_dir, catalog, t
     distributed = _weights(out / "last")
 
     rows = {r["product_id"]: r for r in read_train_products(catalog, load_config(None))}
-    titles = read_titles(catalog)
+    titles = read_titles(catalog, load_model(tiny_model_dir, device="cpu").normalize_text)
 
     def one_step(ids) -> dict:
         model = load_model(tiny_model_dir, device="cpu", dtype="float32")
         batch = build_batch(model, [rows[i] for i in ids], titles)
-        with first_candidate_negatives():
-            fit(model, lambda step: batch, steps=1, negatives="random", seed=0, log=None, **sgd)
+        settings = TrainSettings(steps=1, negatives="random", **sgd)
+        fit(model, lambda step: batch, settings, log=None, negative_sampler=first_candidate_negatives)
         return {k: v.detach().clone() for k, v in model.model.state_dict().items()}
 
     union = one_step(shard0 + shard1)  # rank order: what the gathered pool holds
@@ -184,11 +184,10 @@ def test_two_ray_workers_average_gradients_and_resume(tiny_model_dir, catalog, t
     # The same second step in one process from the same checkpoint, on the union of the batches.
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
     batch = build_batch(model, [rows[i] for i in next0 + next1], titles)
-    with first_candidate_negatives():
-        single = fit(
-            model, lambda step: batch, steps=2, negatives="random", seed=0, log=None,
-            out_dir=tmp_path / "reference", **sgd,
-        )  # fmt: skip
+    settings = TrainSettings(steps=2, negatives="random", out_dir=tmp_path / "reference", **sgd)
+    single = fit(
+        model, lambda step: batch, settings, log=None, negative_sampler=first_candidate_negatives
+    )
     assert single["start_step"] == 1
     _assert_same_weights(_weights(out / "last"), _weights(tmp_path / "reference" / "last"), 1e-5)
 

@@ -28,6 +28,7 @@ from pipelines.finetune import (
     read_titles,
     read_train_products,
     run_single,
+    train_settings,
 )
 from pipelines.indexing import tables
 from pipelines.mine_negatives import (
@@ -266,14 +267,14 @@ def test_finetune_with_mined_negatives_runs_checkpoints_and_resumes(
     # bit-reproducible (~1e-7 between two identical runs), and AdamW's first steps blow such
     # noise up on near-zero gradients, which would hide what this compares.
     sgd = {"optimizer": "sgd", "lr": 0.05}
-    ref = run_single(
-        _ft_cfg(tiny_model_dir, root, tmp_path / "ref", mined[1], *common),
-        evaluate=False, fit_overrides=sgd,
-    )  # fmt: skip
+    ref_cfg = _ft_cfg(tiny_model_dir, root, tmp_path / "ref", mined[1], *common)
+    ref = run_single(ref_cfg, evaluate=False, settings=train_settings(ref_cfg).replace(**sgd))
     cfg = _ft_cfg(tiny_model_dir, root, tmp_path / "split", mined[1], *common)
-    first = run_single(cfg, evaluate=False, fit_overrides={**sgd, "stop_at": 2})
+    first = run_single(
+        cfg, evaluate=False, settings=train_settings(cfg).replace(**sgd), stop_at=2
+    )
     assert first["steps"] == 2
-    second = run_single(cfg, evaluate=False, fit_overrides=sgd)
+    second = run_single(cfg, evaluate=False, settings=train_settings(cfg).replace(**sgd))
     assert second["start_step"] == 2
     assert first["losses"] + second["losses"] == pytest.approx(ref["losses"], abs=1e-6)
     a, b = _weights(tmp_path / "ref" / "last"), _weights(tmp_path / "split" / "last")

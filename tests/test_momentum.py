@@ -9,13 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from blip_ops import load_model
-from blip_ops.losses import itc_loss, itc_loss_with_momentum
+from blip_ops.losses import first_candidate_negatives, itc_loss, itc_loss_with_momentum
 from blip_ops.momentum import FeatureQueue, MomentumDistiller, alpha_at
-from blip_ops.train_loop import TRAINER_STATE, fit
+from blip_ops.train_loop import TRAINER_STATE, TrainSettings, fit
 from pipelines.config import load_config
 from pipelines.finetune import (
     build_batch,
-    first_candidate_negatives,
     read_titles,
     read_train_products,
 )
@@ -155,14 +154,17 @@ def catalog(tmp_path_factory):
     return root
 
 
-def _run(tiny_model_dir, batches, out_dir, **kw):
+def _run(tiny_model_dir, batches, out_dir, stop_at=None):
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    with first_candidate_negatives():
-        return fit(
-            model, lambda step: batches[step], steps=3, lr=1e-3, weight_decay=0.0,
-            warmup_steps=0, alpha_warmup_steps=2, negatives="random", seed=0, out_dir=out_dir,
-            log=None, momentum=True, momentum_m=0.9, queue_size=8, alpha=0.4, **kw,
-        )  # fmt: skip
+    settings = TrainSettings(
+        steps=3, lr=1e-3, weight_decay=0.0, warmup_steps=0, alpha_warmup_steps=2,
+        negatives="random", seed=0, out_dir=out_dir, momentum=True, momentum_m=0.9,
+        queue_size=8, alpha=0.4,
+    )  # fmt: skip
+    return fit(
+        model, lambda step: batches[step], settings, log=None, stop_at=stop_at,
+        negative_sampler=first_candidate_negatives,
+    )
 
 
 def test_fit_with_momentum_checkpoints_and_resumes_the_queue(tiny_model_dir, catalog, tmp_path):
@@ -207,7 +209,8 @@ def test_samples_per_second_leave_evaluation_out(tiny_model_dir, catalog):
         return {"mean": 0.0}
 
     started = time.perf_counter()
-    out = fit(model, lambda step: batch, steps=2, eval_fn=slow_eval, eval_every=1, log=None)
+    settings = TrainSettings(steps=2, eval_every=1)
+    out = fit(model, lambda step: batch, settings, eval_fn=slow_eval, log=None)
     wall = time.perf_counter() - started
     assert out["eval_seconds"] >= 1.2  # evaluations at steps 1 and 2
     assert out["seconds"] <= wall - 1.2

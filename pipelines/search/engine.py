@@ -152,7 +152,7 @@ async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
         keys = tuple(f"{p}:{h}" for p, h in zip(ids, hashes, strict=True))
         itm = await scorer.itm(ItmJob(query.text, keys, tuple(images)))
     timings["rerank"] = _ms(t)
-    ranked = combine_scores(itc, itm).head(query.k)
+    ranked = combine_scores(itc, itm, query.itm_weight).head(query.k)
 
     rows = found.select(["product_id", "title", *snap.metadata_columns]).to_pylist()
     lexical_scores = (

@@ -41,6 +41,7 @@ class Limits:
     hybrid: str = "off"  # default fusion mode (serve.hybrid)
     hybrid_rrf_k: float = 60.0
     hybrid_weight: float = 0.5
+    itm_weight: float = 1.0  # re-rank: cosine + itm_weight * ITM logit (serve.itm_weight)
 
     @classmethod
     def from_config(cls, serve) -> Limits:
@@ -56,6 +57,7 @@ class Limits:
             hybrid=serve.hybrid,
             hybrid_rrf_k=serve.hybrid_rrf_k,
             hybrid_weight=serve.hybrid_weight,
+            itm_weight=serve.itm_weight,
         )
 
 
@@ -71,6 +73,7 @@ class SearchQuery:
     hybrid: str = "off"  # "off" | "rrf" | "weighted": BM25 fused with the vector candidates
     rrf_k: float = 60.0
     hybrid_weight: float = 0.5
+    itm_weight: float = 1.0
 
 
 FIELDS = ("text", "image", "k", "candidates", "rerank_k", "rerank", "filter", "hybrid")
@@ -269,4 +272,5 @@ def parse_search(body: bytes | str | dict, limits: Limits) -> SearchQuery:
         hybrid,
         limits.hybrid_rrf_k,
         limits.hybrid_weight,
+        limits.itm_weight,
     )
