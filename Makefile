@@ -30,7 +30,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
-.PHONY: help venv pip-check fonts browser test demo demo-stop catalog lint bench bench-gpu lock audit clean
+.PHONY: help venv pip-check fonts browser test demo demo-stop catalog lint bench bench-gpu quality lock audit clean
 
 help:
 	@echo "make demo   - catalog -> fine-tune the compact model -> index -> search service on :8000 (Ctrl-C stops)"
@@ -40,6 +40,7 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make bench  - CPU benchmarks -> benchmarks/results/, docs/performance.md (~15-20 min)"
 	@echo "make bench-gpu - how to run benchmarks/gpu_check.py on a GPU machine"
+	@echo "make quality - the search-quality benchmark -> docs/results.md, docs/results/quality.json (<= 90 min)"
 	@echo "make lock   - refresh $(CONSTRAINTS) from a fresh resolve"
 	@echo "make audit  - pip-audit $(CONSTRAINTS) against a vulnerability database (needs network; not in CI)"
 
@@ -113,6 +114,14 @@ bench: venv fonts
 	$(PY) benchmarks/bench_serve.py --config configs/local.yaml --index-uri .data/bench/index/index-tiny --model .data/models/tiny
 	$(PY) benchmarks/bench_serve.py --config configs/local.yaml --index-uri .data/bench/index/index-tiny --model .data/models/tiny serve.adaptive_batch_wait=false --json benchmarks/results/serve-cpu-fixed-wait.json --plot ''
 	$(PY) benchmarks/report.py
+
+# The quality benchmark (docs/results.md, docs/results/quality.json): a generated catalog, every
+# compared fine-tuning setting, val-chosen re-rank weight and best setting, Tasks A-C on test.
+QUALITY_PRODUCTS ?= 2000
+QUALITY_SEED ?= 0
+QUALITY_ARGS ?=
+quality: venv fonts
+	$(PY) benchmarks/bench_quality.py --products $(QUALITY_PRODUCTS) --seed $(QUALITY_SEED) $(QUALITY_ARGS)
 
 bench-gpu:
 	@echo "benchmarks/gpu_check.py: GPU components, one table, < 5 min on one H200 (torch, transformers, PIL, numpy, blip_ops only)"

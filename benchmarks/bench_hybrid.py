@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     scorer = LocalScorer(QueryScorer(model, cfg.serve.token_cache_items))
     limits = Limits.from_config(cfg.serve)
     queries = pq.read_table(args.queries).to_pylist()
+    queries = [q for q in queries if q.get("split", "test") == "test"]  # val queries tune, never report
     results: dict = {"index_uri": cfg.index.uri, "model_id": model.model_id, "rows": snap.rows}
     table = []
     for rerank in (False, True):
