@@ -88,7 +88,7 @@ def test_checkpoints_load_and_resume_equals_an_uninterrupted_run(tiny_model_dir,
 
     # 2 steps, stop; then a second run resumes from last/ and does steps 3 and 4.
     cfg = _cfg(tiny_model_dir, catalog, tmp_path / "split", *common)
-    first = run_single(cfg, fit_overrides={"stop_at": 2})
+    first = run_single(cfg, stop_at=2)
     assert first["steps"] == 2
     assert torch.load(tmp_path / "split" / "last" / TRAINER_STATE, weights_only=False)["step"] == 2
     second = run_single(cfg)
