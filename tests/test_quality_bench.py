@@ -112,3 +112,20 @@ def test_bench_quality_end_to_end(tmp_path):
     assert set(c) == {"en", "zh", "pinyin"} and all(0 <= c[g]["success_at_1"] <= 1 for g in c)
     text = page.read_text()
     assert BEGIN in text and "family_swap" in text and (out / "quality.png").stat().st_size > 0
+
+
+def test_a_stopped_run_renders_with_best_chosen_on_val(tmp_path):
+    from benchmarks.quality_report import complete_partial
+
+    result = _result(0.70, 0.82, 0.75, 0.90)
+    del result["best"], result["random"]
+    result["settings"]["other"] = dict(result["settings"]["best"])
+    result["settings"]["unfinished"] = {"command": "…", "train": {"steps": 1}}
+    for name, r1 in (("best", 0.40), ("other", 0.45), ("random", 0.60)):
+        result["settings"][name] = {**result["settings"][name], "val": {"r1": {"0.1": r1}, "best": 0.1}}
+    done = complete_partial(result)
+    assert done["best"] == "other" and done["random"] == "random"  # the twin is never "best"
+    assert "unfinished" not in done["settings"] and done["partial"]
+    page = tmp_path / "results.md"
+    write_results_md(done, page)
+    assert "Partial run" in page.read_text()
