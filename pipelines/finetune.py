@@ -18,7 +18,7 @@ rates (``finetune.lr`` / ``lr_pretrained``; the temperature at ``lr_temp``).
 
 ``finetune.workers == 1``: this process. ``> 1``: Ray Train ``TorchTrainer`` (gloo on CPU, NCCL
 with ``gpus_per_worker > 0``), the catalog read with Ray Data and split into one shard per worker;
-``cpus_per_worker`` may be fractional (on 2 cores, 0.5 leaves Ray Data a CPU: ENV_NOTES pitfall 1).
+``cpus_per_worker`` may be fractional (on 2 cores, 0.5 leaves Ray Data a CPU; a pool holding every CPU hangs).
 The train step calls the model's submodules directly, so gradients are averaged by an explicit
 all-reduce (``blip_ops.train_loop.sync_gradients``), not by a DDP wrapper.
 

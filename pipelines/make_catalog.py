@@ -5,7 +5,7 @@
         [--contact-sheet PNG] [--config FILE] [key=value ...]
 
 Writes, deterministically for a seed:
-    OUT/products/part-00000.parquet ...   the catalog contract of DESIGN.md (one row per product)
+    OUT/products/part-00000.parquet ...   the catalog contract (one row per product)
     OUT/products/_images/p0000000.jpg ... with --image-mode files: ``image_uri`` is relative to products/;
                                           the "_" keeps Parquet dataset readers from listing the images
     OUT/pairs.parquet                     each product's title in English, 汉字 and pinyin, and its

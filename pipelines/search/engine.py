@@ -1,4 +1,4 @@
-"""The two-stage search (DESIGN.md, HTTP API) over one pinned :class:`Snapshot`.
+"""The two-stage search over one pinned :class:`Snapshot`.
 
 Stage 1: the ITC query embedding (text, image, or the normalised mean of both) finds the top
 ``candidates`` by cosine in the table (ANN once the job has built an index, exact below that),
