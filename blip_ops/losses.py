@@ -1,7 +1,6 @@
 """BLIP's retrieval losses and negative mining: ITC, ITM with hard negatives, cross-rank gathering.
 
-The algorithm is the original BLIP's (salesforce/BLIP ``models/blip_retrieval.py``, see
-salesforce/BLIP), taken apart into functions so each can be tested on its own:
+The algorithm is the original BLIP's (salesforce/BLIP ``models/blip_retrieval.py``), taken apart into functions so each can be tested on its own:
 
 - :func:`itc_loss`: symmetric InfoNCE over L2-normalised features with a learnable temperature,
   clamped to [0.001, 0.5]. Every pair sharing a product id is a positive (soft targets = the

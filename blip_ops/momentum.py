@@ -1,7 +1,6 @@
 """BLIP's momentum distillation for ITC: an EMA copy of the encoders and a feature queue.
 
-As the original BLIP does it (salesforce/BLIP ``models/blip_retrieval.py``, see
-salesforce/BLIP), optional here and off by default:
+As the original BLIP does it (salesforce/BLIP ``models/blip_retrieval.py``), optional here and off by default:
 
 - :class:`MomentumDistiller` holds an exponential-moving-average copy of the parts ITC needs
   (``vision_model``, ``vision_proj``, ``text_encoder``, ``text_proj``) with momentum ``m``
