@@ -168,11 +168,27 @@ class HFBlipModel(RetrievalModel):
         the image tokens and ``itm_head`` reads ``itm_pooling`` ([CLS] for HF checkpoints, as
         transformers' BlipForImageTextRetrieval does)."""
         image_mask = torch.ones(image_tokens.shape[:-1], dtype=torch.long, device=self.device)
+        enc = self._itm_inputs(enc)
         hidden = self.model.text_encoder(
             **enc, encoder_hidden_states=image_tokens, encoder_attention_mask=image_mask
         ).last_hidden_state  # (k, L, H)
         pooled = pool_text(hidden, enc["attention_mask"], self.itm_pooling)  # (k, H)
         return self.model.itm_head(pooled)  # (k, 2)
+
+    def _itm_inputs(self, enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``enc`` with its first token replaced by ``text_settings.itm_first_token`` when set."""
+        token = self.text_settings.itm_first_token
+        if token is None:
+            return enc
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"itm_first_token {token!r} is not in this checkpoint's vocabulary "
+                f"({len(self.tokenizer)} tokens)"
+            )
+        ids = enc["input_ids"].clone()
+        ids[:, 0] = token_id
+        return {**enc, "input_ids": ids}
 
     def parameter_roles(self) -> dict[str, str]:
         """``{parameter name: "pretrained" | "fresh"}`` for per-part learning rates. A hub BLIP

@@ -31,6 +31,10 @@ class TextSettings:
     lowercase: bool = True  # BERT-uncased vocabularies
     to_pinyin: bool = True  # spell Chinese characters in pinyin (English-vocabulary checkpoints)
     max_chars: int = 512  # bound the work spent on garbage input before tokenising
+    # The token that replaces the first one ([CLS]) of ITM inputs: "[ENC]" for checkpoints trained
+    # the way the original BLIP code trains ITM; None keeps the tokenizer's [CLS], as transformers'
+    # BlipForImageTextRetrieval does.
+    itm_first_token: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> TextSettings:
@@ -41,7 +45,10 @@ class TextSettings:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["itm_first_token"] is None:  # unset: checkpoints written before it keep their id
+            del out["itm_first_token"]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -67,6 +67,44 @@ def test_split_encoders_equal_transformers_forward(tiny_model, eager_reference, 
     torch.testing.assert_close(one, ref_one, atol=1e-5, rtol=0)
 
 
+def test_itm_first_token_option_feeds_enc_like_the_original_code(
+    tiny_model_dir, eager_reference, product_images, tmp_path
+):
+    """``itm_first_token="[ENC]"`` replaces [CLS] in ITM inputs (the original BLIP code's ITM
+    input); ITC is untouched; the setting travels with the checkpoint and changes its id."""
+    from dataclasses import replace
+
+    from blip_ops.hf_blip import HFBlipModel
+
+    base = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    assert "itm_first_token" not in base.text_settings.to_dict()  # old ids stay as they were
+    enc_model = HFBlipModel(
+        base.model, base.tokenizer, base.image_settings,
+        replace(base.text_settings, itm_first_token="[ENC]"), device="cpu", dtype="float32",
+    )  # fmt: skip
+    assert enc_model.model_id != base.model_id
+    pixels = enc_model.preprocess(product_images[:3])
+    ids, mask = _reference_inputs(enc_model, TITLES[:3])
+    ids[:, 0] = enc_model.tokenizer.convert_tokens_to_ids("[ENC]")
+    with torch.no_grad():
+        ref = eager_reference(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score
+    tokens = enc_model.encode_images(pixels, return_tokens=True).tokens
+    got = enc_model.itm_scores(TITLES[:3], tokens)
+    torch.testing.assert_close(got, ref[:, 1], atol=1e-5, rtol=0)
+    assert not torch.allclose(got, base.itm_scores(TITLES[:3], tokens), atol=1e-4)
+    torch.testing.assert_close(enc_model.encode_texts(TITLES[:3]), base.encode_texts(TITLES[:3]))
+    again = load_model(enc_model.save(tmp_path / "enc"), device="cpu")
+    assert again.text_settings.itm_first_token == "[ENC]"
+    assert again.model_id == enc_model.model_id
+
+    unknown = HFBlipModel(
+        base.model, base.tokenizer, base.image_settings,
+        replace(base.text_settings, itm_first_token="[NOPE]"), device="cpu", dtype="float32",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"\[NOPE\].*not in this checkpoint's vocabulary"):
+        unknown.itm_scores(TITLES[:1], tokens[:1])
+
+
 def test_sdpa_equals_eager(tiny_model_dir, product_images):
     model = load_model(tiny_model_dir, device="cpu", dtype="float32", attention="sdpa")
     pixels = model.preprocess(product_images)
