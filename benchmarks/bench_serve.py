@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.serve_search import build_app
 
     head = header("serve", argv)
-    init_ray(cfg)  # before lancedb is imported (ENV_NOTES: fork warning otherwise)
+    init_ray(cfg)  # before lancedb is imported (lancedb's threads make Ray's fork warn otherwise)
     queries = sample_queries(cfg)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

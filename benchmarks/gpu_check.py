@@ -14,7 +14,7 @@ never a crash):
   encode   BLIP-base and BLIP-large @384 vision tower (``encode_images``: vision + vision_proj +
            normalise, embeddings copied to the host) on random pixels already on the GPU:
            transformers' eager attention vs ``blip_ops.attention`` SDPA vs SDPA + torch.compile,
-           images/s and the share of 790 TFLOP/s at 111 / 382 GFLOP per image (ANCHORS.md).
+           images/s and the share of 790 TFLOP/s at 111 / 382 GFLOP per image (the H200 reference figures in benchmarks/report.py).
   decode   800x800 JPEGs (synthetic product shots, quality 90) decoded and resized to 384 px:
            PIL plain, PIL + draft and ``blip_ops.decode.decode_image(target_size)`` on all CPU
            cores (one process per core); nvJPEG raw (torchvision ``decode_jpeg`` on CUDA, batches of
@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
-PEAK_TFLOPS = 790.0  # dense bf16 of one H200 (ANCHORS.md)
+PEAK_TFLOPS = 790.0  # dense bf16 of one H200 (NVIDIA's datasheet figure)
 GFLOP = {"blip-base": 111.0, "blip-large": 382.0}
 FORBIDDEN = ("ray", "lancedb", "lance", "pyarrow", "pipelines", "pydantic", "pandas")
 SECTIONS = ("encode", "decode", "text", "itm", "graphs", "compile")
@@ -865,7 +865,7 @@ def table(c: Check) -> str:
 
 
 def verdicts(c: Check) -> list[str]:
-    """The DESIGN.md targets these figures decide (only meaningful on an H200, bf16)."""
+    """The project's targets these figures decide (only meaningful on an H200, bf16)."""
 
     def best(pred, key="value", lowest=False):
         vals = [r[key] for r in c.rows if r[key] is not None and pred(r)]

@@ -4,9 +4,9 @@
 
 Every figure in the page comes from a JSON file written by a benchmark here, with that file's
 command, machine and date; a missing file gives "not measured yet", never a number from elsewhere.
-The one exception is labelled as such wherever it appears: the H200 component figures of
-ANCHORS.md (the project's shared reference page), used when no ``gpu_check.py`` result exists and
-in the projection, always named as "ANCHORS.md".
+The one exception is labelled as such wherever it appears: the H200 reference figures
+(``ANCHORS`` below: measured outside this repository and given to the project), used when no
+``gpu_check.py`` result exists and in the projection, always named "H200 reference".
 
 Inputs (any may be missing): model-cpu.json (bench_model.py), index-cpu.json (bench_index.py),
 ann-cpu.json (bench_ann.py), serve-cpu.json (bench_serve.py), gpu-*.json (gpu_check.py --json,
@@ -31,10 +31,10 @@ from benchmarks.common import decode_grid  # noqa: E402
 
 NOT_YET = "not measured yet"
 
-# ANCHORS.md, "Measured on one H200 (torch 2.11 + transformers 5.17, bf16, random weights,
-# November 2026)": the reference figures this project was given, not measured by this repository.
+# "Measured on one H200 (torch 2.11 + transformers 5.17, bf16, random weights, November 2026)":
+# the reference figures this project was given, not measured by this repository.
 ANCHORS = {
-    "source": "ANCHORS.md (one H200, torch 2.11 + transformers 5.17, bf16, random weights, "
+    "source": "H200 reference (one H200, torch 2.11 + transformers 5.17, bf16, random weights, "
     "November 2026; measured by the project's reference, not by these benchmarks)",
     "encode_eager": 1485.0,
     "encode_sdpa": 3363.0,
@@ -53,7 +53,7 @@ ANCHORS = {
     "pil_draft_16": 1254.0,
     "nvjpeg_128": 5026.0,
 }
-NODE_CORES = 16  # one H200 node of the GPU machine (ANCHORS.md / the device notes)
+NODE_CORES = 16  # one H200 node of the GPU machine (the GPU machine this project is lent)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def section_targets(d: dict) -> str:
             "–",
         ]
     )
-    return table(["target (DESIGN.md)", "our figure", "", "measured where"], rows)
+    return table(["target", "our figure", "", "measured where"], rows)
 
 
 def prod_derivative_threads() -> int:
@@ -374,11 +374,11 @@ def project_index(d: dict) -> dict:
     gpu, index = d["gpu"], d["index"]
     enc = gpu_best_encode(gpu)
     enc_v, enc_src = (
-        (enc["value"], "gpu_check.py") if enc else (ANCHORS["encode_compiled"], "ANCHORS.md")
+        (enc["value"], "gpu_check.py") if enc else (ANCHORS["encode_compiled"], "H200 reference")
     )
     dec = gpu_decode(gpu, "blip_ops GPU path")
     dec_v, dec_src = (
-        (dec["value"], "gpu_check.py") if dec else (ANCHORS["nvjpeg_128"], "ANCHORS.md (nvJPEG)")
+        (dec["value"], "gpu_check.py") if dec else (ANCHORS["nvjpeg_128"], "H200 reference (nvJPEG)")
     )
     out = {"as_is": None, "bound": None, "before": None, "lines": []}
     if not index:
@@ -469,7 +469,7 @@ def project_query(d: dict) -> dict:
         model_ms = (
             ANCHORS["text_b1_ms"] + ANCHORS["itm32_cached_ms"] + ANCHORS["itm32_recompute_extra_ms"]
         )
-        model_src = "ANCHORS.md (text 8.1 + ITM 16.6 + vision 9.6)"
+        model_src = "H200 reference (text 8.1 + ITM 16.6 + vision 9.6)"
     tq = [
         r
         for r in (ann.get("text_query") or [])
@@ -542,7 +542,7 @@ def project_query(d: dict) -> dict:
         [
             f"→ throughput: min(GPU batched ITM, {NODE_CORES - 2} cores / CPU ms per query)",
             f"{num(out['qps'])} queries/s",
-            f"GPU {num(gpu_qps)} q/s ({'gpu_check.py' if b else 'ANCHORS.md'}); CPU {num(cpu_ms, 2)} ms/query",
+            f"GPU {num(gpu_qps)} q/s ({'gpu_check.py' if b else 'H200 reference'}); CPU {num(cpu_ms, 2)} ms/query",
         ],
     ]
     return out
@@ -966,7 +966,7 @@ def section_gpu(d: dict) -> str:
             f"figures of {ANCHORS['source']}:",
             "",
             table(
-                ["component (ANCHORS.md)", "figure"],
+                ["component (H200 reference)", "figure"],
                 [
                     [
                         "BLIP-base vision @384: eager / SDPA / SDPA + compile",
@@ -1339,12 +1339,12 @@ def section_findings(d: dict) -> str:
                 "figures measure the pipeline's own overhead (section 1)."
             )
     open_items.append(
-        "**Launch overhead on the batch-1 query path** (ANCHORS.md: text encode 8.1 ms at batch 1 vs 9.9 ms at 64): "
+        "**Launch overhead on the batch-1 query path** (H200 reference: text encode 8.1 ms at batch 1 vs 9.9 ms at 64): "
         '`gpu_check.py` measures the same path replayed from a CUDA graph and through `torch.compile(mode="reduce-overhead")`; '
         + ("see its rows above." if gpu else "not measured yet (no GPU lent).")
     )
     open_items.append(
-        "**Decode on CPU cannot feed the GPU** (ANCHORS.md: PIL + draft 1,254 img/s on 16 cores vs ~3,500 img/s of encoder): the "
+        "**Decode on CPU cannot feed the GPU** (H200 reference: PIL + draft 1,254 img/s on 16 cores vs ~3,500 img/s of encoder): the "
         'GPU decode path (`decode_batch(device="cuda")`) is there; `gpu_check.py` measures it as the job runs it and raw nvJPEG '
         "with one batched resize, to show what per-image resizing costs"
         + ("." if gpu else "; not measured yet (no GPU lent).")
@@ -1421,7 +1421,7 @@ attention, and against a naive loop (pyarrow → `PIL.Image.open` → transforme
 LanceDB `create_table`; no validation, hashes, thumbnails, resume or accounting). *Job end to end*
 is encoded rows over the whole `run_index` call (model id load, stream, merge, indexes, report);
 *job stream* is the job's own images/s (the Ray Data stream, actor start-up and model load
-included); *job steady* is the job's rate after its first encoder batch (what DESIGN.md compares
+included); *job steady* is the job's rate after its first encoder batch (what the target compares
 with model-only). The compact model is the demo's (EfficientNet-Lite0 + MiniLM, 224 px); the tiny
 one (64 px, 32-d) is almost free to run, so its figures show the pipeline's own overhead."""
 
@@ -1462,8 +1462,8 @@ then this checkout (`bench_index.py --products 1000 --ablate`; `bench_ann.py --s
 --index-types IVF_HNSW_SQ --json benchmarks/results/ann-query.json`)."""
 
 PROJECTION_TEXT = """These are projections, not measurements: each line names where its figure was measured. GPU
-figures come from `gpu_check.py` on an H200 when its result file exists, otherwise from ANCHORS.md
-(labelled). CPU figures come from this repository's CPU benchmarks on the 2-core machine (an H200
+figures come from `gpu_check.py` on an H200 when its result file exists, otherwise from the H200 reference
+figures (labelled). CPU figures come from this repository's CPU benchmarks on the 2-core machine (an H200
 node's cores are likely faster, so the CPU terms are conservative). A node has 16 cores; two are
 left for the driver and Ray. Indexing: images/s is the smallest of GPU encode, GPU decode and the
 CPU work per image. A query: the sum of the model work on the GPU, ANN, candidate fetch and decode,
@@ -1503,7 +1503,7 @@ def render(results: Path, out: Path) -> str:
     return "\n".join(
         [
             HEADER,
-            "## Summary: the targets of DESIGN.md",
+            "## Summary: the project's targets",
             "",
             section_targets(d),
             "",

@@ -2,7 +2,7 @@
 
 On an H200 the eager vision tower reaches 21% of the chip; the same maths through
 ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient kernels) is 2.3×
-faster with outputs equal within bf16 noise (../shared/ANCHORS.md). transformers does not offer SDPA
+faster with outputs equal within bf16 noise (measured on an H200: docs/performance.md). transformers does not offer SDPA
 for BLIP, so we swap the ``forward`` of each attention module instance. The weights and module tree
 are untouched: ``set_attention(model, "eager")`` restores transformers' own code, and checkpoints
 saved afterwards are identical.

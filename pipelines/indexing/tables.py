@@ -1,8 +1,7 @@
 """The LanceDB side of the index: table schemas, connections (local or S3) and publishing by tag.
 
 Readers never open "the latest version" of a table: they open a **tag** (``published`` by default),
-which the job moves only after all data, indexes and the ``runs`` row are committed (DESIGN.md,
-"Publishing"). A run that dies leaves the tag where it was.
+which the job moves only after all data, indexes and the ``runs`` row are committed. A run that dies leaves the tag where it was.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ RUN_TAG_PREFIX = "run-"
 
 
 def products_schema(dim: int, metadata: Sequence[pa.Field] = ()) -> pa.Schema:
-    """The ``products`` table for ``dim``-d ITC embeddings (DESIGN.md, data contracts)."""
+    """The ``products`` table for ``dim``-d ITC embeddings (what the README's nightly index job section lists)."""
     if dim < 1:
         raise ValueError(f"embedding dim must be positive, got {dim}")
     return pa.schema(

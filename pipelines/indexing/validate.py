@@ -5,8 +5,8 @@ workers. The checks are cheap column-wise ones; decoding the image happens later
 stage, whose failures carry the decoder's own reasons (`blip_ops.decode.DECODE_ERROR_REASONS`).
 `blip_ops` is deliberately not imported here, because importing it loads torch.
 
-Every input row of a run ends up exactly one of indexed, unchanged or rejected (DESIGN.md, "Per-run
-accounting"); this module decides "rejected at validation" and computes the `content_hash` that
+Every input row of a run ends up exactly one of indexed, unchanged or rejected (per-run
+accounting); this module decides "rejected at validation" and computes the `content_hash` that
 "unchanged" is judged by.
 """
 
@@ -187,7 +187,7 @@ def validate_batch(
     Rules, in order:
       1. product_id null, empty or whitespace -> "missing_product_id"
       2. product_id in `duplicates` (from `duplicated_ids` over the whole run) ->
-         "duplicate_product_id"; every row sharing the id is rejected (DESIGN.md)
+         "duplicate_product_id"; every row sharing the id is rejected
       3. title null, empty or whitespace -> "empty_title"
       4. no non-empty inline image bytes and no non-blank image URI -> "missing_image"
       5. inline image bytes longer than `max_image_bytes` -> "image_too_large"
