@@ -431,6 +431,11 @@ class FinetuneConfig(_Section):
         description="curriculum: the first N steps draw ITM negatives at random and leave the "
         "swapped titles out, so the fresh ITM head learns the easy cases first",
     )  # fmt: skip
+    freeze_word_embeddings: bool = Field(
+        False,
+        description="keep the text encoder's word-embedding table fixed (on a CPU its dense "
+        "update is a large share of a step)",
+    )
     eval_split: Literal["val"] = Field(
         "val",
         description="the split fitting evaluates for checkpoint selection (never test: that "

@@ -580,7 +580,7 @@ def train_settings(cfg: AppConfig) -> TrainSettings:
         resume=f.resume, mixed_precision=f.mixed_precision, log_every=f.log_every,
         momentum=f.momentum, momentum_m=f.momentum_m, queue_size=f.queue_size, alpha=f.alpha,
         mined_weight=f.mined_weight, itm_titles=f.itm_titles, itm_balanced=f.itm_balanced,
-        easy_steps=f.easy_steps,
+        easy_steps=f.easy_steps, freeze_word_embeddings=f.freeze_word_embeddings,
     )  # fmt: skip
 
 

@@ -172,6 +172,45 @@ def test_lr_pretrained_moves_pretrained_weights_less(tiny_model_dir, catalog_for
     assert moved("itm_head.") > 1e3 * max(moved("text_encoder.embeddings."), 1e-12)
 
 
+def test_frozen_word_embeddings_stay_put_and_leave_the_optimiser(tiny_model_dir, catalog_for_recipe):
+    from blip_ops.train_loop import fit, word_embeddings
+
+    model = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    rows = read_train_products(catalog_for_recipe, load_config(None))[:4]
+    titles = distinct_titles(read_pairs(catalog_for_recipe), model.normalize_text)
+    batch = build_batch(model, rows, titles)
+    table = word_embeddings(model).weight
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    settings = TrainSettings(steps=2, lr=1e-2, freeze_word_embeddings=True, grad_clip=0.0)
+    fit(model, lambda step: batch, settings, log=None)
+    after = model.model.state_dict()
+    key = "text_encoder.embeddings.word_embeddings.weight"
+    assert torch.equal(after[key], before[key])
+    assert not table.requires_grad and table.grad is None
+    assert not torch.equal(after["itm_head.weight"], before["itm_head.weight"])
+    assert not torch.equal(
+        after["text_encoder.embeddings.position_embeddings.weight"],
+        before["text_encoder.embeddings.position_embeddings.weight"],
+    )  # only the word table is fixed
+    assert id(table) not in {id(p) for g in param_groups(model, make_temperature(), settings)
+                             for p in g["params"]}  # fmt: skip
+    cfg = load_config(None, ["finetune.freeze_word_embeddings=true"])
+    from pipelines.finetune import train_settings
+
+    assert train_settings(cfg).freeze_word_embeddings is True
+
+
+def test_word_embeddings_of_a_model_without_a_table_is_a_clear_error():
+    from blip_ops.train_loop import word_embeddings
+
+    class NoTable:
+        class model:  # noqa: N801  (shaped like HFBlipModel.model)
+            text_encoder = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="Linear has no embeddings.word_embeddings"):
+        word_embeddings(NoTable())
+
+
 # ---- titles and swapped negatives ---------------------------------------------------------------
 def test_titles_are_deduplicated_after_normalisation(catalog_for_recipe, tiny_model_dir):
     model = load_model(tiny_model_dir, device="cpu")
