@@ -312,3 +312,21 @@ def catalog_for_recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe") / "catalog"
     make_catalog(str(root), 60, seed=1, workers=1)
     return root
+
+
+def test_train_step_benchmark_times_both_arms(tiny_model_dir, catalog_for_recipe, capsys):
+    import json
+    from pathlib import Path
+
+    from benchmarks.bench_train_step import main
+
+    repo = Path(__file__).resolve().parents[1]
+    assert main([
+        "--steps", "1", "--repeats", "1", "--config", str(repo / "configs" / "finetune_demo.yaml"),
+        f"model.name_or_path={tiny_model_dir}", f"finetune.catalog={catalog_for_recipe}",
+        "finetune.batch_size=4", "finetune.batching=family", "finetune.feature_cache=null",
+    ]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rates = out["samples_per_s"]
+    assert set(rates) == {"trained", "frozen"}
+    assert all(len(v) == 1 and v[0] > 0 for v in rates.values())
