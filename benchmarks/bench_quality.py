@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import header, save  # noqa: E402
-from benchmarks.quality_report import plot_quality, write_results_md  # noqa: E402
+from benchmarks.quality_report import choose_best, plot_quality, write_results_md  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quality.yaml"
@@ -171,12 +171,6 @@ def evaluate_setting(args, name: str, row: dict) -> None:
     row["eval_minutes"] = round((time.perf_counter() - started) / 60, 2)
 
 
-def choose_best(rows: dict) -> str:
-    """The setting (other than the twin) with the highest val R@1 at its own chosen weight."""
-    scored = {n: r["val"]["r1"][r["val"]["best"]] for n, r in rows.items() if n != TWIN}
-    return max(scored, key=scored.get)
-
-
 def index_and_task_c(args, name: str, row: dict) -> None:
     """The real index job publishes a table of ``row``'s model; Task C searches it."""
     from blip_ops import load_model
@@ -228,7 +222,7 @@ def run(args) -> dict:
         rows[name] = finetune(args, name)
         evaluate_setting(args, name, rows[name])
         _checkpoint(args, result, rows, started)
-    best = choose_best(rows)
+    best = choose_best(rows, TWIN)
     result.update(best=best, random=TWIN)
     for name in dict.fromkeys(best if n == "best" else n for n in args.task_c.split(",") if n):
         if name in rows:

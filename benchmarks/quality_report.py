@@ -238,15 +238,25 @@ def plot_quality(result: dict, path: Path) -> None:
     im.save(path)
 
 
+def choose_best(settings: dict, twin: str = "random") -> str:
+    """The setting (other than the twin) with the highest val R@1 at its own chosen weight.
+    Weights key ``val.r1`` as floats in memory and as strings once read back from JSON."""
+
+    def val_r1(row: dict) -> float:
+        r1 = {str(w): v for w, v in row["val"]["r1"].items()}
+        return r1[str(row["val"]["best"])]
+
+    scored = {n: val_r1(r) for n, r in settings.items() if n != twin}
+    return max(scored, key=scored.get)
+
+
 def complete_partial(result: dict, twin: str = "random") -> dict:
-    """A run stopped before its end has no ``best``: choose it as the benchmark does (the highest
-    val R@1 at the setting's own chosen weight, the twin excluded) and mark the result partial."""
+    """A run stopped before its end has no ``best``: choose it as the benchmark does
+    (:func:`choose_best` over the settings with val and test figures) and mark the result partial."""
     if "best" in result:
         return result
     done = {n: r for n, r in result["settings"].items() if "val" in r and "task_a" in r}
-    scored = {n: r["val"]["r1"][str(r["val"]["best"])] if str(r["val"]["best"]) in r["val"]["r1"]
-              else r["val"]["r1"][r["val"]["best"]] for n, r in done.items() if n != twin}  # fmt: skip
-    result = {**result, "settings": done, "best": max(scored, key=scored.get), "random": twin}
+    result = {**result, "settings": done, "best": choose_best(done, twin), "random": twin}
     result["partial"] = "the run was stopped before it finished; settings without test figures and Task C are left out"
     return result
 
