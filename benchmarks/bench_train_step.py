@@ -32,10 +32,10 @@ def measure(cfg, *, freeze: bool, steps: int, profile: bool = False) -> float:
 
     f = cfg.finetune
     rows = ft.read_train_products(f.catalog, cfg)
-    model = ft._load_for_training(cfg, cfg.model.device)
+    model = ft.load_for_training(cfg, cfg.model.device)
     titles = ft.distinct_titles(ft.read_pairs(f.catalog), model.normalize_text)
     inputs = ft.decode_cache(model, rows, f.feature_cache)
-    sampler, _ = ft._sampler(cfg, rows, model.model_id)
+    sampler, _ = ft.batch_sampler(cfg, rows, model.model_id)
     settings = ft.train_settings(cfg).replace(freeze_word_embeddings=freeze)
     if freeze:
         word_embeddings(model).requires_grad_(False)

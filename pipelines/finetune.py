@@ -584,7 +584,7 @@ def train_settings(cfg: AppConfig) -> TrainSettings:
     )  # fmt: skip
 
 
-def _load_for_training(cfg: AppConfig, device: str):
+def load_for_training(cfg: AppConfig, device: str):
     from blip_ops import load_model
     from pipelines.demo import ensure_model
 
@@ -594,7 +594,7 @@ def _load_for_training(cfg: AppConfig, device: str):
     )
 
 
-def _sampler(cfg: AppConfig, rows: list[dict], model_id: str):
+def batch_sampler(cfg: AppConfig, rows: list[dict], model_id: str):
     """(sampler, mined summary or None) for ``finetune.batching`` / ``mined_negatives``."""
     f = cfg.finetune
     if f.mined_negatives is not None:
@@ -619,12 +619,12 @@ def run_single(
 
     f = cfg.finetune
     rows = read_train_products(f.catalog, cfg)
-    model = _load_for_training(cfg, cfg.model.device)
+    model = load_for_training(cfg, cfg.model.device)
     pairs = read_pairs(f.catalog)
     titles = distinct_titles(pairs, model.normalize_text)
     initial_id = model.model_id
     pixels = decode_cache(model, rows, f.feature_cache)
-    sampler, mined = _sampler(cfg, rows, initial_id)
+    sampler, mined = batch_sampler(cfg, rows, initial_id)
     swaps = SwapNegatives(pairs, f.seed) if f.swap_negatives else None
     if swaps is not None and not swaps.usable:
         logger.warning("finetune.swap_negatives: pairs.parquet has no attribute columns: off")
@@ -671,7 +671,7 @@ def _train_worker(config: dict) -> None:
     else:
         device = "cpu"
         torch.set_num_threads(max(1, int(f.cpus_per_worker)))
-    model = _load_for_training(cfg, device)
+    model = load_for_training(cfg, device)
     titles = config["titles"]
     per_worker = f.batch_size // world
     shard = ray.train.get_dataset_shard("train")
