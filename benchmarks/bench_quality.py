@@ -36,7 +36,8 @@ from benchmarks.quality_report import choose_best, plot_quality, write_results_m
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quality.yaml"
 LANGS = ("en", "zh", "pinyin")
-# name -> key=value overrides of configs/quality.yaml. "random" is the ablation twin.
+# name -> key=value overrides of configs/quality.yaml ("@x": start from base model x of
+# BASE_MODELS instead of "compact"). "random" is the ablation twin.
 SETTINGS: dict[str, list[str]] = {
     "random": ["finetune.negatives=random"],
     "hard": [],  # the recipe before: random batches, in-batch hard negatives
@@ -48,12 +49,20 @@ SETTINGS: dict[str, list[str]] = {
     "family_swap_cls": [
         "finetune.batching=family", "finetune.easy_steps=150", "finetune.swap_negatives=true", "@cls",
     ],
+    # ALBEF's layout: ITM runs fusion layers of its own (copies of MiniLM's top 3) on the fresh rate
+    "family_fusion": ["finetune.batching=family", "finetune.easy_steps=150", "@fusion"],
     "family_swap_split_lr": [
         "finetune.batching=family", "finetune.easy_steps=150", "finetune.swap_negatives=true",
         "finetune.lr=0.001", "finetune.lr_pretrained=0.0001",
     ],
 }  # fmt: skip
 DEFAULT_SETTINGS = ("random", "hard", "family", "family_swap")
+# base model directory name -> write_compact_model arguments; "@name" in a setting picks one
+BASE_MODELS: dict[str, dict] = {
+    "compact": {"text_pooling": "mean"},
+    "cls": {"text_pooling": "cls"},
+    "fusion": {"text_pooling": "mean", "fusion_layers": 3},
+}
 TWIN = "random"
 K_TESTS = (4, 8, 16)
 logger = logging.getLogger("bench_quality")
@@ -94,9 +103,16 @@ def base_overrides(args) -> list[str]:
 def setting_overrides(args, name: str) -> list[str]:
     w = args.work_dir.resolve()
     extra = [o for o in SETTINGS[name] if not o.startswith("@")]
-    if "@cls" in SETTINGS[name]:
-        extra.append(f"model.name_or_path={w / 'models' / 'compact-cls'}")
+    base = base_model(name)
+    if base != "compact":
+        extra.append(f"model.name_or_path={w / 'models' / f'compact-{base}'}")
     return [*base_overrides(args), f"finetune.out_dir={w / 'finetune' / name}", *extra]
+
+
+def base_model(name: str) -> str:
+    """The BASE_MODELS entry setting ``name`` starts from."""
+    marks = [o[1:] for o in SETTINGS[name] if o.startswith("@")]
+    return marks[0] if marks else "compact"
 
 
 def load(overrides):
@@ -119,10 +135,10 @@ def prepare(args) -> dict:
         logger.info("generating the catalog: %d products, seed %d", args.products, args.seed)
         manifest = make_catalog(str(root), args.products, args.seed, overwrite=True)
     models = args.work_dir / "models"
-    cls = any("@cls" in SETTINGS[n] for n in args.names)
-    for name, pooling in (("compact", "mean"), ("compact-cls", "cls"))[: 2 if cls else 1]:
-        if not (models / name / "model.safetensors").is_file():
-            write_compact_model(models / name, seed=0, text_pooling=pooling)
+    for base in dict.fromkeys(base_model(n) for n in args.names):
+        out = models / ("compact" if base == "compact" else f"compact-{base}")
+        if not (out / "model.safetensors").is_file():
+            write_compact_model(out, seed=0, **BASE_MODELS[base])
     return manifest
 
 

