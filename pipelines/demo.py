@@ -35,12 +35,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.config import (
-    DEFAULT_DATA_DIR,
     AppConfig,
     add_config_arguments,
     cli_config,
     write_resolved_config,
 )
+from pipelines.runtime.cluster import init_ray
+from pipelines.runtime.inputs import ensure_catalog as ensure_catalog_at
+from pipelines.runtime.inputs import ensure_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,29 +71,8 @@ class Timer:
 # --------------------------------------------------------------------------- inputs
 
 
-def ensure_model(cfg: AppConfig) -> str:
-    """The configured model; builds the compact or tiny one when it is a missing local default
-    (a folder under ``.data/models`` named ``compact*`` or ``tiny*``)."""
-    ref = cfg.model.name_or_path
-    path = Path(ref)
-    if path.is_absolute() and not path.exists() and DEFAULT_DATA_DIR / "models" in path.parents:
-        if path.name.startswith("compact"):
-            from blip_ops.compact_model import write_compact_model
-
-            print(f"building the compact pretrained model at {path} ...", flush=True)
-            write_compact_model(path)
-        else:
-            from blip_ops.tiny_model import write_tiny_model
-
-            print(f"building the tiny offline BLIP at {path} ...", flush=True)
-            write_tiny_model(path)
-    return ref
-
-
 def ensure_catalog(cfg: AppConfig, n_products: int, seed: int = DEMO_SEED) -> Path:
     """The demo catalog root (the parent of ``source.uri``), generated when absent or different."""
-    from pipelines.make_catalog import make_catalog, read_manifest
-
     source = Path(cfg.source.uri)
     if source.name != "products" or "://" in cfg.source.uri:
         raise ValueError(
@@ -99,10 +80,10 @@ def ensure_catalog(cfg: AppConfig, n_products: int, seed: int = DEMO_SEED) -> Pa
             f"got {cfg.source.uri!r}"
         )
     root = source.parent
-    manifest = read_manifest(str(root))
-    if manifest is None or (manifest["products"], manifest["seed"]) != (n_products, seed):
-        print(f"generating the demo catalog ({n_products} products, seed {seed}) at {root} ...")
-        manifest = make_catalog(str(root), n_products, seed, overwrite=True)
+    manifest, generated = ensure_catalog_at(
+        root, n_products, seed, label="demo catalog", announce=print
+    )
+    if generated:
         print(
             f"   done in {manifest['seconds']['total']}s: {manifest['splits']}, "
             f"title languages {manifest['title_langs']}"
@@ -132,7 +113,7 @@ def finetuned_model(cfg: AppConfig, catalog: Path) -> tuple[str, dict]:
     from blip_ops import load_model
     from pipelines.finetune import run_finetune
 
-    base = load_model(ensure_model(cfg), device="cpu", dtype="float32")
+    base = load_model(ensure_model(cfg.model.name_or_path), device="cpu", dtype="float32")
     f = cfg.finetune
     out = Path(f.out_dir)
     key = _cache_key(cfg, catalog, base.model_id)
@@ -260,7 +241,7 @@ def print_samples(shown: list[dict]) -> None:
 
 def run_demo(cfg: AppConfig, *, wait: bool = True) -> dict:
     from pipelines import serve_search
-    from pipelines.index_catalog import init_ray, run_index
+    from pipelines.index_catalog import run_index
 
     timer = Timer()
     d = cfg.demo
@@ -270,7 +251,7 @@ def run_demo(cfg: AppConfig, *, wait: bool = True) -> dict:
 
     t = time.perf_counter()
     model_path, tuned = (
-        finetuned_model(cfg, catalog) if d.finetune else (ensure_model(cfg), {"skipped": True})
+        finetuned_model(cfg, catalog) if d.finetune else (ensure_model(cfg.model.name_or_path), {"skipped": True})
     )
     timer.step("fine-tune", t)
     cfg = cfg.model_copy(

@@ -488,7 +488,7 @@ def run_evaluation(
 ) -> dict:
     from blip_ops import load_model
     from blip_ops.evaluate import evaluate_model, recall_vs_k_test
-    from pipelines.demo import ensure_model
+    from pipelines.runtime.inputs import ensure_model
 
     started = time.perf_counter()
     if karpathy is not None and images_dir is None:
@@ -503,7 +503,7 @@ def run_evaluation(
     else:
         data = load_catalog(catalog, split, cfg, target_size=None, texts=texts)
     model = load_model(
-        ensure_model(cfg), device=cfg.model.device, dtype=cfg.model.dtype,
+        ensure_model(cfg.model.name_or_path), device=cfg.model.device, dtype=cfg.model.dtype,
         attention=cfg.model.attention,
     )  # fmt: skip
     if karpathy is None:

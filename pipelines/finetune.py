@@ -586,11 +586,11 @@ def train_settings(cfg: AppConfig) -> TrainSettings:
 
 def load_for_training(cfg: AppConfig, device: str):
     from blip_ops import load_model
-    from pipelines.demo import ensure_model
+    from pipelines.runtime.inputs import ensure_model
 
     # float32 weights: mixed precision is autocast, never bf16 master weights.
     return load_model(
-        ensure_model(cfg), device=device, dtype="float32", attention=cfg.model.attention
+        ensure_model(cfg.model.name_or_path), device=device, dtype="float32", attention=cfg.model.attention
     )
 
 
@@ -768,9 +768,9 @@ def _normalizer(cfg: AppConfig) -> Callable[[str], str]:
     """The checkpoint's own text rule, read without loading its weights."""
     from blip_ops.family import read_catalog_config
     from blip_ops.text import TextSettings, normalize_text
-    from pipelines.demo import ensure_model
+    from pipelines.runtime.inputs import ensure_model
 
-    path = Path(ensure_model(cfg))
+    path = Path(ensure_model(cfg.model.name_or_path))
     text = read_catalog_config(path).get("text") if path.is_dir() else None
     settings = TextSettings.from_dict(text)
     return lambda t: normalize_text(t, settings)
@@ -787,7 +787,7 @@ def run_ray(
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.index_catalog import init_ray
+    from pipelines.runtime.cluster import init_ray
 
     f = cfg.finetune
     if f.mined_negatives is not None:

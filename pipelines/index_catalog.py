@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import uuid
@@ -60,6 +59,7 @@ from pipelines.indexing.stages import (
     peak_rss_mb,
 )
 from pipelines.indexing.validate import REJECT_REASONS, REJECTS_SCHEMA, duplicated_ids
+from pipelines.runtime.cluster import init_ray
 from pipelines.storage import S3Settings, filesystem_for
 
 logger = logging.getLogger(__name__)
@@ -117,30 +117,6 @@ def _validate_stage(batch: pa.Table, state_ref: list) -> pa.Table:
         _STATE_CACHE.clear()
         _STATE_CACHE[key] = ray.get(state_ref[0])
     return validate(batch, state=_STATE_CACHE[key])
-
-
-def init_ray(cfg: AppConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if (
-        address
-    ):  # a submitted job or a cluster: resources belong to the cluster (reserving CPUs here would starve it)
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
-    mem = cfg.ray.object_store_memory_mb
-    # Arrow's default allocator (mimalloc) kept freed batch memory in the encoder actor: its peak
-    # grew from 0.89 GB at 1k products to 1.88 GB at 10k; the system allocator gave 0.70 -> 1.28 GB.
-    # Workers inherit this process's environment (the container image sets it for clusters).
-    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    ray.init(
-        num_cpus=cfg.ray.num_cpus,
-        object_store_memory=mem * 2**20 if mem else None,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
 
 
 def _open_staging(db, name: str):

@@ -771,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli_config(args)
     if cfg is None:
         return 2
-    from pipelines.index_catalog import init_ray
+    from pipelines.runtime.cluster import init_ray
     from pipelines.search.snapshot import published_pointer
     from pipelines.storage import S3Settings
 

@@ -46,7 +46,7 @@ def pixels(built):
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path_factory.mktemp("compact_ft") / "catalog"
     make_catalog(str(root), 24, seed=0, workers=1)

@@ -236,7 +236,7 @@ def test_pre_caption_is_blips():
 
 @pytest.fixture(scope="module")
 def demo_catalog(tmp_path_factory):
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path_factory.mktemp("eval_catalog") / "catalog"
     manifest = make_catalog(str(root), 40, seed=0, workers=1)

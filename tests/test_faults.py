@@ -118,7 +118,7 @@ def catalog(tmp_path_factory):
     an extra row repeating an existing product_id with another title (both rows rejected:
     "duplicate product_id"; the product keeps its published row), a row with corrupt image bytes
     (rejected at decode)."""
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path_factory.mktemp("fault_catalog")
     make_catalog(str(root / "base"), N_PRODUCTS, seed=7, rows_per_file=ROWS_PER_FILE, workers=1)

@@ -26,7 +26,7 @@ from pipelines.finetune import (
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path_factory.mktemp("ft") / "catalog"
     make_catalog(str(root), 24, seed=1, workers=1)  # 19 train, 2 val, 3 test products

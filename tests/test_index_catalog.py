@@ -154,7 +154,7 @@ def model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path_factory.mktemp("catalog")
     make_catalog(str(root), N_PRODUCTS, seed=3, workers=1)
@@ -694,7 +694,7 @@ def test_open_reader_keeps_its_version_while_a_run_publishes(changed, base, ray_
 def test_referenced_images_index_like_inline_ones(base, tiny_model_dir, ray_local, tmp_path):
     """image_uri rows (relative to the catalog folder) give the same rows as inline images; a
     reference to a missing file is a rejected row with a reason, not a failed job."""
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path / "files-catalog"
     make_catalog(str(root), N_PRODUCTS, seed=3, workers=1, image_mode="files")

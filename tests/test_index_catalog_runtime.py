@@ -166,7 +166,7 @@ def _free_port() -> int:
 
 # ---- 1. catalog and LanceDB both on S3 ---------------------------------------------------------
 def test_index_on_s3_catalog_and_lancedb(ray_local, tiny_model_dir, s3_server, s3_bucket):
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     s3 = S3Settings(endpoint_url=s3_server, region="us-east-1", allow_http=True)
     n = 30
@@ -285,8 +285,8 @@ def _published_snapshot(index_dir: Path) -> tuple[dict, int, list]:
 
 
 def test_killed_run_leaves_published_and_rerun_resumes(ray_local, tiny_model_dir, tmp_path):
+    from pipelines.catalog.writer import make_catalog
     from pipelines.index_catalog import run_index
-    from pipelines.make_catalog import make_catalog
 
     make_catalog(str(tmp_path / "cat"), N_NEW_CATALOG, seed=5, rows_per_file=4, workers=1)
     new_products = tmp_path / "cat" / "products"
@@ -376,8 +376,8 @@ def test_killed_run_leaves_published_and_rerun_resumes(ray_local, tiny_model_dir
 def test_rerun_after_torn_staging_table(ray_local, tiny_model, tiny_model_dir, tmp_path):
     import lancedb
 
+    from pipelines.catalog.writer import make_catalog
     from pipelines.index_catalog import run_index
-    from pipelines.make_catalog import make_catalog
 
     n = 8
     make_catalog(str(tmp_path / "cat"), n, seed=3, workers=1)
@@ -399,7 +399,7 @@ def test_ray_job_submit_to_started_cluster(tiny_model_dir, tmp_path):
     """A separate cluster (own temp dir, own ports, RAY_AUTH_MODE=disabled: loopback-only test
     cluster), stopped by killing its process session: ``ray stop`` would also
     stop the test session's in-process Ray."""
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     n = 30
     make_catalog(str(tmp_path / "cat"), n, seed=21, rows_per_file=10, workers=1)

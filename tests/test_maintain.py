@@ -191,8 +191,8 @@ def nightly(tiny_model_dir, ray_local, tmp_path_factory):
     published version; after a run that changed a few rows, its rows are found by vector and
     full-text search there, and the ANN index got one more delta segment on the same partitions
     (no retraining). A run that replaced every row leaves the old index nothing live: built anew."""
+    from pipelines.catalog.writer import make_catalog
     from pipelines.index_catalog import run_index
-    from pipelines.make_catalog import make_catalog
 
     root = tmp_path_factory.mktemp("nightly")
     make_catalog(str(root / "big"), N_BASE + ADDED_PER_RUN * RUNS, seed=5, workers=1)

@@ -147,7 +147,7 @@ def test_queue_entries_of_the_same_product_are_positives():
 # ---- fit with momentum -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path_factory.mktemp("mom") / "catalog"
     make_catalog(str(root), 24, seed=0, workers=1)

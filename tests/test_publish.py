@@ -37,8 +37,8 @@ def model_b(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rollout(tmp_path_factory, tiny_model_dir, model_b, ray_local):
     """A catalog indexed with model A (run "a1"); configs for A and B on the same index."""
+    from pipelines.catalog.writer import make_catalog
     from pipelines.index_catalog import run_index
-    from pipelines.make_catalog import make_catalog
 
     root = tmp_path_factory.mktemp("rollout")
     make_catalog(str(root / "catalog"), N, seed=11, workers=1)

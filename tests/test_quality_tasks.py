@@ -228,7 +228,7 @@ def test_itm_auc_pairs_never_pair_a_product_with_its_own_family_as_random():
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
     """60 products, seed 0: test families vary in colour, material and pattern (1.5 s)."""
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path_factory.mktemp("quality") / "catalog"
     make_catalog(str(root), 60, seed=0, workers=1)

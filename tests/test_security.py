@@ -118,10 +118,10 @@ def _selector(path: str):
 def test_no_credentials_in_configs_logs_tables_reports_or_exports(
     ray_local, tiny_model_dir, s3_server, s3_bucket, tmp_path, caplog, capsys
 ):
+    from pipelines.catalog.writer import make_catalog
     from pipelines.export import main as export_main
     from pipelines.index_catalog import main as index_main
     from pipelines.indexing import tables
-    from pipelines.make_catalog import make_catalog
 
     caplog.set_level(logging.DEBUG)
     ray_logs = ray_log_sizes()

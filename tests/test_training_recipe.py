@@ -307,7 +307,7 @@ def test_the_config_refuses_a_test_split_evaluation():
 
 @pytest.fixture(scope="module")
 def catalog_for_recipe(tmp_path_factory):
-    from pipelines.make_catalog import make_catalog
+    from pipelines.catalog.writer import make_catalog
 
     root = tmp_path_factory.mktemp("recipe") / "catalog"
     make_catalog(str(root), 60, seed=1, workers=1)

@@ -1,1 +1,1 @@
-"""The demo catalog: vocabulary, titles, the product plan and rendering (see pipelines.make_catalog)."""
+"""The demo catalog: vocabulary, titles, the product plan and rendering (``pipelines.catalog.writer`` writes it)."""

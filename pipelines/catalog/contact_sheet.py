@@ -44,7 +44,7 @@ def pick_samples(
 
 def write_contact_sheet(products: Sequence[ProductPlan], out: str | Path) -> Path:
     from pipelines.catalog.render import render_product
-    from pipelines.make_catalog import render_spec
+    from pipelines.catalog.writer import render_spec
 
     rows = pick_samples(products)
     cols = max(len(r) for r in rows)
