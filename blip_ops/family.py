@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,14 +184,6 @@ class RetrievalModel(ABC):
         """Write a checkpoint that :func:`load_model` reads back with the same model_id."""
 
 
-# family name -> loader(path_or_hub_id, device, dtype, attention) -> RetrievalModel
-_FAMILIES: dict[str, Callable[..., RetrievalModel]] = {}
-
-
-def register_family(name: str, loader: Callable[..., RetrievalModel]) -> None:
-    _FAMILIES[name] = loader
-
-
 def read_catalog_config(path: Path) -> dict[str, Any]:
     file = path / CATALOG_CONFIG
     if not file.is_file():
@@ -237,23 +229,3 @@ def weights_digest(
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def load_model(
-    name_or_path: str | Path, *, device: str = "auto", dtype: str = "auto", attention: str = "sdpa"
-) -> RetrievalModel:
-    """Load a checkpoint directory or hub id as a :class:`RetrievalModel` in inference mode."""
-    path = Path(str(name_or_path)).expanduser()
-    family = read_catalog_config(path).get("family", "hf_blip") if path.is_dir() else "hf_blip"
-    if family not in _FAMILIES:
-        _import_builtin_families()
-    if family not in _FAMILIES:
-        raise ValueError(
-            f"{name_or_path}: unknown model family {family!r}; known: {sorted(_FAMILIES)}"
-        )
-    return _FAMILIES[family](str(name_or_path), device=device, dtype=dtype, attention=attention)
-
-
-def _import_builtin_families() -> None:
-    import blip_ops.compact_model  # noqa: F401  (registers "compact_blip")
-    import blip_ops.hf_blip  # noqa: F401  (registers "hf_blip")

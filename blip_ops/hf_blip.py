@@ -25,7 +25,6 @@ from blip_ops.family import (
     RetrievalModel,
     pool_text,
     read_catalog_config,
-    register_family,
     resolve_device,
     resolve_dtype,
     weights_digest,
@@ -261,4 +260,3 @@ def preprocessor_config(s: ImageSettings) -> dict:
     }
 
 
-register_family(FAMILY, HFBlipModel.load)

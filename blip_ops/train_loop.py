@@ -242,130 +242,120 @@ def fit(
     default). A batch with ``mined_pairs`` has them upweighted by ``settings.mined_weight``
     (:meth:`blip_ops.training.RetrievalBatch.mined_negatives`; one process only).
     """
-    from blip_ops.training import RetrievalBatch, retrieval_train_step
+    run = _Run(model, settings, eval_fn, config_yaml, log or (lambda _msg: None), negative_sampler)
+    run.resume_or_seed()
+    run.start_momentum()
+    return run.train(next_batch, stop_at)
 
-    log = log or (lambda _msg: None)
-    main_rank = rank() == 0
-    st = settings
-    steps, seed, negatives = st.steps, st.seed, st.negatives
-    out = Path(st.out_dir) if st.out_dir is not None else None
-    device = model.device
-    net = model.model
-    temp = make_temperature(TEMP_INIT).to(device)
-    temp = torch.nn.Parameter(temp.detach())
-    if st.freeze_word_embeddings:
-        word_embeddings(model).requires_grad_(False)
-    groups = param_groups(model, temp, st)
-    params = [p for g in groups for p in g["params"]]
-    if st.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.999))
-    else:
-        opt = torch.optim.SGD(groups, lr=st.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, steps=steps, warmup_steps=st.warmup_steps)
-    )
-    generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + rank())
-    start_step, best, history = 0, None, []
-    resumed_momentum = None
 
-    last = out / "last" if out is not None else None
-    if st.resume and last is not None and (last / TRAINER_STATE).is_file():
+class _Run:
+    """One call of :func:`fit`: the optimiser, schedule, sampler RNG and bookkeeping it carries."""
+
+    def __init__(self, model, st: TrainSettings, eval_fn, config_yaml, log, sampler) -> None:
+        self.model, self.st, self.eval_fn, self.config_yaml = model, st, eval_fn, config_yaml
+        self.log, self.sampler = log, sampler
+        self.main_rank = rank() == 0
+        self.out = Path(st.out_dir) if st.out_dir is not None else None
+        self.net = model.model
+        self.temp = torch.nn.Parameter(make_temperature(TEMP_INIT).to(model.device).detach())
+        if st.freeze_word_embeddings:
+            word_embeddings(model).requires_grad_(False)
+        groups = param_groups(model, self.temp, st)
+        self.params = [p for g in groups for p in g["params"]]
+        if st.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.999))
+        else:
+            self.opt = torch.optim.SGD(groups, lr=st.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, steps=st.steps, warmup_steps=st.warmup_steps)
+        )
+        self.generator = torch.Generator(device="cpu").manual_seed(st.seed * 1000 + rank())
+        self.start_step, self.best, self.history = 0, None, []
+        self.resumed_momentum = None
+        self.distiller = None
+        self.ramp = st.warmup_steps if st.alpha_warmup_steps is None else st.alpha_warmup_steps
+        self.losses: list[float] = []  # this run's per-step losses (this rank's share)
+        self.accuracy: list[list[float | None]] = []  # per step: ITM accuracy pos / neg / swap
+        self.last_out: dict = {}
+        self.eval_seconds = 0.0  # evaluation + checkpoints, kept out of every samples/s figure
+
+    # ---- start --------------------------------------------------------------------------------
+    def resume_or_seed(self) -> None:
+        last = self.out / "last" if self.out is not None else None
+        if not (self.st.resume and last is not None and (last / TRAINER_STATE).is_file()):
+            torch.manual_seed(self.st.seed)
+            return
         state = torch.load(last / TRAINER_STATE, map_location="cpu", weights_only=False)
-        model.load_weights(last)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        self.model.load_weights(last)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
         with torch.no_grad():
-            temp.fill_(float(state["temperature"]))
+            self.temp.fill_(float(state["temperature"]))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available() and rng.get("cuda") is not None:
             torch.cuda.set_rng_state_all(rng["cuda"])
         saved = rng["negatives"]
-        generator.set_state(saved[rank()] if rank() < len(saved) else saved[0])
-        start_step, best, history = state["step"], state.get("best"), state.get("history", [])
-        resumed_momentum = state.get("momentum")
-        log(f"resumed from {last} at step {start_step} (best mean recall {best})")
-    else:
-        torch.manual_seed(seed)
+        self.generator.set_state(saved[rank()] if rank() < len(saved) else saved[0])
+        self.start_step, self.best = state["step"], state.get("best")
+        self.history = state.get("history", [])
+        self.resumed_momentum = state.get("momentum")
+        self.log(f"resumed from {last} at step {self.start_step} (best mean recall {self.best})")
 
-    distiller = None
-    if st.momentum:
+    def start_momentum(self) -> None:
+        if not self.st.momentum:
+            return
         from blip_ops.momentum import MomentumDistiller
 
         # Built after any resume has loaded the weights: a fresh copy starts equal to the model.
-        distiller = MomentumDistiller(net, m=st.momentum_m, queue_size=st.queue_size)
-        if resumed_momentum is not None:
-            distiller.load_state_dict(resumed_momentum)
-        elif start_step > 0:
-            log(f"resumed state has no momentum encoder: a fresh copy starts at step {start_step}")
-    ramp = st.warmup_steps if st.alpha_warmup_steps is None else st.alpha_warmup_steps
+        self.distiller = MomentumDistiller(
+            self.net, m=self.st.momentum_m, queue_size=self.st.queue_size
+        )
+        if self.resumed_momentum is not None:
+            self.distiller.load_state_dict(self.resumed_momentum)
+        elif self.start_step > 0:
+            self.log(
+                f"resumed state has no momentum encoder: a fresh copy starts at step {self.start_step}"
+            )
 
-    autocast = st.mixed_precision and device.type == "cuda"
-    net.train()
+    # ---- the loop -----------------------------------------------------------------------------
+    def train(self, next_batch: Callable[[int], Any], stop_at: int | None) -> dict:
+        st = self.st
+        end = min(st.steps, stop_at) if stop_at is not None else st.steps
+        step = self.start_step
+        window_start, window_samples = time.perf_counter(), 0
+        total_samples, train_started = 0, time.perf_counter()
+        self.net.train()
+        while step < end:
+            n = self.step(step, next_batch(step))
+            step += 1
+            window_samples += n
+            total_samples += n
+            if self.main_rank and (
+                step % max(1, st.log_every) == 0 or step == end or step == self.start_step + 1
+            ):
+                elapsed = time.perf_counter() - window_start
+                self.log(self._progress_line(window_samples / max(elapsed, 1e-9)))
+                window_start, window_samples = time.perf_counter(), 0
+            if st.eval_every and step % st.eval_every == 0 and step < end:
+                window_start += self._timed_evaluation(step)  # the window skips the evaluation
+        seconds = time.perf_counter() - train_started - self.eval_seconds
+        if step > self.start_step or self.eval_fn is not None:
+            self._timed_evaluation(step)
+        self.net.eval()
+        return self._summary(step, total_samples, seconds)
 
-    def trainer_state(step: int) -> dict:
-        neg_states = [generator.get_state()]
-        if world_size() > 1:  # every rank's sampler, so a resume on as many ranks continues each
-            neg_states = [torch.empty(0)] * world_size()
-            torch.distributed.all_gather_object(neg_states, generator.get_state())
-        return {
-            "step": step,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "temperature": float(temp.detach()),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "negatives": neg_states,
-            },
-            "best": best,
-            "history": history,
-            "momentum": distiller.state_dict() if distiller is not None else None,
-            "settings": {**dataclasses.asdict(st), "out_dir": str(st.out_dir),
-                         "alpha_warmup_steps": ramp},  # fmt: skip
-        }
+    def step(self, step: int, raw_batch) -> int:
+        """One optimiser step on ``raw_batch``; returns the samples it counted (all ranks)."""
+        from blip_ops.training import RetrievalBatch, retrieval_train_step
 
-    def evaluate_and_save(step: int) -> None:
-        nonlocal best
-        metrics = None
-        state = trainer_state(step)  # collective under torch.distributed: every rank calls it
-        if main_rank and eval_fn is not None:
-            net.eval()
-            started = time.perf_counter()
-            metrics = dict(eval_fn(model))
-            net.train()
-            mean = metrics.get("mean")
-            entry = {"step": step, "mean": mean, "seconds": round(time.perf_counter() - started, 2)}
-            history.append(entry)
-            state["history"] = history
-            log(f"eval step {step}: mean recall {mean if mean is None else round(mean, 4)} "
-                f"({entry['seconds']}s)")  # fmt: skip
-            if mean is not None and (best is None or mean > best):
-                best = mean
-                state["best"] = best
-                if out is not None:
-                    best_id = save_checkpoint(model, out / "best", None, config_yaml)
-                    log(f"new best checkpoint {out / 'best'} ({best_id})")
-        if main_rank and out is not None:
-            save_checkpoint(model, out / "last", state, config_yaml)
-        if world_size() > 1:
-            torch.distributed.barrier()
-
-    end = min(steps, stop_at) if stop_at is not None else steps
-    step = start_step
-    window_start, window_samples = time.perf_counter(), 0
-    total_samples, train_started = 0, time.perf_counter()
-    eval_seconds = 0.0  # evaluation + checkpoints, kept out of every samples/s figure
-    last_out: dict = {}
-    losses: list[float] = []  # this run's per-step losses (this rank's share)
-    accuracy: list[list[float | None]] = []  # per step: ITM accuracy on pos / neg / swap pairs
-    while step < end:
-        batch = RetrievalBatch.coerce(next_batch(step))
+        st, device = self.st, self.model.device
+        batch = RetrievalBatch.coerce(raw_batch)
         momentum_kw = {}
-        if distiller is not None:
+        if self.distiller is not None:
             from blip_ops.momentum import alpha_at
 
-            momentum_kw = {"momentum": distiller, "alpha": alpha_at(step, st.alpha, ramp)}
+            momentum_kw = {"momentum": self.distiller, "alpha": alpha_at(step, st.alpha, self.ramp)}
         easy = step < st.easy_steps  # easy negatives first, so the fresh ITM head can start
         if easy:
             batch = dataclasses.replace(batch, swap_texts=(), swap_images=())
@@ -373,92 +363,137 @@ def fit(
         if extra is not None and world_size() > 1:
             # The sampling pool spans all ranks' columns; mined pairs index this rank's batch.
             raise ValueError("mined negative pairs are supported in a single process only")
+        autocast = st.mixed_precision and device.type == "cuda"
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-            out_step = retrieval_train_step(
-                model, batch, temp, negatives="random" if easy else negatives,
-                generator=generator, extra_negatives=extra, itm_titles=st.itm_titles,
-                sampler=negative_sampler, itm_balanced=st.itm_balanced, **momentum_kw,
+            out = retrieval_train_step(
+                self.model, batch, self.temp, negatives="random" if easy else st.negatives,
+                generator=self.generator, extra_negatives=extra, itm_titles=st.itm_titles,
+                sampler=self.sampler, itm_balanced=st.itm_balanced, **momentum_kw,
             )  # fmt: skip
-        loss = out_step["loss"]
+        loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {float(loss)} at step {step}")
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        sync_gradients(params)
+        sync_gradients(self.params)
         grad_norm = None
         if st.grad_clip and st.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
-        lr_used = {g.get("name", str(i)): g["lr"] for i, g in enumerate(opt.param_groups)}
-        opt.step()
-        sched.step()
-        step += 1
-        n = out_step["n_images"] * world_size()
-        window_samples += n
-        total_samples += n
-        losses.append(float(loss.detach()))
-        accuracy.append(
-            [out_step[f"itm_accuracy_{k}"] for k in ("pos", "neg", "swap")]
-        )  # fmt: skip
-        last_out = {
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, st.grad_clip))
+        lr_used = {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.opt.param_groups)}
+        self.opt.step()
+        self.sched.step()
+        self._record(step + 1, out, lr_used, grad_norm)
+        return out["n_images"] * world_size()
+
+    def _record(self, step: int, out: dict, lr_used: dict, grad_norm: float | None) -> None:
+        loss = float(out["loss"].detach())
+        self.losses.append(loss)
+        self.accuracy.append([out[f"itm_accuracy_{k}"] for k in ("pos", "neg", "swap")])
+        self.last_out = {
             "step": step,
-            "loss": float(loss.detach()),
-            "itc": float(out_step["itc"]),
-            "itm": float(out_step["itm"]),
-            "itm_accuracy": out_step["itm_accuracy"],
-            "itm_accuracy_pos": out_step["itm_accuracy_pos"],
-            "itm_accuracy_neg": out_step["itm_accuracy_neg"],
-            "itm_accuracy_swap": out_step["itm_accuracy_swap"],
-            "temp": float(temp.detach()),
+            "loss": loss,
+            "itc": float(out["itc"]),
+            "itm": float(out["itm"]),
+            "itm_accuracy": out["itm_accuracy"],
+            "itm_accuracy_pos": out["itm_accuracy_pos"],
+            "itm_accuracy_neg": out["itm_accuracy_neg"],
+            "itm_accuracy_swap": out["itm_accuracy_swap"],
+            "temp": float(self.temp.detach()),
             "lr": next(iter(lr_used.values())),
             "lrs": lr_used,
             "grad_norm": grad_norm,
-            "mined_share": out_step["mined_share"],
+            "mined_share": out["mined_share"],
         }
-        if distiller is not None:
-            last_out.update(alpha=out_step["alpha"], queue=out_step["queue"])
-        if main_rank and (step % max(1, st.log_every) == 0 or step == end or step == start_step + 1):
-            elapsed = time.perf_counter() - window_start
-            log(
-                f"step {step}/{steps} loss {last_out['loss']:.4f} (itc {last_out['itc']:.4f} "
-                f"itm {last_out['itm']:.4f}, acc {last_out['itm_accuracy']:.2f} pos "
-                f"{_fmt(last_out['itm_accuracy_pos'])} neg {_fmt(last_out['itm_accuracy_neg'])}"
-                + (f" swap {_fmt(last_out['itm_accuracy_swap'])}"
-                   if last_out["itm_accuracy_swap"] is not None else "")
-                + f") temp "
-                f"{last_out['temp']:.4f} lr {last_out['lr']:.2e} "
-                + (f"alpha {last_out['alpha']:.3f} queue {last_out['queue']} "
-                   if distiller is not None else "")
-                + (f"mined {last_out['mined_share']:.2f} "
-                   if last_out["mined_share"] is not None else "")
-                + f"{window_samples / max(elapsed, 1e-9):.1f} samples/s"
-            )  # fmt: skip
-            window_start, window_samples = time.perf_counter(), 0
-        if st.eval_every and step % st.eval_every == 0 and step < end:
-            paused = time.perf_counter()
-            evaluate_and_save(step)
-            paused = time.perf_counter() - paused
-            eval_seconds += paused
-            window_start += paused  # the current samples/s window skips the evaluation
-    seconds = time.perf_counter() - train_started - eval_seconds
-    if step > start_step or eval_fn is not None:
+        if self.distiller is not None:
+            self.last_out.update(alpha=out["alpha"], queue=out["queue"])
+
+    def _progress_line(self, samples_per_s: float) -> str:
+        o = self.last_out
+        swap = f" swap {_fmt(o['itm_accuracy_swap'])}" if o["itm_accuracy_swap"] is not None else ""
+        momentum = (
+            f"alpha {o['alpha']:.3f} queue {o['queue']} " if self.distiller is not None else ""
+        )
+        mined = f"mined {o['mined_share']:.2f} " if o["mined_share"] is not None else ""
+        return (
+            f"step {o['step']}/{self.st.steps} loss {o['loss']:.4f} (itc {o['itc']:.4f} "
+            f"itm {o['itm']:.4f}, acc {o['itm_accuracy']:.2f} pos "
+            f"{_fmt(o['itm_accuracy_pos'])} neg {_fmt(o['itm_accuracy_neg'])}{swap}) temp "
+            f"{o['temp']:.4f} lr {o['lr']:.2e} {momentum}{mined}{samples_per_s:.1f} samples/s"
+        )
+
+    # ---- evaluation and checkpoints -----------------------------------------------------------
+    def _timed_evaluation(self, step: int) -> float:
         paused = time.perf_counter()
-        evaluate_and_save(step)
-        eval_seconds += time.perf_counter() - paused
-    net.eval()
-    return {
-        "steps": step,
-        "start_step": start_step,
-        "samples": total_samples,
-        "seconds": round(seconds, 2),  # training only: evaluation and checkpoints excluded
-        "eval_seconds": round(eval_seconds, 2),
-        "samples_per_s": total_samples / seconds if seconds > 0 else None,
-        "best_mean_recall": best,
-        "history": history,
-        "last": last_out,
-        "losses": losses,
-        "itm_accuracy_recent": _recent_accuracy(accuracy),
-        "temperature": float(temp.detach()),
-        "model_id": model.current_model_id(),
-        "best_dir": str(out / "best") if out is not None and (out / "best").exists() else None,
-        "last_dir": str(out / "last") if out is not None else None,
-    }
+        self.evaluate_and_save(step)
+        seconds = time.perf_counter() - paused
+        self.eval_seconds += seconds
+        return seconds
+
+    def trainer_state(self, step: int) -> dict:
+        neg_states = [self.generator.get_state()]
+        if world_size() > 1:  # every rank's sampler, so a resume on as many ranks continues each
+            neg_states = [torch.empty(0)] * world_size()
+            torch.distributed.all_gather_object(neg_states, self.generator.get_state())
+        return {
+            "step": step,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "temperature": float(self.temp.detach()),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "negatives": neg_states,
+            },
+            "best": self.best,
+            "history": self.history,
+            "momentum": self.distiller.state_dict() if self.distiller is not None else None,
+            "settings": {**dataclasses.asdict(self.st), "out_dir": str(self.st.out_dir),
+                         "alpha_warmup_steps": self.ramp},  # fmt: skip
+        }
+
+    def evaluate_and_save(self, step: int) -> None:
+        state = self.trainer_state(step)  # collective under torch.distributed: every rank calls it
+        if self.main_rank and self.eval_fn is not None:
+            self._evaluate(step, state)
+        if self.main_rank and self.out is not None:
+            save_checkpoint(self.model, self.out / "last", state, self.config_yaml)
+        if world_size() > 1:
+            torch.distributed.barrier()
+
+    def _evaluate(self, step: int, state: dict) -> None:
+        self.net.eval()
+        started = time.perf_counter()
+        metrics = dict(self.eval_fn(self.model))
+        self.net.train()
+        mean = metrics.get("mean")
+        entry = {"step": step, "mean": mean, "seconds": round(time.perf_counter() - started, 2)}
+        self.history.append(entry)
+        state["history"] = self.history
+        self.log(f"eval step {step}: mean recall {mean if mean is None else round(mean, 4)} "
+                 f"({entry['seconds']}s)")  # fmt: skip
+        if mean is not None and (self.best is None or mean > self.best):
+            self.best = mean
+            state["best"] = self.best
+            if self.out is not None:
+                best_id = save_checkpoint(self.model, self.out / "best", None, self.config_yaml)
+                self.log(f"new best checkpoint {self.out / 'best'} ({best_id})")
+
+    def _summary(self, step: int, total_samples: int, seconds: float) -> dict:
+        out = self.out
+        return {
+            "steps": step,
+            "start_step": self.start_step,
+            "samples": total_samples,
+            "seconds": round(seconds, 2),  # training only: evaluation and checkpoints excluded
+            "eval_seconds": round(self.eval_seconds, 2),
+            "samples_per_s": total_samples / seconds if seconds > 0 else None,
+            "best_mean_recall": self.best,
+            "history": self.history,
+            "last": self.last_out,
+            "losses": self.losses,
+            "itm_accuracy_recent": _recent_accuracy(self.accuracy),
+            "temperature": float(self.temp.detach()),
+            "model_id": self.model.current_model_id(),
+            "best_dir": str(out / "best") if out is not None and (out / "best").exists() else None,
+            "last_dir": str(out / "last") if out is not None else None,
+        }

@@ -187,124 +187,12 @@ def retrieval_train_step(
         raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
     if itm_titles not in ITM_TITLES:
         raise ValueError(f"itm_titles must be one of {ITM_TITLES}, got {itm_titles!r}")
-    batch = RetrievalBatch.coerce(batch)
-    net = model.model
-    device = model.device
-    image_ids = product_id_tensor(batch.image_ids).to(device)  # (B,)
-    text_ids = product_id_tensor(batch.text_ids).to(device)  # (T,)
-    texts = list(batch.texts)
-    if isinstance(batch.texts, str) or len(texts) != text_ids.numel():
-        raise ValueError(f"got {len(texts)} texts for {text_ids.numel()} text ids")
-    pixels = model._pixels(batch.pixel_values)  # (B, 3, S, S), model device and dtype
-    if pixels.shape[0] != image_ids.numel():
-        raise ValueError(f"got {pixels.shape[0]} images for {image_ids.numel()} image ids")
-
-    swap_texts, swap_images = list(batch.swap_texts), [int(i) for i in batch.swap_images]
-    if len(swap_texts) != len(swap_images):
-        raise ValueError(f"got {len(swap_texts)} swapped titles for {len(swap_images)} images")
-    if any(not 0 <= i < pixels.shape[0] for i in swap_images):
-        raise ValueError(f"swapped-title image indices {swap_images} outside a batch of {pixels.shape[0]}")
-
+    step = _StepInputs.of(model, RetrievalBatch.coerce(batch))
     with torch.enable_grad():
-        # Encoders (ITC). Swapped titles are tokenised with the batch's (one padding length).
-        image_embeds, image_feat = model.image_forward(pixels)  # (B, N, H), (B, D)
-        enc_all = model._tokenize(texts + swap_texts)  # input_ids / attention_mask (T+S, L)
-        distributed = _distributed()
-        if distributed:  # a fixed length so that token ids gather across ranks
-            pad_id = model.tokenizer.pad_token_id or 0
-            enc_all = _pad_tokens(enc_all, model.text_settings.max_length, pad_id)
-        n_texts = len(texts)
-        enc = {name: t[:n_texts] for name, t in enc_all.items()}  # (T, L)
-        swap_enc = {name: t[n_texts:] for name, t in enc_all.items()}  # (S, L)
-        _, text_feat = model.text_forward(enc)  # (T, D)
-
-        # The pool: this rank's examples, or all ranks' (gradient back to the owner).
-        image_feat_all = gather_features(image_feat)  # (B', D)
-        text_feat_all = gather_features(text_feat)  # (T', D)
-        image_ids_all = gather_features(image_ids)  # (B',)
-        text_ids_all = gather_features(text_ids)  # (T',)
-        if momentum is None:
-            itc = itc_loss(image_feat_all, text_feat_all, temp_param, image_ids_all, text_ids_all)
-        else:
-            from blip_ops.momentum import gather_no_grad
-
-            momentum.update(net)  # BLIP's _momentum_update, before the momentum features
-            image_feat_m, text_feat_m = momentum.features(
-                pixels, enc, model.text_pooling
-            )  # (B, D), (T, D)
-            image_feat_m_all = gather_no_grad(image_feat_m)  # (B', D)
-            text_feat_m_all = gather_no_grad(text_feat_m)  # (T', D)
-            iq, tq = momentum.image_queue, momentum.text_queue
-            itc = itc_loss_with_momentum(
-                image_feat_all, text_feat_all, temp_param, image_ids_all, text_ids_all,
-                image_feat_m=image_feat_m_all, text_feat_m=text_feat_m_all,
-                image_queue=iq.feats, image_queue_ids=iq.ids,
-                text_queue=tq.feats, text_queue_ids=tq.ids, alpha=alpha,
-            )  # fmt: skip
-
-        # Negatives: local rows against the pool's columns.
-        if distributed:
-            with torch.no_grad():
-                sim_i2t = image_feat.detach() @ text_feat_all.detach().t()  # (B, T')
-                sim_t2i = text_feat.detach() @ image_feat_all.detach().t()  # (T, B')
-            image_embeds_all = gather_features(image_embeds)  # (B', N, H)
-            ids_all = gather_features(enc["input_ids"])  # (T', L)
-            mask_all = gather_features(enc["attention_mask"])  # (T', L)
-        else:
-            if momentum is None:
-                sim_i2t, sim_t2i = itc.sim_i2t.detach(), itc.sim_t2i.detach()
-            else:  # the ITC sims face momentum features: negatives use the online ones
-                with torch.no_grad():
-                    sim_i2t = image_feat.detach() @ text_feat.detach().t()  # (B, T)
-                    sim_t2i = sim_i2t.t()  # (T, B)
-            image_embeds_all = image_embeds
-            ids_all, mask_all = enc["input_ids"], enc["attention_mask"]
-        neg = sampler(
-            sim_i2t, sim_t2i, image_ids, text_ids, temp_param, generator=generator,
-            mode=negatives, extra_negatives=extra_negatives,
-            all_image_ids=image_ids_all, all_text_ids=text_ids_all,
-        )  # fmt: skip
-
-        # Each title's positive image: the first local image of its product.
-        same = text_ids.view(-1, 1) == image_ids.view(1, -1)  # (T, B)
-        if not bool(same.any(dim=1).all()):
-            lonely = torch.nonzero(~same.any(dim=1)).view(-1)[:8].tolist()
-            raise ValueError(f"texts {lonely} have no image of their product in this batch")
-        pos_image = same.float().argmax(dim=1)  # (T,)
-        if itm_titles == "one":  # one own title per image, drawn at random among its titles
-            draw = torch.rand(same.shape[0], generator=generator).to(device)  # (T,)
-            chosen = (same.t().float() * (1.0 + draw)).argmax(dim=1)  # (B,) a title per image
-        else:
-            chosen = torch.arange(same.shape[0], device=device)  # (T,) every title
-
-        # ITM over [positives | B negative titles | negative images | swapped titles].
-        n_chosen, n_image, n_swap = chosen.numel(), image_ids.numel(), len(swap_texts)
-        ids_sel, mask_sel = enc["input_ids"][chosen], enc["attention_mask"][chosen]
-        itm_enc = {
-            "input_ids": torch.cat(
-                [ids_sel, ids_all[neg.text_for_image], ids_sel, swap_enc["input_ids"]]
-            ),  # (2T+B+S, L)
-            "attention_mask": torch.cat(
-                [mask_sel, mask_all[neg.text_for_image], mask_sel, swap_enc["attention_mask"]]
-            ),
-        }
-        swap_rows = torch.tensor(swap_images, dtype=torch.long, device=device)  # (S,)
-        itm_images = torch.cat(
-            [
-                image_embeds[pos_image[chosen]],
-                image_embeds,
-                image_embeds_all[neg.image_for_text[chosen]],
-                image_embeds[swap_rows],
-            ]
-        )  # (2T+B+S, N, H)
+        e = _encode_and_itc(model, step, temp_param, momentum, alpha)
+        neg = _sample_negatives(e, step, temp_param, sampler, generator, negatives, extra_negatives)
+        itm_enc, itm_images, kinds, chosen = _itm_pairs(model, e, step, neg, itm_titles, generator)
         itm_logits = model.itm_forward(itm_enc, itm_images).float()  # (2T+B+S, 2)
-        kinds = torch.cat(
-            [
-                torch.full((n_chosen,), 0, dtype=torch.long, device=device),
-                torch.full((n_image + n_chosen,), 1, dtype=torch.long, device=device),
-                torch.full((n_swap,), 2, dtype=torch.long, device=device),
-            ]
-        )  # 0 positive, 1 sampled negative, 2 swapped-title negative
         labels = (kinds == 0).long()
         itm = itm_loss(itm_logits, labels, balanced=itm_balanced)
 
@@ -317,12 +205,11 @@ def retrieval_train_step(
         ]
     if momentum is not None:  # all ranks' momentum features, after the loss (BLIP's order)
         momentum.enqueue(
-            image_feat_m_all, text_feat_m_all, image_ids_all.detach(), text_ids_all.detach(),
-            gather=False,
-        )  # fmt: skip
+            *e.momentum_feats, e.image_ids_all.detach(), e.text_ids_all.detach(), gather=False
+        )
     return {
-        "loss": itc.loss + itm,
-        "itc": itc.loss.detach(),
+        "loss": e.itc.loss + itm,
+        "itc": e.itc.loss.detach(),
         "itm": itm.detach(),
         "temp": float(temp_param.detach() if isinstance(temp_param, torch.Tensor) else temp_param),
         "itm_accuracy": float(itm_accuracy),
@@ -330,11 +217,172 @@ def retrieval_train_step(
         "itm_accuracy_neg": by_kind[1],
         "itm_accuracy_swap": by_kind[2],
         "negatives": neg,
-        "n_images": n_image,
-        "n_texts": text_ids.numel(),
+        "n_images": step.image_ids.numel(),
+        "n_texts": step.text_ids.numel(),
         "n_itm_pairs": int(labels.numel()),
         "itm_text_rows": chosen.detach(),  # titles in the ITM pairs (all, or one per image)
         "mined_share": mined_share(extra_negatives, neg),
         "alpha": float(alpha) if momentum is not None else None,
         "queue": len(momentum.text_queue) if momentum is not None else None,
     }
+
+
+@dataclass
+class _StepInputs:
+    """A batch checked and on the model's device."""
+
+    image_ids: torch.Tensor  # (B,)
+    text_ids: torch.Tensor  # (T,)
+    texts: list[str]
+    pixels: torch.Tensor  # (B, 3, S, S) or cached vision inputs
+    swap_texts: list[str]
+    swap_images: list[int]
+
+    @classmethod
+    def of(cls, model: HFBlipModel, batch: RetrievalBatch) -> _StepInputs:
+        device = model.device
+        image_ids = product_id_tensor(batch.image_ids).to(device)
+        text_ids = product_id_tensor(batch.text_ids).to(device)
+        texts = list(batch.texts)
+        if isinstance(batch.texts, str) or len(texts) != text_ids.numel():
+            raise ValueError(f"got {len(texts)} texts for {text_ids.numel()} text ids")
+        pixels = model._pixels(batch.pixel_values)  # model device and dtype
+        if pixels.shape[0] != image_ids.numel():
+            raise ValueError(f"got {pixels.shape[0]} images for {image_ids.numel()} image ids")
+        swap_texts, swap_images = list(batch.swap_texts), [int(i) for i in batch.swap_images]
+        if len(swap_texts) != len(swap_images):
+            raise ValueError(f"got {len(swap_texts)} swapped titles for {len(swap_images)} images")
+        if any(not 0 <= i < pixels.shape[0] for i in swap_images):
+            raise ValueError(
+                f"swapped-title image indices {swap_images} outside a batch of {pixels.shape[0]}"
+            )
+        return cls(image_ids, text_ids, texts, pixels, swap_texts, swap_images)
+
+
+@dataclass
+class _Encoded:
+    """The step's encoder outputs, this rank's and the pool's (all ranks'), and the ITC loss."""
+
+    image_embeds: torch.Tensor  # (B, N, H)
+    image_feat: torch.Tensor  # (B, D)
+    text_feat: torch.Tensor  # (T, D)
+    enc: dict[str, torch.Tensor]  # the titles' tokens (T, L)
+    swap_enc: dict[str, torch.Tensor]  # the swapped titles' tokens (S, L)
+    image_feat_all: torch.Tensor  # (B', D)
+    text_feat_all: torch.Tensor  # (T', D)
+    image_ids_all: torch.Tensor  # (B',)
+    text_ids_all: torch.Tensor  # (T',)
+    itc: Any
+    distributed: bool
+    momentum_feats: tuple[torch.Tensor, torch.Tensor] | None = None  # (B', D), (T', D)
+
+
+def _encode_and_itc(model, step: _StepInputs, temp_param, momentum, alpha: float) -> _Encoded:
+    # Encoders (ITC). Swapped titles are tokenised with the batch's (one padding length).
+    image_embeds, image_feat = model.image_forward(step.pixels)  # (B, N, H), (B, D)
+    enc_all = model._tokenize(step.texts + step.swap_texts)  # input_ids / attention_mask (T+S, L)
+    distributed = _distributed()
+    if distributed:  # a fixed length so that token ids gather across ranks
+        pad_id = model.tokenizer.pad_token_id or 0
+        enc_all = _pad_tokens(enc_all, model.text_settings.max_length, pad_id)
+    n_texts = len(step.texts)
+    enc = {name: t[:n_texts] for name, t in enc_all.items()}  # (T, L)
+    swap_enc = {name: t[n_texts:] for name, t in enc_all.items()}  # (S, L)
+    _, text_feat = model.text_forward(enc)  # (T, D)
+
+    # The pool: this rank's examples, or all ranks' (gradient back to the owner).
+    e = _Encoded(
+        image_embeds, image_feat, text_feat, enc, swap_enc,
+        image_feat_all=gather_features(image_feat), text_feat_all=gather_features(text_feat),
+        image_ids_all=gather_features(step.image_ids), text_ids_all=gather_features(step.text_ids),
+        itc=None, distributed=distributed,
+    )  # fmt: skip
+    if momentum is None:
+        e.itc = itc_loss(e.image_feat_all, e.text_feat_all, temp_param, e.image_ids_all,
+                         e.text_ids_all)  # fmt: skip
+        return e
+    from blip_ops.momentum import gather_no_grad
+
+    momentum.update(model.model)  # BLIP's _momentum_update, before the momentum features
+    image_feat_m, text_feat_m = momentum.features(step.pixels, enc, model.text_pooling)
+    e.momentum_feats = (gather_no_grad(image_feat_m), gather_no_grad(text_feat_m))
+    iq, tq = momentum.image_queue, momentum.text_queue
+    e.itc = itc_loss_with_momentum(
+        e.image_feat_all, e.text_feat_all, temp_param, e.image_ids_all, e.text_ids_all,
+        image_feat_m=e.momentum_feats[0], text_feat_m=e.momentum_feats[1],
+        image_queue=iq.feats, image_queue_ids=iq.ids,
+        text_queue=tq.feats, text_queue_ids=tq.ids, alpha=alpha,
+    )  # fmt: skip
+    return e
+
+
+def _sample_negatives(e: _Encoded, step: _StepInputs, temp_param, sampler, generator, mode,
+                      extra_negatives):  # fmt: skip
+    """Local rows against the pool's columns."""
+    if e.distributed:
+        with torch.no_grad():
+            sim_i2t = e.image_feat.detach() @ e.text_feat_all.detach().t()  # (B, T')
+            sim_t2i = e.text_feat.detach() @ e.image_feat_all.detach().t()  # (T, B')
+    elif e.momentum_feats is None:
+        sim_i2t, sim_t2i = e.itc.sim_i2t.detach(), e.itc.sim_t2i.detach()
+    else:  # the ITC sims face momentum features: negatives use the online ones
+        with torch.no_grad():
+            sim_i2t = e.image_feat.detach() @ e.text_feat.detach().t()  # (B, T)
+            sim_t2i = sim_i2t.t()  # (T, B)
+    return sampler(
+        sim_i2t, sim_t2i, step.image_ids, step.text_ids, temp_param, generator=generator,
+        mode=mode, extra_negatives=extra_negatives,
+        all_image_ids=e.image_ids_all, all_text_ids=e.text_ids_all,
+    )  # fmt: skip
+
+
+def _itm_pairs(model, e: _Encoded, step: _StepInputs, neg, itm_titles: str, generator):
+    """ITM inputs over [positives | B negative titles | negative images | swapped titles]:
+    (tokens, image tokens, kinds (0 positive, 1 sampled negative, 2 swapped title), chosen)."""
+    device = model.device
+    if e.distributed:
+        image_embeds_all = gather_features(e.image_embeds)  # (B', N, H)
+        ids_all = gather_features(e.enc["input_ids"])  # (T', L)
+        mask_all = gather_features(e.enc["attention_mask"])  # (T', L)
+    else:
+        image_embeds_all = e.image_embeds
+        ids_all, mask_all = e.enc["input_ids"], e.enc["attention_mask"]
+    # Each title's positive image: the first local image of its product.
+    same = step.text_ids.view(-1, 1) == step.image_ids.view(1, -1)  # (T, B)
+    if not bool(same.any(dim=1).all()):
+        lonely = torch.nonzero(~same.any(dim=1)).view(-1)[:8].tolist()
+        raise ValueError(f"texts {lonely} have no image of their product in this batch")
+    pos_image = same.float().argmax(dim=1)  # (T,)
+    if itm_titles == "one":  # one own title per image, drawn at random among its titles
+        draw = torch.rand(same.shape[0], generator=generator).to(device)  # (T,)
+        chosen = (same.t().float() * (1.0 + draw)).argmax(dim=1)  # (B,) a title per image
+    else:
+        chosen = torch.arange(same.shape[0], device=device)  # (T,) every title
+
+    n_chosen, n_image, n_swap = chosen.numel(), step.image_ids.numel(), len(step.swap_texts)
+    ids_sel, mask_sel = e.enc["input_ids"][chosen], e.enc["attention_mask"][chosen]
+    itm_enc = {
+        "input_ids": torch.cat(
+            [ids_sel, ids_all[neg.text_for_image], ids_sel, e.swap_enc["input_ids"]]
+        ),  # (2T+B+S, L)
+        "attention_mask": torch.cat(
+            [mask_sel, mask_all[neg.text_for_image], mask_sel, e.swap_enc["attention_mask"]]
+        ),
+    }
+    swap_rows = torch.tensor(step.swap_images, dtype=torch.long, device=device)  # (S,)
+    itm_images = torch.cat(
+        [
+            e.image_embeds[pos_image[chosen]],
+            e.image_embeds,
+            image_embeds_all[neg.image_for_text[chosen]],
+            e.image_embeds[swap_rows],
+        ]
+    )  # (2T+B+S, N, H)
+    kinds = torch.cat(
+        [
+            torch.full((n_chosen,), 0, dtype=torch.long, device=device),
+            torch.full((n_image + n_chosen,), 1, dtype=torch.long, device=device),
+            torch.full((n_swap,), 2, dtype=torch.long, device=device),
+        ]
+    )
+    return itm_enc, itm_images, kinds, chosen

@@ -8,7 +8,7 @@ import sys
 
 CORE = ["blip_ops", "blip_ops.hf_blip", "blip_ops.tiny_model", "blip_ops.rerank", "blip_ops.decode",
         "blip_ops.attention", "blip_ops.hub", "blip_ops.text", "blip_ops.losses", "blip_ops.training",
-        "blip_ops.train_loop", "blip_ops.evaluate", "blip_ops.momentum", "blip_ops.compact_model",
+        "blip_ops.train_loop", "blip_ops.evaluate", "blip_ops.momentum", "blip_ops.compact_model", "blip_ops.compact_network", "blip_ops.loading",
         "blip_ops.efficientnet_lite"]
 ALLOWED_THIRD_PARTY = {"torch", "transformers", "PIL", "numpy", "huggingface_hub", "tokenizers", "safetensors"}
 
