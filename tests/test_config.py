@@ -20,9 +20,9 @@ from pipelines.config import (
     config_digest,
     config_from_args,
     load_config,
-    main,
     write_resolved_config,
 )
+from pipelines.config.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -409,3 +409,20 @@ def test_cli_exits_2_with_one_line_message_on_unknown_key(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr  # no traceback
     assert "'serve.prot'" in lines[0] and str(cfg_file) in lines[0] and "serve.port" in lines[0]
+
+
+def test_the_service_replicas_get_the_serving_sections_only():
+    """``ServingConfig``: the sections a Serve replica reads, shared with the full config; a full
+    config dump is refused, so a replica never carries the job and tool sections."""
+    import pydantic
+
+    from pipelines.config import ServingConfig, serving_config
+
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"))
+    serving = serving_config(cfg)
+    assert set(serving.model_dump()) == {"model", "index", "s3", "serve"}
+    assert serving.serve is cfg.serve and serving.index is cfg.index
+    assert ServingConfig.model_validate(serving.model_dump(mode="python")) == serving
+    assert serving_config(serving) is serving
+    with pytest.raises(pydantic.ValidationError, match="finetune"):
+        ServingConfig.model_validate(cfg.model_dump(mode="python"))
