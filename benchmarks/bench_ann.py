@@ -337,8 +337,8 @@ def side_images(size: int, seed: int = 0) -> list[bytes]:
 
 def bench_text_query(db, table, n_rows: int, setting: dict, args) -> list[dict]:
     from blip_ops import load_model
-    from blip_ops.bench import synthetic_titles
     from blip_ops.rerank import combine_scores
+    from blip_ops.tiny_model import synthetic_titles
     from pipelines.search.scorer import ItmJob, QueryScorer
 
     rows = []
@@ -507,7 +507,7 @@ def batched_itm(args) -> list[dict]:
     ``@serve.batch`` call hands the model replica), and the tokenisation inside it: the distinct
     query texts (what ``itm_scores`` tokenises now) against one string per (query, candidate) pair
     (what it tokenised before 2026-11-29), with the checkpoint's own tokenizer and text rule."""
-    from blip_ops.bench import synthetic_titles
+    from blip_ops.tiny_model import synthetic_titles
 
     texts = [" ".join(t.split()[:5]) for t in synthetic_titles(args.itm_batch, seed=2)]
     return [_batched_itm_one(name, texts, args.cell_seconds / 2) for name in args.query_models]

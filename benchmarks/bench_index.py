@@ -8,14 +8,15 @@
 On a demo catalog (``pipelines.make_catalog``: rendered product photos, 400-1000 px, 85% JPEG /
 8% PNG / 7% WebP, inline in Parquet; generated once per size under ``--workdir``), per model:
 
-1. **The job**: ``pipelines.index_catalog.run_index`` with ``configs/local.yaml`` (local Ray, 2
+1. **The job**: ``pipelines.indexing.job.run_index`` with ``configs/local.yaml`` (local Ray, 2
    CPUs, one encoder actor), a fresh index folder, ``encode.batch_size`` = ``--batch-size``. Its
    summary's images/s (encoded rows / seconds of the Ray Data stream, actor start-up and model load
    included) and steady images/s (after the first encoder batch), and the driver's phases: Ray
    start, the stream (read → validate → decode + encode → stage, overlapped), merge, indexes,
    report, timed by wrapping those functions in this process (nothing in the job changes).
-2. **Model only**: ``blip_ops.bench.run_bench`` on the same checkpoint, batch size, device and
-   attention, in this process: images/s of ``encode_images`` on pixel tensors (the ceiling).
+2. **Model only**: ``benchmarks.model_throughput.run_bench`` on the same checkpoint, batch size,
+   device and attention, in this process: images/s of ``encode_images`` on pixel tensors (the
+   ceiling).
 3. **Naive baseline** (HF BLIP checkpoints only: the compact family is not a
    ``BlipForImageTextRetrieval``): a plain loop as a user would write it first: read the Parquet
    files with pyarrow, ``PIL.Image.open(...).convert("RGB")``, transformers' ``BlipProcessor``,
@@ -144,10 +145,10 @@ def phase_timers(phases: dict[str, float]):
     """Time the job's driver-side phases by wrapping the functions it calls (same process)."""
     targets = [
         ("blip_ops", "load_model", "driver_model_load"),
-        ("pipelines.index_catalog", "init_ray", "ray_init"),
+        ("pipelines.indexing.job", "init_ray", "ray_init"),
         ("pipelines.indexing.staging", "merge_staged", "merge"),
-        ("pipelines.index_catalog", "build_indexes", "index"),
-        ("pipelines.index_catalog", "write_run_report", "report"),
+        ("pipelines.indexing.job", "build_indexes", "index"),
+        ("pipelines.indexing.job", "write_run_report", "report"),
     ]
     saved = []
     for module_name, attr, phase in targets:
@@ -174,7 +175,7 @@ def phase_timers(phases: dict[str, float]):
 
 
 def run_job(cfg, index_dir: Path) -> dict:
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     shutil.rmtree(index_dir, ignore_errors=True)
     phases: dict[str, float] = {}
@@ -211,7 +212,7 @@ def run_job(cfg, index_dir: Path) -> dict:
 
 # ---- 2. model only -------------------------------------------------------------------------------
 def model_only(model_dir: Path, batch_size: int, attention: str) -> dict:
-    from blip_ops.bench import run_bench
+    from benchmarks.model_throughput import run_bench
 
     (row,) = run_bench(str(model_dir), batch_sizes=[batch_size], device="cpu", attention=attention)
     keep = (
@@ -321,32 +322,13 @@ def naive_baseline(model_dir: Path, catalog: Path, batch_size: int, workdir: Pat
 
 
 # ---- 4. where the time goes ----------------------------------------------------------------------
-def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
-    """ms per image of each stage's function on a sample (see the module docstring)."""
-    import resource
-
-    import torch
-
-    from blip_ops.decode import decode_batch
-    from pipelines.indexing import staging as stage_io
-    from pipelines.indexing import tables
-    from pipelines.indexing.stages import (
-        Columns,
-        EncodeBatch,
-        RunState,
-        read_files,
-        validate,
-    )
+def _read_and_validate(cfg, catalog: Path, s3, cols, ms: dict[str, float]):
+    """The catalog read and validated as the job's first two stages do; their ms per image go
+    into ``ms``. Returns the validated rows."""
+    from pipelines.indexing.stages import RunState, read_files, validate
     from pipelines.indexing.validate import duplicated_ids
-    from pipelines.storage import S3Settings
 
-    if cfg.encode.torch_threads:
-        torch.set_num_threads(cfg.encode.torch_threads)
-    s3 = S3Settings()
-    cols = Columns(metadata=tuple(cfg.source.metadata_columns))
     files = [str(p) for p in sorted((catalog / "products").glob("*.parquet"))]
-    ms: dict[str, float] = {}
-
     t = time.perf_counter()
     read = [
         b
@@ -362,13 +344,31 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
     t = time.perf_counter()
     validated = [validate(b, state=state) for b in read]
     ms["validate"] = (time.perf_counter() - t) / n_read * 1000
+    return pa.concat_tables(validated)
 
-    rows = pa.concat_tables(validated).slice(0, sample)
-    bs = cfg.encode.batch_size
-    # The encoder on the same images before EncodeBatch caps glibc's malloc retention (its
-    # __init__ calls cap_malloc_retention(); see pipelines/indexing/stages.py): the difference is
-    # that setting's cost on this model.
+
+def _encode_loop(m, pix: list) -> tuple[float, float]:
+    """ms and minor page faults per image of encoding ``pix`` (after one warm-up batch)."""
+    import resource
+
+    n_pix = sum(len(x) for x in pix)
+    m.encode_images(pix[0])
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = time.perf_counter()
+    for x in pix:
+        m.encode_images(x)
+    dt = time.perf_counter() - t
+    return dt / n_pix * 1000, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n_pix
+
+
+def _malloc_comparison(cfg, rows, bs: int) -> tuple[list, tuple, tuple]:
+    """The encoder on the same images before EncodeBatch caps glibc's malloc retention (its
+    __init__ calls cap_malloc_retention(); see pipelines/indexing/stages.py), and with the 1 MiB
+    threshold it set before: the difference is that setting's cost on this model. Returns the
+    pixel batches and (ms, faults) per image of both."""
     from blip_ops import load_model
+    from blip_ops.decode import decode_batch
+    from pipelines.indexing.stages import cap_malloc_retention
 
     plain = load_model(
         cfg.model.name_or_path,
@@ -388,27 +388,18 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
         )
         for b in batches
     ]
-    n_pix = sum(len(x) for x in pix)
-
-    def encode_loop(m, pix: list) -> tuple[float, float]:
-        """ms and minor page faults per image of encoding ``pix`` (after one warm-up batch)."""
-        m.encode_images(pix[0])
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t = time.perf_counter()
-        for x in pix:
-            m.encode_images(x)
-        dt = time.perf_counter() - t
-        return dt / n_pix * 1000, (
-            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        ) / n_pix
-
-    before = encode_loop(plain, pix)
+    before = _encode_loop(plain, pix)
     del plain
-    from pipelines.indexing.stages import cap_malloc_retention
-
     cap_malloc_retention(1 << 20)  # the threshold EncodeBatch set before 2026-11-29
-    one_mib = encode_loop(load_model(cfg.model.name_or_path, device=cfg.model.device), pix)
-    enc = EncodeBatch(
+    one_mib = _encode_loop(load_model(cfg.model.name_or_path, device=cfg.model.device), pix)
+    return pix, before, one_mib
+
+
+def _encode_batch(cfg, s3):
+    """The job's encoder stage, configured as the job configures it."""
+    from pipelines.indexing.stages import EncodeBatch
+
+    return EncodeBatch(
         model=cfg.model.name_or_path,
         device=cfg.model.device,
         dtype=cfg.model.dtype,
@@ -421,9 +412,17 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
         derivative_threads=cfg.encode.derivative_threads,
         malloc_mmap_threshold_mb=cfg.encode.malloc_mmap_threshold_mb,
     )
+
+
+def _time_stages(cfg, enc, rows, workdir: Path) -> tuple[dict[str, float], int]:
+    """Seconds spent in each stage's own function over ``rows``, one batch after another, and the
+    number of images that decoded."""
+    from blip_ops.decode import decode_batch
+    from pipelines.indexing import staging as stage_io
+    from pipelines.indexing import tables
+
+    bs = cfg.encode.batch_size
     model, size = enc.model, enc.model.image_settings.size
-    after = encode_loop(model, pix)  # the same tensors, the same loop, EncodeBatch's threshold
-    del pix
     parts = dict.fromkeys(
         ("decode", "preprocess", "encode", "derivatives", "encode_batch_call", "stage"), 0.0
     )
@@ -467,6 +466,29 @@ def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
         parts["stage"] += time.perf_counter() - t
         images += len(ok)
     shutil.rmtree(workdir / "stage-split", ignore_errors=True)
+    return parts, images
+
+
+def stage_split(cfg, catalog: Path, workdir: Path, sample: int) -> dict:
+    """ms per image of each stage's function on a sample (see the module docstring)."""
+    import torch
+
+    from pipelines.indexing.stages import Columns
+    from pipelines.storage import S3Settings
+
+    if cfg.encode.torch_threads:
+        torch.set_num_threads(cfg.encode.torch_threads)
+    s3 = S3Settings()
+    cols = Columns(metadata=tuple(cfg.source.metadata_columns))
+    ms: dict[str, float] = {}
+    rows = _read_and_validate(cfg, catalog, s3, cols, ms).slice(0, sample)
+    bs = cfg.encode.batch_size
+    pix, before, one_mib = _malloc_comparison(cfg, rows, bs)
+    n_pix = sum(len(x) for x in pix)
+    enc = _encode_batch(cfg, s3)
+    after = _encode_loop(enc.model, pix)  # the same tensors, the same loop, EncodeBatch's threshold
+    del pix
+    parts, images = _time_stages(cfg, enc, rows, workdir)
     ms.update({k: v / images * 1000 for k, v in parts.items()})
     ms["encode_default_malloc"] = before[0]
     ms["encode_1mib_malloc"] = one_mib[0]
@@ -594,7 +616,7 @@ def plot(result: dict, out: Path) -> Path:
         "job end to end (run_index wall)": [m["job"]["end_to_end_images_per_s"] for m in models],
         "job stream (summary images/s)": [m["job"]["images_per_s"] for m in models],
         "job steady (after first batch)": [m["job"]["steady_images_per_s"] for m in models],
-        "model only (blip_ops.bench)": [m["model_only"]["images_per_s"] for m in models],
+        "model only (model_throughput)": [m["model_only"]["images_per_s"] for m in models],
     }
     panels = [
         bar_chart(
@@ -671,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     catalog = ensure_catalog(args.workdir, args.products)
     # Ray first (lancedb must be imported after it forks its workers); its start-up is reported
     # apart from the job's own phases.
-    from pipelines.index_catalog import init_ray
+    from pipelines.runtime.cluster import init_ray
 
     t0 = time.perf_counter()
     init_ray(

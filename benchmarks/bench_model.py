@@ -1,13 +1,14 @@
-"""Model-only throughput on CPU (``blip_ops.bench``) with the command, machine and date attached.
+"""Model-only throughput on CPU (``model_throughput.py``) with the command, machine and date attached.
 
     python benchmarks/bench_model.py [--models blip-base tiny compact] [--batch-size 8]
         [--json benchmarks/results/model-cpu.json]
 
-``blip_ops.bench.run_bench`` in this process, eager and SDPA attention, for each model: BLIP-base
-@384 with random weights (~0.7 s per image on 2 cores: one warm-up and two timed batches, about
-80 s), the tiny test checkpoint and the compact one (``.data/models``, built when missing). The
-JSON holds ``blip_ops.bench``'s rows under ``rows`` with the header of every benchmark here
-(``benchmarks/common.py``), so ``benchmarks/report.py`` can say where and when they were measured.
+``benchmarks.model_throughput.run_bench`` in this process, eager and SDPA attention, for each
+model: BLIP-base @384 with random weights (~0.7 s per image on 2 cores: one warm-up and two timed
+batches, about 80 s), the tiny test checkpoint and the compact one (``.data/models``, built when
+missing). The JSON holds ``run_bench``'s rows under ``rows`` with the header of every benchmark
+here (``benchmarks/common.py``), so ``benchmarks/report.py`` can say where and when they were
+measured.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from benchmarks.bench_index import ensure_model
-    from blip_ops.bench import format_report, run_bench
+    from benchmarks.model_throughput import format_report, run_bench
 
     result = header("model", argv)
     result["rows"] = []

@@ -90,11 +90,11 @@ def git_commit() -> str | None:
         changed = git("status", "--porcelain", "-uno", "--", "blip_ops", "pipelines", "benchmarks")
     except (OSError, subprocess.SubprocessError):
         return None  # not a git checkout (a copied tree on the GPU machine)
-    # The result files and the page renderer are not code any benchmark runs.
+    # The result files and the page renderer (report*.py) are not code any benchmark runs.
     changed = [
         ln
         for ln in changed.splitlines()
-        if "benchmarks/results/" not in ln and not ln.endswith("benchmarks/report.py")
+        if "benchmarks/results/" not in ln and "benchmarks/report" not in ln
     ]
     return commit + ("+changes" if changed else "")
 
@@ -141,6 +141,20 @@ def decode_grid(decode: dict[str, Any]) -> tuple[list[int], dict[str, list[float
     by = {(r["option"], r["target_px"]): r["images_per_s"] for r in decode["rows"]}
     options = dict.fromkeys(r["option"] for r in decode["rows"])
     return sizes, {o: [by.get((o, s)) for s in sizes] for o in options}
+
+
+# ---- generated regions of hand-written pages ----------------------------------------------------
+def replace_between(page: str, begin: str, end: str, block: str) -> str:
+    """``page`` with the text from the ``begin`` marker through the ``end`` marker (both included)
+    replaced by ``block``, which brings its own markers; every other character is left as it is.
+    A missing or misplaced marker raises ValueError naming it (a page is never half rewritten)."""
+    start = page.find(begin)
+    if start < 0:
+        raise ValueError(f"marker {begin!r} not found in the page")
+    stop = page.find(end, start + len(begin))
+    if stop < 0:
+        raise ValueError(f"marker {end!r} not found after {begin!r}")
+    return page[:start] + block + page[stop + len(end) :]
 
 
 def write_json(path: str | Path, result: dict[str, Any]) -> Path:

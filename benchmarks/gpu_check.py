@@ -14,7 +14,7 @@ never a crash):
   encode   BLIP-base and BLIP-large @384 vision tower (``encode_images``: vision + vision_proj +
            normalise, embeddings copied to the host) on random pixels already on the GPU:
            transformers' eager attention vs ``blip_ops.attention`` SDPA vs SDPA + torch.compile,
-           images/s and the share of 790 TFLOP/s at 111 / 382 GFLOP per image (the H200 reference figures in benchmarks/report.py).
+           images/s and the share of 790 TFLOP/s at 111 / 382 GFLOP per image (the H200 reference figures, as in benchmarks/model_throughput.py).
   decode   800x800 JPEGs (synthetic product shots, quality 90) decoded and resized to 384 px:
            PIL plain, PIL + draft and ``blip_ops.decode.decode_image(target_size)`` on all CPU
            cores (one process per core); nvJPEG raw (torchvision ``decode_jpeg`` on CUDA, batches of
@@ -38,6 +38,7 @@ small images; CUDA-only rows say "skipped: no CUDA". It is what CI-class machine
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -206,10 +207,10 @@ def _oom_types():
 
 
 def build(name: str, c: Check, attention: str = "sdpa"):
-    from blip_ops.bench import build_model
+    """A random ``tiny`` / ``blip-base`` / ``blip-large`` on the check's device and dtype."""
+    from blip_ops.tiny_model import make_random_model
 
-    model, info = build_model(name, device=str(c.device), dtype=c.args.dtype, attention=attention)
-    return model, info
+    return make_random_model(name, device=str(c.device), dtype=c.args.dtype, attention=attention)
 
 
 # ---- encode --------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def section_encode(c: Check, plan: dict) -> None:
 
     for name, batches, (warmup, iters) in plan["encode"]:
         try:
-            hf, info = build(name, c)
+            hf = build(name, c)
         except Exception as err:  # noqa: BLE001
             c.fail("encode", name, "build", None, err)
             continue
@@ -271,7 +272,7 @@ def section_compile(c: Check, entries: list) -> None:
     )
     for name, batches, (warmup, iters), need_s in entries:
         try:
-            hf, _ = build(name, c)
+            hf = build(name, c)
         except Exception as err:  # noqa: BLE001
             c.fail("compile", name, "build", None, err)
             continue
@@ -501,156 +502,185 @@ def _blip_ops_gpu_path(
 # ---- text / ITM ----------------------------------------------------------------------------------
 def section_text_itm(c: Check, plan: dict, sections: set[str]):
     """Text and ITM rows; returns the deferred reduce-overhead check (or None)."""
-    from blip_ops.attention import set_attention
-    from blip_ops.bench import ITM_QUERY, synthetic_titles
+    from blip_ops.tiny_model import synthetic_titles
 
     name = plan["query_model"]
     try:
-        hf, _ = build(name, c)
+        hf = build(name, c)
     except Exception as err:  # noqa: BLE001
         c.fail("text", name, "build", None, err)
         return None
-    warmup, iters = plan["query_iters"]
     size = hf.image_settings.size
     titles = synthetic_titles(256, seed=0)
     gen = torch.Generator(device=c.device).manual_seed(1)
     if "text" in sections:
-        for kind in ("eager", "sdpa"):
-            set_attention(hf.model, kind)
-            for bsz in plan["text_batches"]:
-                try:
-                    _, med, _ = timeit(
-                        lambda b=bsz: hf.encode_texts(titles[:b]), c.sync, warmup, iters
-                    )
-                    c.add(
-                        "text",
-                        f"{name} encode_texts",
-                        f"{kind} attention",
-                        bsz,
-                        bsz / med,
-                        "texts/s",
-                        ms=med * 1000,
-                    )
-                except Exception as err:  # noqa: BLE001
-                    c.fail("text", f"{name} encode_texts", kind, bsz, err)
-        set_attention(hf.model, "sdpa")
+        _text_rows(c, plan, hf, titles)
     if "itm" not in sections and "graphs" not in sections:
         return None
     kmax = max(plan["itm_ks"])
     pixels = torch.randn(kmax, 3, size, size, generator=gen, device=c.device, dtype=hf.dtype)
     tokens = hf.encode_images(pixels, return_tokens=True).tokens  # (kmax, N, H)
     if "itm" in sections:
-        for kind in ("eager", "sdpa"):
-            set_attention(hf.model, kind)
-            for k in plan["itm_ks"]:
-                try:
-                    _, med, _ = timeit(
-                        lambda k=k: hf.itm_scores(ITM_QUERY, tokens[:k]), c.sync, warmup, iters
-                    )
-                    c.add(
-                        "itm",
-                        f"{name} ITM 1 query x {k}",
-                        f"vision cached, {kind}",
-                        1,
-                        k / med,
-                        "pairs/s",
-                        ms=med * 1000,
-                    )
-
-                    def recompute(k=k):
-                        t = hf.encode_images(pixels[:k], return_tokens=True).tokens
-                        return hf.itm_scores(ITM_QUERY, t)
-
-                    _, med, _ = timeit(recompute, c.sync, warmup, iters)
-                    c.add(
-                        "itm",
-                        f"{name} ITM 1 query x {k}",
-                        f"vision recomputed, {kind}",
-                        1,
-                        k / med,
-                        "pairs/s",
-                        ms=med * 1000,
-                    )
-                except Exception as err:  # noqa: BLE001
-                    c.fail("itm", f"{name} ITM 1 query x {k}", kind, 1, err)
-        set_attention(hf.model, "sdpa")
-        k = plan["target_k"]
-
-        def whole_query():
-            hf.encode_texts([ITM_QUERY])
-            t = hf.encode_images(pixels[:k], return_tokens=True).tokens
-            return hf.itm_scores(ITM_QUERY, t)
-
-        try:
-            _, med, _ = timeit(whole_query, c.sync, warmup, iters)
-            c.add(
-                "itm",
-                f"{name} whole query: text + vision {k} + ITM {k}",
-                "sdpa, eager launches",
-                1,
-                1 / med,
-                "queries/s",
-                ms=med * 1000,
-                note="target <= 15 ms",
-            )
-        except Exception as err:  # noqa: BLE001
-            c.fail("itm", f"{name} whole query", "sdpa", 1, err)
-        nq = plan["batched_queries"]
-        try:
-            texts = [t for q in titles[:nq] for t in [q] * k]  # each query against its k candidates
-            reps = math.ceil(nq * k / len(tokens))
-            pair_tokens = tokens.repeat(reps, 1, 1)[: nq * k].contiguous()
-            _, med, _ = timeit(
-                lambda: hf.itm_scores(texts, pair_tokens),
-                c.sync,
-                max(1, warmup // 2),
-                max(3, iters // 3),
-            )
-            c.add(
-                "itm",
-                f"{name} ITM batched: {nq} queries x {k} (vision cached)",
-                "sdpa, itm_scores (tokenises all pairs)",
-                nq * k,
-                nq / med,
-                "queries/s",
-                ms=med * 1000,
-                note="target >= 400 queries/s",
-            )
-            # The same scores with each query tokenised once and its rows repeated on the device
-            # (itm_scores tokenises nq*k strings on the CPU: that is its overhead here).
-            m = hf.model
-            image_mask = torch.ones(pair_tokens.shape[:2], dtype=torch.long, device=c.device)
-
-            @torch.inference_mode()
-            def batched_once():
-                enc = hf._tokenize(titles[:nq])
-                ids = enc["input_ids"].repeat_interleave(k, dim=0)
-                att = enc["attention_mask"].repeat_interleave(k, dim=0)
-                h = m.text_encoder(
-                    input_ids=ids,
-                    attention_mask=att,
-                    encoder_hidden_states=pair_tokens,
-                    encoder_attention_mask=image_mask,
-                ).last_hidden_state
-                return m.itm_head(h[:, 0, :])[:, 1].float().cpu()
-
-            diff = float((batched_once() - hf.itm_scores(texts, pair_tokens)).abs().max())
-            _, med, _ = timeit(batched_once, c.sync, max(1, warmup // 2), max(3, iters // 3))
-            c.add(
-                "itm",
-                f"{name} ITM batched: {nq} queries x {k} (vision cached)",
-                "sdpa, queries tokenised once",
-                nq * k,
-                nq / med,
-                "queries/s",
-                ms=med * 1000,
-                note=f"max |diff| vs itm_scores {diff:.2g}",
-            )
-            del pair_tokens
-        except Exception as err:  # noqa: BLE001
-            c.fail("itm", f"{name} ITM batched {nq}x{k}", "sdpa", nq * k, err)
+        _itm_rows(c, plan, hf, pixels, tokens)
+        _whole_query_row(c, plan, hf, pixels)
+        _batched_itm_rows(c, plan, hf, titles, tokens)
     # The model and its tensors stay alive for the deferred check (BLIP-base bf16: < 1 GB).
     return section_graphs(c, plan, hf, pixels, tokens) if "graphs" in sections else None
+
+
+def _text_rows(c: Check, plan: dict, hf, titles: list[str]) -> None:
+    """``encode_texts`` at each text batch size, eager and SDPA attention."""
+    from blip_ops.attention import set_attention
+
+    name = plan["query_model"]
+    warmup, iters = plan["query_iters"]
+    for kind in ("eager", "sdpa"):
+        set_attention(hf.model, kind)
+        for bsz in plan["text_batches"]:
+            try:
+                _, med, _ = timeit(
+                    lambda b=bsz: hf.encode_texts(titles[:b]), c.sync, warmup, iters
+                )
+                c.add(
+                    "text",
+                    f"{name} encode_texts",
+                    f"{kind} attention",
+                    bsz,
+                    bsz / med,
+                    "texts/s",
+                    ms=med * 1000,
+                )
+            except Exception as err:  # noqa: BLE001
+                c.fail("text", f"{name} encode_texts", kind, bsz, err)
+    set_attention(hf.model, "sdpa")
+
+
+def _itm_rows(c: Check, plan: dict, hf, pixels, tokens) -> None:
+    """ITM of one query against k candidates, vision tokens cached and recomputed."""
+    from blip_ops.attention import set_attention
+    from blip_ops.tiny_model import ITM_QUERY
+
+    name = plan["query_model"]
+    warmup, iters = plan["query_iters"]
+    for kind in ("eager", "sdpa"):
+        set_attention(hf.model, kind)
+        for k in plan["itm_ks"]:
+            try:
+                _, med, _ = timeit(
+                    lambda k=k: hf.itm_scores(ITM_QUERY, tokens[:k]), c.sync, warmup, iters
+                )
+                c.add(
+                    "itm",
+                    f"{name} ITM 1 query x {k}",
+                    f"vision cached, {kind}",
+                    1,
+                    k / med,
+                    "pairs/s",
+                    ms=med * 1000,
+                )
+
+                def recompute(k=k):
+                    t = hf.encode_images(pixels[:k], return_tokens=True).tokens
+                    return hf.itm_scores(ITM_QUERY, t)
+
+                _, med, _ = timeit(recompute, c.sync, warmup, iters)
+                c.add(
+                    "itm",
+                    f"{name} ITM 1 query x {k}",
+                    f"vision recomputed, {kind}",
+                    1,
+                    k / med,
+                    "pairs/s",
+                    ms=med * 1000,
+                )
+            except Exception as err:  # noqa: BLE001
+                c.fail("itm", f"{name} ITM 1 query x {k}", kind, 1, err)
+    set_attention(hf.model, "sdpa")
+
+
+def _whole_query_row(c: Check, plan: dict, hf, pixels) -> None:
+    """The whole one-query path with eager launches: text encode + vision of k + ITM of k."""
+    from blip_ops.tiny_model import ITM_QUERY
+
+    name, k = plan["query_model"], plan["target_k"]
+    warmup, iters = plan["query_iters"]
+
+    def whole_query():
+        hf.encode_texts([ITM_QUERY])
+        t = hf.encode_images(pixels[:k], return_tokens=True).tokens
+        return hf.itm_scores(ITM_QUERY, t)
+
+    try:
+        _, med, _ = timeit(whole_query, c.sync, warmup, iters)
+        c.add(
+            "itm",
+            f"{name} whole query: text + vision {k} + ITM {k}",
+            "sdpa, eager launches",
+            1,
+            1 / med,
+            "queries/s",
+            ms=med * 1000,
+            note="target <= 15 ms",
+        )
+    except Exception as err:  # noqa: BLE001
+        c.fail("itm", f"{name} whole query", "sdpa", 1, err)
+
+
+def _batched_itm_rows(c: Check, plan: dict, hf, titles: list[str], tokens) -> None:
+    """nq queries x k cached candidates in one call: through ``itm_scores`` (it tokenises every
+    pair on the CPU), and with each query tokenised once and its rows repeated on the device."""
+    name, k, nq = plan["query_model"], plan["target_k"], plan["batched_queries"]
+    warmup, iters = plan["query_iters"]
+    try:
+        texts = [t for q in titles[:nq] for t in [q] * k]  # each query against its k candidates
+        reps = math.ceil(nq * k / len(tokens))
+        pair_tokens = tokens.repeat(reps, 1, 1)[: nq * k].contiguous()
+        _, med, _ = timeit(
+            lambda: hf.itm_scores(texts, pair_tokens),
+            c.sync,
+            max(1, warmup // 2),
+            max(3, iters // 3),
+        )
+        c.add(
+            "itm",
+            f"{name} ITM batched: {nq} queries x {k} (vision cached)",
+            "sdpa, itm_scores (tokenises all pairs)",
+            nq * k,
+            nq / med,
+            "queries/s",
+            ms=med * 1000,
+            note="target >= 400 queries/s",
+        )
+        m = hf.model
+        image_mask = torch.ones(pair_tokens.shape[:2], dtype=torch.long, device=c.device)
+
+        @torch.inference_mode()
+        def batched_once():
+            enc = hf._tokenize(titles[:nq])
+            ids = enc["input_ids"].repeat_interleave(k, dim=0)
+            att = enc["attention_mask"].repeat_interleave(k, dim=0)
+            h = m.text_encoder(
+                input_ids=ids,
+                attention_mask=att,
+                encoder_hidden_states=pair_tokens,
+                encoder_attention_mask=image_mask,
+            ).last_hidden_state
+            return m.itm_head(h[:, 0, :])[:, 1].float().cpu()
+
+        diff = float((batched_once() - hf.itm_scores(texts, pair_tokens)).abs().max())
+        _, med, _ = timeit(batched_once, c.sync, max(1, warmup // 2), max(3, iters // 3))
+        c.add(
+            "itm",
+            f"{name} ITM batched: {nq} queries x {k} (vision cached)",
+            "sdpa, queries tokenised once",
+            nq * k,
+            nq / med,
+            "queries/s",
+            ms=med * 1000,
+            note=f"max |diff| vs itm_scores {diff:.2g}",
+        )
+    except Exception as err:  # noqa: BLE001
+        c.fail("itm", f"{name} ITM batched {nq}x{k}", "sdpa", nq * k, err)
 
 
 def _capture(fn, args, c: Check):
@@ -690,28 +720,15 @@ def _eager_capture(fn, args, c: Check):
     return g, g.out
 
 
-def section_graphs(c: Check, plan: dict, hf, pixels, tokens):
+def _graph_cases(c: Check, plan: dict, hf, pixels, tokens) -> dict:
+    """The batch-1 paths as functions of static input tensors, for capture:
+    {key: (fn, static inputs, refresh: a new query's tokens copied into those inputs)}."""
     import torch.nn.functional as F
 
-    from blip_ops.bench import ITM_QUERY
+    from blip_ops.tiny_model import ITM_QUERY
 
     k = plan["target_k"]
-    name = plan["query_model"]
-    what = {
-        "text": f"{name} encode_texts",
-        "itm": f"{name} ITM 1 query x {k}",
-        "query": f"{name} whole query: text + vision {k} + ITM {k}",
-    }
-    smoke = c.device.type != "cuda"
-    capture = _eager_capture if smoke else _capture
-    graph_label = "eager stand-in for a CUDA graph (no CUDA)" if smoke else "CUDA graph replay"
-    compile_label = (
-        'torch.compile(backend="eager") stand-in (no CUDA)'
-        if smoke
-        else 'torch.compile(mode="reduce-overhead")'
-    )
     m = hf.model
-    warmup, iters = plan["query_iters"]
     enc = hf._tokenize([ITM_QUERY])  # the query's own length: graphs are per shape (bucket them)
     ids, mask = enc["input_ids"].clone(), enc["attention_mask"].clone()
     ids_k, mask_k = ids.expand(k, -1).contiguous(), mask.expand(k, -1).contiguous()
@@ -738,7 +755,7 @@ def section_graphs(c: Check, plan: dict, hf, pixels, tokens):
         dst_ids.copy_(e["input_ids"].expand_as(dst_ids))
         dst_mask.copy_(e["attention_mask"].expand_as(dst_mask))
 
-    cases = {
+    return {
         "text": (text_fn, (ids, mask), lambda: tokenize_into(ids, mask)),
         "itm": (itm_fn, (ids_k, mask_k, toks, img_mask), lambda: tokenize_into(ids_k, mask_k)),
         "query": (
@@ -747,91 +764,113 @@ def section_graphs(c: Check, plan: dict, hf, pixels, tokens):
             lambda: (tokenize_into(ids, mask), tokenize_into(ids_k, mask_k)),
         ),
     }
+
+
+def _graph_row(c: Check, plan: dict, key: str, case: tuple, what: str, label: str) -> None:
+    """One path captured (a CUDA graph, or its eager stand-in with --smoke), checked against the
+    eager result, and timed replaying with a new query's tokens each time."""
+    fn, args, refresh = case
+    k = plan["target_k"]
+    warmup, iters = plan["query_iters"]
+    capture = _eager_capture if c.device.type != "cuda" else _capture
+    try:
+        eager_out = fn(*args)
+        graph, out = capture(fn, args, c)
+
+        def step(g=graph, o=out, r=refresh):
+            r()
+            g.replay()
+            return [x.cpu() for x in (o if isinstance(o, tuple) else (o,))]
+
+        step()
+        got = out if isinstance(out, tuple) else (out,)
+        ref = eager_out if isinstance(eager_out, tuple) else (eager_out,)
+        err = max(
+            float((a.float() - b.float()).abs().max()) for a, b in zip(got, ref, strict=True)
+        )
+        _, med, _ = timeit(step, c.sync, warmup, iters)
+        value, unit = (
+            (k / med, "pairs/s")
+            if key == "itm"
+            else (1 / med, "queries/s" if key == "query" else "texts/s")
+        )
+        c.add(
+            "graphs",
+            what,
+            label,
+            1,
+            value,
+            unit,
+            ms=med * 1000,
+            note=f"max |graph - eager| {err:.2g}" + ("; target <= 15 ms" if key == "query" else ""),
+        )
+        del graph
+    except Exception as err:  # noqa: BLE001
+        c.fail("graphs", what, label, 1, err)
+
+
+def _reduce_overhead(c: Check, plan: dict, case: tuple, what: str) -> None:
+    """The whole query through torch.compile(mode="reduce-overhead"): run later, after the
+    figures the targets need, since it compiles for a minute or more."""
+    smoke = c.device.type != "cuda"
+    label = (
+        'torch.compile(backend="eager") stand-in (no CUDA)'
+        if smoke
+        else 'torch.compile(mode="reduce-overhead")'
+    )
+    need = plan["reduce_overhead_s"]
+    if c.left() < need:
+        c.skip("graphs", what, label, 1, f"skipped: {c.left():.0f} s of --budget-s left, needs ~{need} s")
+        return
+    query_fn, args, refresh = case
+    warmup, iters = plan["query_iters"]
+    try:
+        torch._dynamo.reset()
+        compiled = (
+            torch.compile(query_fn, backend="eager", dynamic=False)
+            if smoke
+            else torch.compile(query_fn, mode="reduce-overhead", dynamic=False)
+        )
+
+        @torch.inference_mode()
+        def step_c():
+            refresh()
+            emb, scores = compiled(*args)
+            return emb.cpu(), scores.cpu()
+
+        _, med, first = timeit(step_c, c.sync, warmup + 2, iters)
+        c.add(
+            "graphs",
+            what,
+            label,
+            1,
+            1 / med,
+            "queries/s",
+            ms=med * 1000,
+            note=f"compile {first:.0f} s; target <= 15 ms",
+        )
+    except Exception as err:  # noqa: BLE001
+        c.fail("graphs", what, label, 1, err)
+    finally:
+        torch._dynamo.reset()
+
+
+def section_graphs(c: Check, plan: dict, hf, pixels, tokens):
+    """The batch-1 paths replayed from CUDA graphs; returns the deferred reduce-overhead check."""
+    k = plan["target_k"]
+    name = plan["query_model"]
+    what = {
+        "text": f"{name} encode_texts",
+        "itm": f"{name} ITM 1 query x {k}",
+        "query": f"{name} whole query: text + vision {k} + ITM {k}",
+    }
+    smoke = c.device.type != "cuda"
+    label = "eager stand-in for a CUDA graph (no CUDA)" if smoke else "CUDA graph replay"
+    cases = _graph_cases(c, plan, hf, pixels, tokens)
     with torch.inference_mode():
-        for key, (fn, args, refresh) in cases.items():
-            try:
-                eager_out = fn(*args)
-                graph, out = capture(fn, args, c)
-
-                def step(g=graph, o=out, r=refresh):
-                    r()
-                    g.replay()
-                    return [x.cpu() for x in (o if isinstance(o, tuple) else (o,))]
-
-                step()
-                got = out if isinstance(out, tuple) else (out,)
-                ref = eager_out if isinstance(eager_out, tuple) else (eager_out,)
-                err = max(
-                    float((a.float() - b.float()).abs().max())
-                    for a, b in zip(got, ref, strict=True)
-                )
-                _, med, _ = timeit(step, c.sync, warmup, iters)
-                unit_val = (
-                    (k / med, "pairs/s")
-                    if key == "itm"
-                    else (1 / med, "queries/s" if key == "query" else "texts/s")
-                )
-                c.add(
-                    "graphs",
-                    what[key],
-                    graph_label,
-                    1,
-                    unit_val[0],
-                    unit_val[1],
-                    ms=med * 1000,
-                    note=f"max |graph - eager| {err:.2g}"
-                    + ("; target <= 15 ms" if key == "query" else ""),
-                )
-                del graph
-            except Exception as err:  # noqa: BLE001
-                c.fail("graphs", what[key], graph_label, 1, err)
-
-    def reduce_overhead() -> None:
-        """The whole query through torch.compile(mode="reduce-overhead"): run later, after the
-        figures the targets need, since it compiles for a minute or more."""
-        need = plan["reduce_overhead_s"]
-        if c.left() < need:
-            c.skip(
-                "graphs",
-                what["query"],
-                compile_label,
-                1,
-                f"skipped: {c.left():.0f} s of --budget-s left, needs ~{need} s",
-            )
-            return
-        args = cases["query"][1]
-        try:
-            torch._dynamo.reset()
-            compiled = (
-                torch.compile(query_fn, backend="eager", dynamic=False)
-                if smoke
-                else torch.compile(query_fn, mode="reduce-overhead", dynamic=False)
-            )
-
-            @torch.inference_mode()
-            def step_c():
-                tokenize_into(ids, mask)
-                tokenize_into(ids_k, mask_k)
-                emb, scores = compiled(*args)
-                return emb.cpu(), scores.cpu()
-
-            _, med, first = timeit(step_c, c.sync, warmup + 2, iters)
-            c.add(
-                "graphs",
-                what["query"],
-                compile_label,
-                1,
-                1 / med,
-                "queries/s",
-                ms=med * 1000,
-                note=f"compile {first:.0f} s; target <= 15 ms",
-            )
-        except Exception as err:  # noqa: BLE001
-            c.fail("graphs", what["query"], compile_label, 1, err)
-        finally:
-            torch._dynamo.reset()
-
-    return reduce_overhead
+        for key, case in cases.items():
+            _graph_row(c, plan, key, case, what[key], label)
+    return functools.partial(_reduce_overhead, c, plan, cases["query"], what["query"])
 
 
 # ---- report --------------------------------------------------------------------------------------

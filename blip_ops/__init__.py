@@ -1,11 +1,12 @@
 """blip_ops: the BLIP model library of blip-catalog-search (no Ray).
 
-The core (loading, preprocessing, encoders, ITM, re-ranking, losses, train step, bench) imports
+The core (loading, preprocessing, encoders, ITM, re-ranking, losses, train step) imports
 only torch, transformers, PIL and numpy, so it runs on a GPU machine that has nothing else.
 """
 
 from blip_ops.decode import ImageDecodeError, decode_batch, decode_image
-from blip_ops.family import ImageEncoding, ImageSettings, RetrievalModel, load_model
+from blip_ops.family import ImageEncoding, ImageSettings, RetrievalModel
+from blip_ops.loading import load_model
 from blip_ops.losses import (
     gather_features,
     itc_loss,

@@ -1,5 +1,7 @@
 """Small random BLIP retrieval checkpoints, made offline in seconds: for tests, CI, the demo and
-training from scratch on a CPU.
+training from scratch on a CPU; and the one factory of random BLIP models, the published
+BLIP-base / BLIP-large architectures included (the benchmarks time them: speed does not depend on
+the weights, and none can be downloaded here).
 
     python -m blip_ops.tiny_model --out DIR [--seed S] [--preset tiny|small]
         [--vocab-corpus TITLES.txt|.parquet [--vocab-size N]]
@@ -23,6 +25,9 @@ No weights can be downloaded here, so every test that needs "a BLIP" builds the 
   ``tests/test_hf_blip.py`` checks that they are.
 - ``BertTokenizerFast(vocab_file=...)`` in transformers 5.24 silently loads a 5-token vocabulary.
   We build a ``BertTokenizer`` from a vocab dict and ``save_pretrained`` it; tests check the size.
+
+:func:`synthetic_titles` and :data:`ITM_QUERY` are the catalog-like inputs the benchmarks feed
+these models (``benchmarks/model_throughput.py``, ``benchmarks/gpu_check.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import re
 import string
 import sys
@@ -182,21 +188,111 @@ def tiny_config(vocab_size: int, image_size: int = 64, preset: str = "tiny"):
     )
 
 
+# The published architectures, random weights: blip-itm-base-coco / blip-itm-large-coco shapes.
+PUBLISHED = ("blip-base", "blip-large")
+ARCHITECTURES = (*PRESETS, *PUBLISHED)
+_PATCH = {"tiny": 8, "small": 8, "blip-base": 16, "blip-large": 16}
+_DEFAULT_SIZE = {"tiny": 64, "small": 64, "blip-base": 384, "blip-large": 384}
+
+
+def published_config(name: str, image_size: int = 384):
+    """The BlipConfig of a published architecture (``blip-base`` or ``blip-large``)."""
+    from transformers import BlipConfig
+
+    if name == "blip-base":  # BlipConfig() defaults = blip-itm-base-coco: ViT-B/16, 768 hidden, 256-d
+        return BlipConfig(vision_config={"image_size": image_size})
+    if name != "blip-large":
+        raise ValueError(f"unknown published architecture {name!r}; expected one of {PUBLISHED}")
+    # blip-itm-large-coco: ViT-L/16 vision tower, BERT-base text encoder cross-attending to 1024-d tokens
+    return BlipConfig(
+        vision_config={
+            "image_size": image_size,
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 4096,
+        },
+        text_config={"encoder_hidden_size": 1024},
+    )
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """A ViT's input side must be a whole number of patches."""
+    patch = _PATCH[name]
+    if image_size <= 0 or image_size % patch:
+        raise ValueError(
+            f"image size must be a positive multiple of {name}'s patch size {patch}, got {image_size}"
+        )
+
+
+def random_network(
+    name: str = "tiny",
+    *,
+    seed: int = 0,
+    image_size: int | None = None,
+    extra_words: Iterable[str] = (),
+    device: str | torch.device = "cpu",
+):
+    """(transformers ``BlipForImageTextRetrieval`` in eval mode, tokenizer, ImageSettings) of a
+    seeded random BLIP, before :class:`~blip_ops.hf_blip.HFBlipModel` wraps it.
+
+    ``name`` is a preset (``tiny``, ``small``: built on the CPU in fp32, so a seed gives the same
+    weights and model id on every machine) or a published architecture (``blip-base``,
+    ``blip-large``: built on ``device``, where the random init of 224M / 470M parameters is
+    seconds on a CPU and instant on a GPU). ``image_size`` None takes the default (64 / 384 px).
+    """
+    from transformers import BlipForImageTextRetrieval
+
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {ARCHITECTURES}")
+    size = _DEFAULT_SIZE[name] if image_size is None else image_size
+    check_image_size(name, size)
+    image_settings = ImageSettings(size=size, mean=CLIP_MEAN, std=CLIP_STD)
+    if name in PRESETS:
+        tokenizer = build_tokenizer(build_vocab(extra_words))
+        torch.manual_seed(seed)
+        net = BlipForImageTextRetrieval(tiny_config(len(tokenizer), size, name))
+        return net.eval(), tokenizer, image_settings
+    config = published_config(name, size)
+    torch.manual_seed(seed)
+    try:
+        with torch.device(device):
+            net = BlipForImageTextRetrieval(config)
+    except RuntimeError as err:  # pragma: no cover - depends on the device
+        logger.warning("building %s on %s failed (%s); building on CPU", name, device, err)
+        net = BlipForImageTextRetrieval(config)
+    return net.eval(), build_tokenizer(build_vocab(extra_words)), image_settings
+
+
+def make_random_model(
+    name: str = "tiny",
+    *,
+    seed: int = 0,
+    image_size: int | None = None,
+    extra_words: Iterable[str] = (),
+    device: str = "cpu",
+    dtype: str = "float32",
+    attention: str = "sdpa",
+):
+    """A seeded random :class:`~blip_ops.hf_blip.HFBlipModel` of ``name`` (see
+    :func:`random_network`), moved to ``device``/``dtype`` with ``attention``."""
+    from blip_ops.hf_blip import HFBlipModel
+
+    net, tokenizer, image_settings = random_network(
+        name, seed=seed, image_size=image_size, extra_words=extra_words, device=device
+    )
+    return HFBlipModel(
+        net, tokenizer, image_settings, TextSettings(), device=device, dtype=dtype, attention=attention
+    )
+
+
 def make_tiny_model(
     seed: int = 0, image_size: int = 64, preset: str = "tiny", extra_words: Iterable[str] = ()
 ):
     """Build (but do not save) a seeded random :class:`~blip_ops.hf_blip.HFBlipModel` on CPU."""
-    from transformers import BlipForImageTextRetrieval
-
-    from blip_ops.hf_blip import HFBlipModel
-
-    tokenizer = build_tokenizer(build_vocab(extra_words))
-    torch.manual_seed(seed)
-    model = BlipForImageTextRetrieval(tiny_config(len(tokenizer), image_size, preset)).eval()
-    image_settings = ImageSettings(size=image_size, mean=CLIP_MEAN, std=CLIP_STD)
-    return HFBlipModel(
-        model, tokenizer, image_settings, TextSettings(), device="cpu", dtype="float32"
-    )
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    return make_random_model(preset, seed=seed, image_size=image_size, extra_words=extra_words)
 
 
 def write_tiny_model(
@@ -219,6 +315,41 @@ def write_tiny_model(
         "tiny model %s written to %s in %.1fs", model.model_id, path, time.perf_counter() - started
     )
     return path
+
+
+# ---- synthetic inputs ----------------------------------------------------------------------------
+ITM_QUERY = "modern light luxury sofa grey linen"  # a typical short shopper query
+
+_STYLE = ("simple", "modern", "light", "luxury", "nordic", "vintage", "premium", "new", "hot sale",
+          "official", "genuine", "original", "minimalist")  # fmt: skip
+_PINYIN = ("er tong", "hua xing che", "jian yue", "xian dai", "qing she", "fang ce fan", "niu niu che",
+           "nan", "nv", "bao", "yi fu", "zhen si", "mian ma", "pi xie", "shu bao")  # fmt: skip
+_NOUN = ("sofa", "chair", "table lamp", "backpack", "stroller", "scooter", "dress", "shirt", "jacket",
+         "watch", "phone case", "kettle", "mug", "sneakers", "pillow", "blanket", "handbag", "desk")  # fmt: skip
+_COLOUR = ("grey", "red", "navy blue", "black", "white", "beige", "pink", "green", "brown", "gold")
+_MATERIAL = ("linen", "cotton", "leather", "wool", "silk", "steel", "wooden", "ceramic", "velvet")
+_EXTRA = ("for kids", "for women", "for men", "3 pcs set", "xl", "free shipping", "home office",
+          "1-3 sui", "summer", "winter", "")  # fmt: skip
+
+
+def synthetic_titles(n: int, seed: int = 0) -> list[str]:
+    """``n`` catalog-like titles in English and pinyin, e.g. 'simple modern light luxury sofa te04
+    grey linen'. ASCII only, so normalisation never needs pypinyin."""
+    rng = random.Random(seed)
+    titles = []
+    for _ in range(n):
+        code = "".join(rng.choice("abcdefghkmnprstwxz") for _ in range(2)) + f"{rng.randrange(100):02d}"
+        words = [
+            *rng.sample(_STYLE, rng.randint(1, 3)),
+            *([rng.choice(_PINYIN)] if rng.random() < 0.6 else []),
+            rng.choice(_NOUN),
+            code,
+            rng.choice(_COLOUR),
+            rng.choice(_MATERIAL),
+            rng.choice(_EXTRA),
+        ]
+        titles.append(" ".join(w for w in words if w))
+    return titles
 
 
 def main(argv: list[str] | None = None) -> int:

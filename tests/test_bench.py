@@ -1,4 +1,5 @@
-"""blip_ops.bench on the tiny model: figures, both attentions, JSON output, errors, imports."""
+"""benchmarks/model_throughput.py on the tiny model: figures, both attentions, JSON output, errors,
+imports; the random-model factory it shares with gpu_check.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from blip_ops.bench import FIGURES, format_report, main, run_bench, synthetic_titles
+from benchmarks.model_throughput import FIGURES, format_report, main, run_bench
+from blip_ops.tiny_model import make_random_model, make_tiny_model, synthetic_titles
 
 QUICK = ["--batch-size", "2", "3", "--warmup", "1", "--iters", "1", "--itm-candidates", "5"]
 REPO = Path(__file__).resolve().parents[1]
@@ -86,10 +88,21 @@ def test_synthetic_titles_are_ascii_and_seeded():
     assert all(t.isascii() and 5 <= len(t.split()) <= 20 for t in titles)
 
 
+def test_random_model_factory_names_and_sizes():
+    tiny = make_random_model("tiny", seed=0)
+    assert tiny.model_id == make_tiny_model(seed=0).model_id  # one factory, the same weights
+    assert (tiny.device.type, tiny.image_settings.size) == ("cpu", 64)
+    with pytest.raises(ValueError, match="patch size 8, got 60"):
+        make_random_model("tiny", image_size=60)
+    with pytest.raises(ValueError, match="'blip-huge'"):
+        make_random_model("blip-huge")
+
+
 def test_import_pulls_in_no_pipeline_dependencies():
     code = (
-        "import sys, blip_ops.bench; "
-        "bad = [m for m in ('ray', 'pydantic', 'yaml', 'pypinyin') if m in sys.modules]; "
+        "import sys, benchmarks.model_throughput, blip_ops.tiny_model; "
+        "bad = [m for m in ('ray', 'pydantic', 'yaml', 'pypinyin', 'lancedb', 'pyarrow') "
+        "if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

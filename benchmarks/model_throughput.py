@@ -1,6 +1,6 @@
 """Model-only throughput of a BLIP retrieval model: vision tower, text encoder, ITM re-rank.
 
-    python -m blip_ops.bench [--model PATH|tiny|blip-base|blip-large] [--batch-size N ...]
+    python benchmarks/model_throughput.py [--model PATH|tiny|blip-base|blip-large] [--batch-size N ...]
         [--device D] [--dtype T] [--attention eager|sdpa|both] [--image-size S] [--iters N]
         [--warmup N] [--itm-candidates K] [--compile] [--json FILE]
 
@@ -15,7 +15,7 @@ Per (attention, batch size) it measures
   re-rank cost per query when candidate tokens are cached (independent of the batch size).
 
 ``blip-base`` / ``blip-large`` are the published architectures with random weights (speed does not
-depend on the weights), so no download is needed.
+depend on the weights), so no download is needed; ``blip_ops.tiny_model`` builds them.
 """
 
 from __future__ import annotations
@@ -25,30 +25,25 @@ import json
 import logging
 import math
 import platform
-import random
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blip_ops.attention import ATTENTION_KINDS, set_attention
-from blip_ops.family import (
-    CLIP_MEAN,
-    CLIP_STD,
-    ImageSettings,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-)
+import torch  # noqa: E402
+
+from blip_ops.attention import ATTENTION_KINDS, set_attention  # noqa: E402
+from blip_ops.family import resolve_device, resolve_dtype  # noqa: E402
+from blip_ops.tiny_model import ITM_QUERY, synthetic_titles  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 NAMED_MODELS = ("tiny", "blip-base", "blip-large")
 ATTENTION_CHOICES = (*ATTENTION_KINDS, "both")
-# CLIP normalisation, which BLIP checkpoints use.
 # Default batch sizes. On 2 CPU cores BLIP-base @384 fp32 takes ~0.7 s per image, so CPU stays small.
 CUDA_BATCH_SIZES = (64, 128, 256, 512)
 CPU_BATCH_SIZES = (8,)
@@ -68,67 +63,52 @@ FIGURES = (
     "itm_ms_per_query",
 )
 _OOM = getattr(torch, "OutOfMemoryError", RuntimeError)  # torch.cuda.OutOfMemoryError's public name
-ITM_QUERY = "modern light luxury sofa grey linen"  # a typical short shopper query
-
-_STYLE = ("simple", "modern", "light", "luxury", "nordic", "vintage", "premium", "new", "hot sale",
-          "official", "genuine", "original", "minimalist")
-_PINYIN = ("er tong", "hua xing che", "jian yue", "xian dai", "qing she", "fang ce fan", "niu niu che",
-           "nan", "nv", "bao", "yi fu", "zhen si", "mian ma", "pi xie", "shu bao")
-_NOUN = ("sofa", "chair", "table lamp", "backpack", "stroller", "scooter", "dress", "shirt", "jacket",
-         "watch", "phone case", "kettle", "mug", "sneakers", "pillow", "blanket", "handbag", "desk")
-_COLOUR = ("grey", "red", "navy blue", "black", "white", "beige", "pink", "green", "brown", "gold")
-_MATERIAL = ("linen", "cotton", "leather", "wool", "silk", "steel", "wooden", "ceramic", "velvet")
-_EXTRA = ("for kids", "for women", "for men", "3 pcs set", "xl", "free shipping", "home office",
-          "1-3 sui", "summer", "winter", "")
 
 
 class BenchError(ValueError):
     """A bad benchmark setting (model, device, batch size ...); the CLI exits 2 on it."""
 
 
-# ---- inputs --------------------------------------------------------------------------------------
-def synthetic_titles(n: int, seed: int = 0) -> list[str]:
-    """``n`` catalog-like titles in English and pinyin, e.g. 'simple modern light luxury sofa te04
-    grey linen'. ASCII only, so normalisation never needs pypinyin."""
-    rng = random.Random(seed)
-    titles = []
-    for _ in range(n):
-        code = "".join(rng.choice("abcdefghkmnprstwxz") for _ in range(2)) + f"{rng.randrange(100):02d}"
-        words = [
-            *rng.sample(_STYLE, rng.randint(1, 3)),
-            *([rng.choice(_PINYIN)] if rng.random() < 0.6 else []),
-            rng.choice(_NOUN),
-            code,
-            rng.choice(_COLOUR),
-            rng.choice(_MATERIAL),
-            rng.choice(_EXTRA),
-        ]
-        titles.append(" ".join(w for w in words if w))
-    return titles
-
-
 # ---- model ---------------------------------------------------------------------------------------
-def _named_config(name: str, image_size: int):
-    from transformers import BlipConfig
+def _random_model(name: str, dev: torch.device, dtype: str, attention: str,
+                  image_size: int | None, seed: int):
+    """A named random model and how long its construction and its wrap took."""
+    from blip_ops.hf_blip import HFBlipModel
+    from blip_ops.tiny_model import random_network
 
-    if name == "blip-base":  # BlipConfig() defaults = blip-itm-base-coco: ViT-B/16, 768 hidden, 256-d
-        return BlipConfig(vision_config={"image_size": image_size})
-    # blip-itm-large-coco: ViT-L/16 vision tower, BERT-base text encoder cross-attending to 1024-d tokens
-    return BlipConfig(
-        vision_config={
-            "image_size": image_size,
-            "hidden_size": 1024,
-            "num_hidden_layers": 24,
-            "num_attention_heads": 16,
-            "intermediate_size": 4096,
-        },
-        text_config={"encoder_hidden_size": 1024},
-    )
+    started = time.perf_counter()
+    try:
+        net, tokenizer, image_settings = random_network(
+            name, seed=seed, image_size=image_size, device=dev
+        )
+    except ValueError as err:  # an image size that is no whole number of patches
+        raise BenchError(f"--image-size: {err}") from err
+    construct_s = time.perf_counter() - started
+    t0 = time.perf_counter()
+    model = HFBlipModel(net, tokenizer, image_settings, device=str(dev), dtype=dtype,
+                        attention=attention)
+    return model, construct_s, time.perf_counter() - t0
 
 
-def _check_image_size(image_size: int, patch: int, what: str) -> None:
-    if image_size <= 0 or image_size % patch:
-        raise BenchError(f"--image-size must be a positive multiple of {what}'s patch size {patch}, got {image_size}")
+def _checkpoint(name: str, dev: torch.device, dtype: str, attention: str, image_size: int | None):
+    from blip_ops import load_model
+
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise BenchError(
+            f"--model got {name!r}: not a checkpoint directory nor one of {', '.join(NAMED_MODELS)}"
+        )
+    try:
+        model = load_model(path, device=str(dev), dtype=dtype, attention=attention)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise BenchError(f"--model got {name!r}: cannot load it as a checkpoint: {err}") from err
+    if not hasattr(model, "model") or not hasattr(model.model, "vision_model"):
+        raise BenchError(f"--model got {name!r}: a {type(model).__name__}, the bench needs an HF BLIP model")
+    if image_size is not None and image_size != model.image_settings.size:
+        raise BenchError(
+            f"--image-size {image_size} given, but checkpoint {name!r} takes {model.image_settings.size} px"
+        )
+    return model
 
 
 def build_model(
@@ -145,11 +125,6 @@ def build_model(
     ``info`` says what was built and how long it took (``construct_s``: the transformers module with
     its random init; ``wrap_s``: HFBlipModel's weights digest and the move to device/dtype).
     """
-    from transformers import BlipForImageTextRetrieval
-
-    from blip_ops.hf_blip import HFBlipModel
-    from blip_ops.tiny_model import build_tokenizer, make_tiny_model
-
     name = str(spec)
     try:
         dev = resolve_device(device)
@@ -157,57 +132,14 @@ def build_model(
     except (ValueError, RuntimeError) as err:
         raise BenchError(str(err)) from err
     started = time.perf_counter()
-    if name == "tiny":
-        size = image_size or 64
-        _check_image_size(size, 8, "the tiny model")
-        tiny = make_tiny_model(seed, image_size=size)  # seeded, fp32 on CPU
-        construct_s = time.perf_counter() - started
-        t0 = time.perf_counter()
-        model = HFBlipModel(tiny.model, tiny.tokenizer, tiny.image_settings, tiny.text_settings,
-                            device=str(dev), dtype=dtype, attention=attention)
-        wrap_s = time.perf_counter() - t0
-        random_weights = True
-    elif name in ("blip-base", "blip-large"):
-        size = image_size or 384
-        _check_image_size(size, 16, name)
-        config = _named_config(name, size)
-        torch.manual_seed(seed)
-        try:
-            # Initialising on the target device: the random init of 224M (base) / 470M (large)
-            # parameters is seconds on CPU and instant on a GPU.
-            with torch.device(dev):
-                net = BlipForImageTextRetrieval(config)
-        except RuntimeError as err:  # pragma: no cover - depends on the device
-            logger.warning("building %s on %s failed (%s); building on CPU", name, dev, err)
-            net = BlipForImageTextRetrieval(config)
-        construct_s = time.perf_counter() - started
-        t0 = time.perf_counter()
-        image_settings = ImageSettings(size=size, mean=CLIP_MEAN, std=CLIP_STD)
-        model = HFBlipModel(net.eval(), build_tokenizer(), image_settings,
-                            device=str(dev), dtype=dtype, attention=attention)
-        wrap_s = time.perf_counter() - t0
-        random_weights = True
+    if name in NAMED_MODELS:
+        model, construct_s, wrap_s = _random_model(name, dev, dtype, attention, image_size, seed)
     else:
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            raise BenchError(
-                f"--model got {name!r}: not a checkpoint directory nor one of {', '.join(NAMED_MODELS)}"
-            )
-        try:
-            model = load_model(path, device=str(dev), dtype=dtype, attention=attention)
-        except (OSError, ValueError, RuntimeError) as err:
-            raise BenchError(f"--model got {name!r}: cannot load it as a checkpoint: {err}") from err
-        if not hasattr(model, "model") or not hasattr(model.model, "vision_model"):
-            raise BenchError(f"--model got {name!r}: a {type(model).__name__}, the bench needs an HF BLIP model")
-        if image_size is not None and image_size != model.image_settings.size:
-            raise BenchError(
-                f"--image-size {image_size} given, but checkpoint {name!r} takes {model.image_settings.size} px"
-            )
+        model = _checkpoint(name, dev, dtype, attention, image_size)
         construct_s, wrap_s = time.perf_counter() - started, None
-        random_weights = False
     info = {
         "model": name,
-        "random_weights": random_weights,
+        "random_weights": name in NAMED_MODELS,
         "construct_s": round(construct_s, 3),
         "wrap_s": None if wrap_s is None else round(wrap_s, 3),
         "build_s": round(time.perf_counter() - started, 3),
@@ -255,16 +187,6 @@ def _timer(fn: Callable[[], Any], warmup: int, iters: int, sync: Callable[[], No
     return total / iters, first
 
 
-def _measure_batch(hf, bsz: int, titles: list[str], gen: torch.Generator, warmup: int, iters: int,
-                   sync: Callable[[], None]) -> tuple[float, float | None, float]:
-    """Seconds per encode_images batch (and its first call), seconds per encode_texts batch."""
-    size = hf.image_settings.size
-    pixels = torch.randn(bsz, 3, size, size, generator=gen, device=hf.device, dtype=hf.dtype)  # (B, 3, S, S)
-    img_s, first_s = _timer(lambda: hf.encode_images(pixels), warmup, iters, sync)
-    txt_s, _ = _timer(lambda: hf.encode_texts(titles), warmup, iters, sync)
-    return img_s, first_s, txt_s
-
-
 def _device_name(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
@@ -299,6 +221,172 @@ def _positive_int(value: Any, what: str, minimum: int = 1) -> int:
     return value
 
 
+# ---- run_bench's steps ---------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """What one run_bench call measures, its settings resolved against the model's device."""
+
+    kinds: list[str]
+    batch_sizes: list[int]
+    warmup: int
+    iters: int
+    itm_candidates: int
+    compile: bool
+    seed: int
+    gflop: float
+
+
+def _check_settings(attention, itm_candidates, image_size, warmup, iters, batch_sizes):
+    """Every setting checked before the model is built (seconds for BLIP-base on CPU); returns
+    (attention kinds to run, batch sizes or None for the device's defaults)."""
+    if attention not in ATTENTION_CHOICES:
+        raise BenchError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
+    kinds = ["eager", "sdpa"] if attention == "both" else [attention]  # transformers' own first
+    _positive_int(itm_candidates, "itm_candidates")
+    if image_size is not None:
+        _positive_int(image_size, "image_size")
+    if warmup is not None:
+        _positive_int(warmup, "warmup", 0)
+    if iters is not None:
+        _positive_int(iters, "iters")
+    if batch_sizes is not None:
+        batch_sizes = [_positive_int(b, "batch size") for b in batch_sizes]
+        if not batch_sizes:
+            raise BenchError("no batch sizes given")
+    return kinds, batch_sizes
+
+
+def _resolve_model(model, *, device, dtype, attention, image_size, compile, seed):
+    """(HFBlipModel, build info) from a spec or an already built model."""
+    if isinstance(model, (str, Path)):
+        if compile:  # say so before seconds of model construction
+            try:
+                wanted = resolve_device(device)
+            except (ValueError, RuntimeError) as err:
+                raise BenchError(str(err)) from err
+            if wanted.type != "cuda":
+                raise BenchError(f"--compile is CUDA only, got device {wanted}")
+        hf, info = build_model(model, device=device, dtype=dtype, attention=attention,
+                               image_size=image_size, seed=seed)
+    elif hasattr(model, "model") and hasattr(model.model, "vision_model"):
+        hf, info = model, {"model": getattr(model, "model_id", type(model).__name__), "random_weights": None,
+                           "construct_s": None, "wrap_s": None, "build_s": None}
+    else:
+        raise BenchError(f"model must be a path, one of {NAMED_MODELS} or an HFBlipModel, got {model!r:.80}")
+    if compile and hf.device.type != "cuda":
+        raise BenchError(f"--compile is CUDA only, got device {hf.device}")
+    return hf, info
+
+
+def _base_row(hf, info: dict, plan: _Plan, gflop_source: str, shape: dict) -> dict[str, Any]:
+    """The keys every row shares: configuration, model shape and environment."""
+    return {
+        **info,
+        "model_id": getattr(hf, "model_id", None),
+        "params": sum(p.numel() for p in hf.model.parameters()),
+        **shape,
+        "image_size": hf.image_settings.size,
+        "compile": plan.compile,
+        "warmup": plan.warmup,
+        "iters": plan.iters,
+        "itm_candidates": plan.itm_candidates,
+        "itm_query": ITM_QUERY,
+        "gflop_per_image": float(f"{plan.gflop:.4g}"),
+        "gflop_source": gflop_source,
+        **environment(hf.device, hf.dtype),
+    }
+
+
+def _itm_tokens(hf, plan: _Plan, gen: torch.Generator) -> torch.Tensor:
+    """Candidate tokens for ITM, computed once (cached in serving). Tiling a few encoded images to
+    K keeps this cheap on CPU; ITM cost does not depend on which tokens they are."""
+    size, k = hf.image_settings.size, plan.itm_candidates
+    n_unique = min(k, max(plan.batch_sizes))
+    pixels = torch.randn(n_unique, 3, size, size, generator=gen, device=hf.device, dtype=hf.dtype)
+    tokens = hf.encode_images(pixels, return_tokens=True).tokens  # (n_unique, N, H)
+    return tokens.repeat(math.ceil(k / n_unique), 1, 1)[:k].contiguous()  # (K, N, H)
+
+
+def _measure_batch(hf, bsz: int, titles: list[str], gen: torch.Generator, warmup: int, iters: int,
+                   sync: Callable[[], None]) -> tuple[float, float | None, float]:
+    """Seconds per encode_images batch (and its first call), seconds per encode_texts batch."""
+    size = hf.image_settings.size
+    pixels = torch.randn(bsz, 3, size, size, generator=gen, device=hf.device, dtype=hf.dtype)  # (B, 3, S, S)
+    img_s, first_s = _timer(lambda: hf.encode_images(pixels), warmup, iters, sync)
+    txt_s, _ = _timer(lambda: hf.encode_texts(titles), warmup, iters, sync)
+    return img_s, first_s, txt_s
+
+
+def _figures(plan: _Plan, cuda: bool, bsz: int, img_s: float, first_s: float | None,
+             txt_s: float, itm_s: float) -> dict[str, Any]:
+    images_per_s = bsz / img_s
+    tflops = images_per_s * plan.gflop / 1000.0
+    return {
+        "images_per_s": images_per_s,
+        "image_ms_per_batch": img_s * 1000.0,
+        "image_first_call_s": first_s,  # includes compilation with --compile
+        "texts_per_s": bsz / txt_s,
+        "text_ms_per_batch": txt_s * 1000.0,
+        "itm_pairs_per_s": plan.itm_candidates / itm_s,
+        "itm_ms_per_query": itm_s * 1000.0,
+        "vision_tflops": tflops,
+        "peak_share": tflops / PEAK_TFLOPS if cuda else None,
+    }
+
+
+def _measure_kind(hf, kind: str, vision, plan: _Plan, base: dict, inputs: tuple) -> list[dict]:
+    """Every batch size with ``kind`` attention (and the vision tower compiled with --compile)."""
+    titles, gen, itm_tokens = inputs
+    dev = hf.device
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    hf.model.vision_model = vision
+    set_attention(hf.model, kind)
+    hf.attention = kind
+    if plan.compile:
+        torch._dynamo.reset()  # one cache per attention kind; each batch size compiles once
+        hf.model.vision_model = torch.compile(vision, dynamic=False)
+    itm_s, _ = _timer(lambda: hf.itm_scores(ITM_QUERY, itm_tokens), plan.warmup, plan.iters, sync)
+    rows = []
+    for bsz in plan.batch_sizes:
+        row = {**base, "attention": kind, "batch_size": bsz}
+        try:
+            img_s, first_s, txt_s = _measure_batch(hf, bsz, titles[:bsz], gen, plan.warmup, plan.iters, sync)
+        except _OOM as err:  # pragma: no cover - GPU only
+            row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        if "error" in row:  # pragma: no cover - GPU only
+            torch.cuda.empty_cache()  # after the except block: its traceback held the batch
+            logger.warning("%s batch %d: %s", kind, bsz, row["error"])
+            rows.append(row)
+            continue
+        row.update(_figures(plan, dev.type == "cuda", bsz, img_s, first_s, txt_s, itm_s))
+        logger.info("%s batch %d: %.1f images/s, %.1f texts/s, ITM %.1f ms/query",
+                    kind, bsz, row["images_per_s"], row["texts_per_s"], row["itm_ms_per_query"])
+        rows.append(row)
+    return rows
+
+
+def _measure(hf, plan: _Plan, base: dict) -> list[dict]:
+    """All (attention, batch size) rows; the model's attention and vision tower restored after."""
+    gen = torch.Generator(device=hf.device).manual_seed(plan.seed)
+    titles = synthetic_titles(max(plan.batch_sizes), plan.seed)
+    inputs = (titles, gen, _itm_tokens(hf, plan, gen))
+    original_attention = getattr(hf, "attention", "sdpa")
+    original_vision = hf.model.vision_model
+    rows: list[dict[str, Any]] = []
+    try:
+        for kind in plan.kinds:
+            rows += _measure_kind(hf, kind, original_vision, plan, base, inputs)
+    finally:
+        hf.model.vision_model = original_vision
+        set_attention(hf.model, original_attention)
+        hf.attention = original_attention
+    return rows
+
+
 def run_bench(
     model: Any = "tiny",
     *,
@@ -322,129 +410,26 @@ def run_bench(
     a row with ``error`` instead of figures. ``iters``/``warmup`` None pick a default by device and
     model size (CUDA 3/10; CPU 2/10 for small models, 1/2 for BLIP-base and up).
     """
-    if attention not in ATTENTION_CHOICES:
-        raise BenchError(f"attention must be one of {ATTENTION_CHOICES}, got {attention!r}")
-    kinds = ["eager", "sdpa"] if attention == "both" else [attention]  # transformers' own first
-    # Settings are checked before the model is built (seconds for BLIP-base on CPU).
-    itm_candidates = _positive_int(itm_candidates, "itm_candidates")
-    if image_size is not None:
-        _positive_int(image_size, "image_size")
-    if warmup is not None:
-        _positive_int(warmup, "warmup", 0)
-    if iters is not None:
-        _positive_int(iters, "iters")
-    if batch_sizes is not None:
-        batch_sizes = [_positive_int(b, "batch size") for b in batch_sizes]
-        if not batch_sizes:
-            raise BenchError("no batch sizes given")
-
-    if isinstance(model, (str, Path)):
-        if compile:  # say so before seconds of model construction
-            try:
-                wanted = resolve_device(device)
-            except (ValueError, RuntimeError) as err:
-                raise BenchError(str(err)) from err
-            if wanted.type != "cuda":
-                raise BenchError(f"--compile is CUDA only, got device {wanted}")
-        hf, info = build_model(model, device=device, dtype=dtype, attention=kinds[0],
-                               image_size=image_size, seed=seed)
-    elif hasattr(model, "model") and hasattr(model.model, "vision_model"):
-        hf, info = model, {"model": getattr(model, "model_id", type(model).__name__), "random_weights": None,
-                           "construct_s": None, "wrap_s": None, "build_s": None}
-    else:
-        raise BenchError(f"model must be a path, one of {NAMED_MODELS} or an HFBlipModel, got {model!r:.80}")
-    dev, run_dtype = hf.device, hf.dtype
-    if compile and dev.type != "cuda":
-        raise BenchError(f"--compile is CUDA only, got device {dev}")
-
+    kinds, batch_sizes = _check_settings(attention, itm_candidates, image_size, warmup, iters, batch_sizes)
+    hf, info = _resolve_model(model, device=device, dtype=dtype, attention=kinds[0],
+                              image_size=image_size, compile=compile, seed=seed)
     gflop, gflop_source, shape = _vision_gflop(hf)
-    default_warmup, default_iters = _default_iters(dev, shape["vision_params"])
-    warmup = default_warmup if warmup is None else warmup
-    iters = default_iters if iters is None else iters
-    if compile:
-        warmup = max(warmup, 1)  # the first call compiles: never time it
-    if batch_sizes is None:
-        batch_sizes = list(CUDA_BATCH_SIZES if dev.type == "cuda" else CPU_BATCH_SIZES)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    size = hf.image_settings.size
-    env = environment(dev, run_dtype)
-    base = {
-        **info,
-        "model_id": getattr(hf, "model_id", None),
-        "params": sum(p.numel() for p in hf.model.parameters()),
-        **shape,
-        "image_size": size,
-        "compile": compile,
-        "warmup": warmup,
-        "iters": iters,
-        "itm_candidates": itm_candidates,
-        "itm_query": ITM_QUERY,
-        "gflop_per_image": float(f"{gflop:.4g}"),
-        "gflop_source": gflop_source,
-        **env,
-    }
+    default_warmup, default_iters = _default_iters(hf.device, shape["vision_params"])
+    plan = _Plan(
+        kinds=kinds,
+        batch_sizes=list(batch_sizes or (CUDA_BATCH_SIZES if hf.device.type == "cuda" else CPU_BATCH_SIZES)),
+        # the first call compiles with --compile: never time it
+        warmup=max(default_warmup if warmup is None else warmup, 1 if compile else 0),
+        iters=default_iters if iters is None else iters,
+        itm_candidates=itm_candidates,
+        compile=compile,
+        seed=seed,
+        gflop=gflop,
+    )
+    base = _base_row(hf, info, plan, gflop_source, shape)
     logger.info("benchmarking %s on %s/%s: attention %s, batches %s, warmup %d, iters %d",
-                info["model"], dev, env["dtype"], kinds, batch_sizes, warmup, iters)
-
-    titles = synthetic_titles(max(batch_sizes), seed)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    # Candidate tokens for ITM, computed once (cached in serving). Tiling a few encoded images to K
-    # keeps this cheap on CPU; ITM cost does not depend on which tokens they are.
-    n_unique = min(itm_candidates, max(batch_sizes))
-    pixels = torch.randn(n_unique, 3, size, size, generator=gen, device=dev, dtype=run_dtype)
-    tokens = hf.encode_images(pixels, return_tokens=True).tokens  # (n_unique, N, H)
-    reps = math.ceil(itm_candidates / n_unique)
-    itm_tokens = tokens.repeat(reps, 1, 1)[:itm_candidates].contiguous()  # (K, N, H)
-    del pixels, tokens
-
-    original_attention = getattr(hf, "attention", "sdpa")
-    original_vision = hf.model.vision_model
-    rows: list[dict[str, Any]] = []
-    try:
-        for kind in kinds:
-            hf.model.vision_model = original_vision
-            set_attention(hf.model, kind)
-            hf.attention = kind
-            if compile:
-                torch._dynamo.reset()  # one cache per attention kind; each batch size compiles once
-                hf.model.vision_model = torch.compile(original_vision, dynamic=False)
-            itm_s, _ = _timer(lambda: hf.itm_scores(ITM_QUERY, itm_tokens), warmup, iters, sync)
-            for bsz in batch_sizes:
-                row = {**base, "attention": kind, "batch_size": bsz}
-                try:
-                    img_s, first_s, txt_s = _measure_batch(hf, bsz, titles[:bsz], gen, warmup, iters, sync)
-                except _OOM as err:  # pragma: no cover - GPU only
-                    row["error"] = f"out of memory: {str(err).splitlines()[0]}"
-                if "error" in row:  # pragma: no cover - GPU only
-                    torch.cuda.empty_cache()  # after the except block: its traceback held the batch
-                    logger.warning("%s batch %d: %s", kind, bsz, row["error"])
-                    rows.append(row)
-                    continue
-                images_per_s = bsz / img_s
-                tflops = images_per_s * gflop / 1000.0
-                row.update({
-                    "images_per_s": images_per_s,
-                    "image_ms_per_batch": img_s * 1000.0,
-                    "image_first_call_s": first_s,  # includes compilation with --compile
-                    "texts_per_s": bsz / txt_s,
-                    "text_ms_per_batch": txt_s * 1000.0,
-                    "itm_pairs_per_s": itm_candidates / itm_s,
-                    "itm_ms_per_query": itm_s * 1000.0,
-                    "vision_tflops": tflops,
-                    "peak_share": tflops / PEAK_TFLOPS if dev.type == "cuda" else None,
-                })
-                logger.info("%s batch %d: %.1f images/s, %.1f texts/s, ITM %.1f ms/query",
-                            kind, bsz, images_per_s, row["texts_per_s"], row["itm_ms_per_query"])
-                rows.append(row)
-    finally:
-        hf.model.vision_model = original_vision
-        set_attention(hf.model, original_attention)
-        hf.attention = original_attention
-    return rows
+                info["model"], hf.device, base["dtype"], kinds, plan.batch_sizes, plan.warmup, plan.iters)
+    return _measure(hf, plan, base)
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -452,18 +437,14 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def format_report(rows: Sequence[dict[str, Any]]) -> str:
-    """The human-readable summary: environment, what was measured, one table line per row."""
-    if not rows:
-        return "no results"
-    r0 = rows[0]
+def _describe(r0: dict[str, Any]) -> list[str]:
+    """The lines above the table: environment, model, what each figure measures."""
     cuda = r0["device"].startswith("cuda")
-    compiled = r0["compile"]
     build = "" if r0["build_s"] is None else f" | built in {r0['build_s']:.1f} s"
     if r0.get("wrap_s") is not None:
         build += f" (construct {r0['construct_s']:.1f} s + digest/move {r0['wrap_s']:.1f} s)"
     weights = " (random weights)" if r0.get("random_weights") else ""
-    lines = [
+    return [
         f"env: python {r0['python']} | torch {r0['torch']} | transformers {r0['transformers']} | "
         f"device {r0['device_name']} | dtype {r0['dtype']} | threads {r0['threads']}",
         f"model: {r0['model']}{weights} | {r0['params'] / 1e6:.4g}M params (vision {r0['vision_params'] / 1e6:.4g}M) "
@@ -471,7 +452,7 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
         f"({r0['gflop_source']}){build}",
         f"images/s: encode_images on random (B, 3, {r0['image_size']}, {r0['image_size']}) tensors already on "
         "the device - model only, preprocessing and decoding excluded"
-        + (" | vision tower torch.compile'd" if compiled else ""),
+        + (" | vision tower torch.compile'd" if r0["compile"] else ""),
         "texts/s: encode_texts on B synthetic titles (English + pinyin), tokenisation included",
         f"ITM: itm_scores(1 query, K={r0['itm_candidates']} cached image tokens) - re-rank cost per query, "
         "independent of B",
@@ -479,12 +460,16 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
         + (", torch.cuda.synchronize around each" if cuda else ""),
         "",
     ]
+
+
+def _cells(rows: Sequence[dict[str, Any]], cuda: bool, compiled: bool) -> list[list[str]]:
+    """Header and one list of cells per row (an error row: attention, batch, error)."""
     header = ["attention", "batch", "images/s", "ms/batch", "TFLOP/s"]
     if cuda:
         header.append(f"%{PEAK_TFLOPS:g}")
     if compiled:
         header.append("1st call s")
-    header += ["texts/s", "ITM pairs/s", f"ms/query (K={r0['itm_candidates']})"]
+    header += ["texts/s", "ITM pairs/s", f"ms/query (K={rows[0]['itm_candidates']})"]
     table = [header]
     for r in rows:
         if "error" in r:
@@ -498,10 +483,20 @@ def format_report(rows: Sequence[dict[str, Any]]) -> str:
             line.append(_fmt(r["image_first_call_s"]))
         line += [_fmt(r["texts_per_s"]), _fmt(r["itm_pairs_per_s"]), _fmt(r["itm_ms_per_query"], 2)]
         table.append(line)
-    widths = [max(len(row[i]) for row in table if i < len(row) and len(row) == len(header))
-              for i in range(len(header))]
+    return table
+
+
+def format_report(rows: Sequence[dict[str, Any]]) -> str:
+    """The human-readable summary: environment, what was measured, one table line per row."""
+    if not rows:
+        return "no results"
+    cuda = rows[0]["device"].startswith("cuda")
+    lines = _describe(rows[0])
+    table = _cells(rows, cuda, rows[0]["compile"])
+    n = len(table[0])
+    widths = [max(len(row[i]) for row in table if len(row) == n) for i in range(n)]
     for row in table:
-        if len(row) != len(header):  # an error row
+        if len(row) != n:  # an error row
             lines.append("  ".join([row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2]]))
         else:
             lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
@@ -525,7 +520,7 @@ reported as "1st call s".
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m blip_ops.bench",
+        prog="python benchmarks/model_throughput.py",
         description="Model-only throughput of a BLIP retrieval model (no Ray, no decoding).",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -573,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
         )
     except BenchError as err:
-        print(f"blip_ops.bench: error: {err}", file=sys.stderr)
+        print(f"model_throughput: error: {err}", file=sys.stderr)
         return 2
     print(format_report(rows))
     if args.json is not None:
