@@ -163,7 +163,7 @@ def build_index(
 
 
 def _time_export(cfg, out: Path, repeat: int, **request) -> dict:
-    from pipelines.export import ExportRequest, export
+    from pipelines.exporting.job import ExportRequest, export
 
     best = None
     for _ in range(repeat):

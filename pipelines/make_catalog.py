@@ -4,19 +4,9 @@
         [--image-mode inline|files] [--rows-per-file R] [--workers W] [--overwrite]
         [--contact-sheet PNG] [--config FILE] [key=value ...]
 
-Writes, deterministically for a seed:
-    OUT/products/part-00000.parquet ...   the catalog contract (one row per product)
-    OUT/products/_images/p0000000.jpg ... with --image-mode files: ``image_uri`` is relative to products/;
-                                          the "_" keeps Parquet dataset readers from listing the images
-    OUT/pairs.parquet                     each product's title in English, 汉字 and pinyin, and its
-                                          attributes (fine-tuning)
-    OUT/queries.parquet                   held-out shopper queries for every `val` and `test` product,
-                                          3 languages, with the attributes each query names
-    OUT/config.resolved.yaml              the resolved config of the command (CLI runs)
-    OUT/manifest.json                     what was written; written last, so its presence means complete
-Splits are by family: train / val / test, 70 / 10 / 20 (``pipelines.catalog.plan``). A query's
-``kind`` and the attributes it names (null when it does not name one) say which products answer it
-(``pipelines.catalog.relevance``), written as the products table writes them.
+Writes, deterministically for a seed, the catalog that ``pipelines.catalog.writer`` describes:
+``OUT/products/`` (the catalog contract), ``pairs.parquet``, ``queries.parquet``, the resolved
+config and, last, ``manifest.json``; splits are by family (train / val / test, 70 / 10 / 20).
 Point ``source.uri`` at ``OUT/products``. S3 endpoint/region come from ``s3.*`` config keys or the
 AWS chain, credentials from the AWS chain only.
 """

@@ -3,20 +3,7 @@
     python -m pipelines.publish --config FILE --to run-<id> [--tag published] [key=value ...]
     python -m pipelines.publish --config FILE --list
 
-Every completed index run tags ``run-<id>`` on its products table, on ``rejects`` and on ``runs``
-(``pipelines.index_catalog``). Publishing run ``<id>`` points ``--tag`` (``index.publish_tag`` by
-default) at those versions: the products table first, then ``rejects``, and the ``runs`` table last.
-Readers resolve the published version through the runs table's tag alone (the run it shows
-names the products table and version), so that last move is the switch, and the search service
-follows it at its next refresh, loading the query encoder of that run's model (the checkpoint the
-run recorded) before it swaps; a request is answered wholly by the old or by the new version.
-
-A rollback moves tags; nothing is re-encoded. When the run's products table has moved on since
-that run (a rollback to an older run of the same model), its run's version is also restored as the
-table's newest one (no data copied), so that the next run of that model builds on the published
-rows and not on the ones rolled back from. The next nightly run
-publishes whatever model its config names, so a rollback of a model is followed by pointing
-``model.name_or_path`` back at the run's checkpoint (the summary says so when they differ).
+What a move does, in which order, and what a rollback restores: ``pipelines.indexing.publishing``.
 """
 
 from __future__ import annotations
@@ -25,155 +12,18 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import timedelta
 
-from pipelines.config import AppConfig, add_config_arguments, cli_config
+from pipelines.config import add_config_arguments, cli_config
 from pipelines.indexing import tables
-from pipelines.indexing.lease import LeaseHeldError, WriterLease
+from pipelines.indexing.lease import LeaseHeldError
+from pipelines.indexing.publishing import (
+    PublishError,
+    publish,
+    recent_runs,
+)
 from pipelines.storage import S3Settings
 
 logger = logging.getLogger(__name__)
-
-
-class PublishError(ValueError):
-    """The run cannot be published (unknown, incomplete, or its versions were cleaned up)."""
-
-
-@dataclass(frozen=True)
-class RunVersions:
-    """The versions of each table that make up one completed run."""
-
-    run: dict
-    products_table: str
-    products_version: int
-    rejects_version: int | None
-    runs_version: int
-
-
-def parse_run_id(to: str) -> str:
-    run_id = to.strip()
-    if run_id.startswith(tables.RUN_TAG_PREFIX):
-        run_id = run_id[len(tables.RUN_TAG_PREFIX) :]
-    if not run_id:
-        raise PublishError(f"--to expects run-<id> or a run id, got {to!r}")
-    return run_id
-
-
-def recent_runs(db, n: int = 10) -> list[dict]:
-    """The newest ``n`` runs rows (any state), newest first."""
-    if tables.RUNS_TABLE not in tables.table_names(db):
-        return []
-    rows = db.open_table(tables.RUNS_TABLE).search().limit(None).to_arrow().to_pylist()
-    return sorted(rows, key=lambda r: r["finished_at"], reverse=True)[:n]
-
-
-def _tag_version(table, tag: str) -> int | None:
-    found = table.tags.list().get(tag)
-    return None if found is None else int(found["version"])
-
-
-def _first_version_with(table, run_id: str) -> int | None:
-    """The runs table's first version holding ``run_id``'s row: for runs written before the
-    runs table carried run tags. None when cleanup has removed it."""
-    quoted = run_id.replace("'", "''")
-    for v in sorted(int(x["version"]) for x in table.list_versions()):
-        table.checkout(v)
-        if table.count_rows(f"run_id = '{quoted}'"):
-            table.checkout_latest()
-            return v
-    table.checkout_latest()
-    return None
-
-
-def run_versions(db, run_id: str) -> RunVersions:
-    """Where run ``run_id`` left each table, from its ``run-<id>`` tags; PublishError when the run
-    is unknown, never completed, or maintenance has removed its tags."""
-    run = tables.find_run(db, run_id)
-    if run is None:
-        known = ", ".join(r["run_id"] for r in recent_runs(db, 5)) or "none"
-        raise PublishError(f"no run {run_id!r} in the runs table (newest runs: {known})")
-    tag = tables.run_tag(run_id)
-    name = run["products_table"]
-    if name not in tables.table_names(db):
-        raise PublishError(f"run {run_id}'s products table {name} no longer exists")
-    products_version = _tag_version(db.open_table(name), tag)
-    if products_version is None:
-        raise PublishError(
-            f"run {run_id} has no {tag} tag on {name}: it never completed, or maintenance removed "
-            f"its tag (maintain.keep_runs); publish a newer run"
-        )
-    runs_table = db.open_table(tables.RUNS_TABLE)
-    runs_version = _tag_version(runs_table, tag) or _first_version_with(runs_table, run_id)
-    if runs_version is None:
-        raise PublishError(f"the runs table no longer has a version with run {run_id}")
-    rejects_version = None
-    if tables.REJECTS_TABLE in tables.table_names(db):
-        rejects = db.open_table(tables.REJECTS_TABLE)
-        rejects_version = _tag_version(rejects, tag)
-        if rejects_version is None:  # runs written before rejects carried run tags
-            existing = {int(v["version"]) for v in rejects.list_versions()}
-            rejects_version = run["rejects_version"] if run["rejects_version"] in existing else None
-    return RunVersions(run, name, products_version, rejects_version, runs_version)
-
-
-def publish(cfg: AppConfig, to: str, tag: str | None = None) -> dict:
-    """Point ``tag`` (default ``index.publish_tag``) at run ``to``; the summary of the move."""
-    tag = tag or cfg.index.publish_tag
-    if tag.startswith(tables.RUN_TAG_PREFIX):
-        raise PublishError(f"--tag {tag!r}: run-* tags belong to their runs and never move")
-    s3 = S3Settings.from_config(cfg.s3)
-    run_id = parse_run_id(to)
-    # Under the writer lease: a maintenance pruning run-* tags, or an index run moving the tags,
-    # never interleaves with this switch (LeaseHeldError while one is live).
-    with WriterLease(
-        cfg.index.uri,
-        s3,
-        kind="publish",
-        run_id=run_id,
-        stale_after=timedelta(minutes=cfg.maintain.writer_stale_minutes),
-    ):
-        return _publish(cfg, tables.connect(cfg.index.uri, s3), run_id, tag)
-
-
-def _publish(cfg: AppConfig, db, run_id: str, tag: str) -> dict:
-    target = run_versions(db, run_id)
-    before = tables.published_run(db) if tag == tables.PUBLISHED else None
-    products = db.open_table(target.products_table)
-    restored = None
-    if tag == cfg.index.publish_tag and products.version != target.products_version:
-        # The next run of this model merges into the table's latest version: make that the
-        # published run's rows (a new version, no data copied), not the rows rolled back from.
-        products.restore(target.products_version)
-        restored = products.version
-        logger.info(
-            "%s: restored version %d as %d", products.name, target.products_version, restored
-        )
-    tables.move_tag(products, tag, target.products_version)
-    if target.rejects_version is not None:
-        tables.move_tag(db.open_table(tables.REJECTS_TABLE), tag, target.rejects_version)
-    tables.move_tag(db.open_table(tables.RUNS_TABLE), tag, target.runs_version)  # the switch
-    run = target.run
-    summary = {
-        "tag": tag,
-        "run_id": run["run_id"],
-        "model_id": run["model_id"],
-        "model_path": run["model_path"],
-        "products_table": target.products_table,
-        "products_version": target.products_version,
-        "rejects_version": target.rejects_version,
-        "runs_version": target.runs_version,
-        "restored_as": restored,
-        "previous": None
-        if before is None
-        else {k: before[k] for k in ("run_id", "model_id", "products_table", "products_version")},
-        "config_model_differs": bool(
-            run["model_path"] and run["model_path"] != cfg.model.name_or_path
-        ),
-        "config_model": cfg.model.name_or_path,
-    }
-    logger.info("tag %s -> run %s", tag, run["run_id"])
-    return summary
 
 
 def print_summary(s: dict) -> None:
@@ -241,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     print_summary(summary)
     return 0
+
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def free_port() -> int:
 def search_index(tmp_path_factory, tiny_model_dir, ray_local):
     """The demo catalog (120 products) indexed by the real index job: (config, root folder)."""
     from pipelines.catalog.writer import make_catalog
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     root = tmp_path_factory.mktemp("search")
     make_catalog(str(root / "catalog"), SEARCH_PRODUCTS, seed=3, workers=1)

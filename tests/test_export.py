@@ -28,7 +28,8 @@ import yaml
 
 from benchmarks.export_throughput import build_index
 from pipelines.config import config_digest, load_config
-from pipelines.export import ExportRequest, export, main
+from pipelines.export import main
+from pipelines.exporting.job import ExportRequest, export
 from pipelines.exporting.output import MANIFEST, SUCCESS
 from pipelines.exporting.parquet import PAUSE_ENV
 from pipelines.exporting.queries import SEARCH_SCHEMA, read_queries

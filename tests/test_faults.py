@@ -166,7 +166,7 @@ def catalog(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_index(ray_local, tiny_model_dir, catalog, tmp_path_factory, report):
     """The base catalog indexed and published once; tests start from copies of it."""
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     base, _, _, _ = catalog
     path = tmp_path_factory.mktemp("fault_base") / "index"
@@ -181,7 +181,7 @@ def base_index(ray_local, tiny_model_dir, catalog, tmp_path_factory, report):
 def reference(base_index, tiny_model_dir, catalog, tmp_path_factory, report):
     """The fault-free run of the changed catalog on a copy of the base: what every fault run of
     the same catalog must produce (rows sorted by product_id)."""
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     _, changed, expected, changes = catalog
     path = tmp_path_factory.mktemp("fault_reference") / "index"
@@ -433,7 +433,7 @@ def test_flaky_s3_retries_or_fails_cleanly(
     a body cut short on the first GET of every Parquet key), each run of the changed catalog on
     a copy of the base index either retries and publishes what the fault-free run published, or
     fails with a clear error and leaves `published` untouched; never silently short data."""
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     _, changed, expected, _ = catalog
     direct = S3Settings(endpoint_url=s3_server, region="us-east-1", allow_http=True)
@@ -510,7 +510,7 @@ def test_encoder_actor_dies_once(
     """`os._exit(1)` in the encoder actor on its first batch, once: Ray Data restarts the actor
     and retries the batch (its defaults for actor pools: max_restarts=-1, max_task_retries=-1);
     the job completes with every row exactly once, equal to the fault-free run."""
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     _, changed, expected, _ = catalog
     index_dir = _copy_base(base_index, tmp_path / "index")
@@ -543,7 +543,7 @@ def test_encoder_actor_dies_once(
 def test_sigkill_before_tags_then_rerun(
     ray_local, tiny_model_dir, catalog, base_index, reference, tmp_path, report
 ):
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     _, changed, expected, _ = catalog
     index_dir = _copy_base(base_index, tmp_path / "index")
@@ -616,7 +616,7 @@ def test_sigkill_before_tags_then_rerun(
 def _two_jobs(tag, a_src, b_src, index_dir, tiny_model_dir, tmp_path, max_retries=300):
     """Start both jobs together as CLI subprocesses; the one refused by the writer lease (exit 3,
     naming the holder) is retried in-process like a scheduler would, until the other has ended."""
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
     from pipelines.indexing.lease import LeaseHeldError
 
     pinned = PinnedReader(tables.connect(str(index_dir)))

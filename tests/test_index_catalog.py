@@ -32,7 +32,7 @@ HTML = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body></b
 
 # ---------------------------------------------------------------- helpers
 def _run(cfg, **kw) -> dict:
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     return run_index(cfg, **kw)
 

@@ -43,7 +43,7 @@ def _assert_accounting(s: dict) -> None:
 
 
 def run_index_checked(cfg) -> dict:
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     summary = run_index(cfg)
     _assert_accounting(summary)
@@ -286,7 +286,7 @@ def _published_snapshot(index_dir: Path) -> tuple[dict, int, list]:
 
 def test_killed_run_leaves_published_and_rerun_resumes(ray_local, tiny_model_dir, tmp_path):
     from pipelines.catalog.writer import make_catalog
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     make_catalog(str(tmp_path / "cat"), N_NEW_CATALOG, seed=5, rows_per_file=4, workers=1)
     new_products = tmp_path / "cat" / "products"
@@ -377,7 +377,7 @@ def test_rerun_after_torn_staging_table(ray_local, tiny_model, tiny_model_dir, t
     import lancedb
 
     from pipelines.catalog.writer import make_catalog
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     n = 8
     make_catalog(str(tmp_path / "cat"), n, seed=3, workers=1)

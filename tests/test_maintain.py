@@ -192,7 +192,7 @@ def nightly(tiny_model_dir, ray_local, tmp_path_factory):
     full-text search there, and the ANN index got one more delta segment on the same partitions
     (no retraining). A run that replaced every row leaves the old index nothing live: built anew."""
     from pipelines.catalog.writer import make_catalog
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     root = tmp_path_factory.mktemp("nightly")
     make_catalog(str(root / "big"), N_BASE + ADDED_PER_RUN * RUNS, seed=5, workers=1)
@@ -406,7 +406,8 @@ def test_maintenance_exits_2_on_bad_configuration(tmp_path, capsys):
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_index_job_refuses_a_second_writer(nightly, tiny_model_dir, tmp_path, capsys):
-    from pipelines.index_catalog import main, run_index
+    from pipelines.index_catalog import main
+    from pipelines.indexing.job import run_index
 
     uri = nightly.uri
     source = nightly.root / "src0" / "products"
@@ -430,7 +431,7 @@ def test_index_job_refuses_a_second_writer(nightly, tiny_model_dir, tmp_path, ca
 def test_after_index_runs_maintenance_under_the_runs_lease(
     maintained, nightly, tiny_model_dir, tmp_path
 ):
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     uri = str(shutil.copytree(maintained.uri, tmp_path / "lancedb"))
     shutil.rmtree(Path(uri) / "_staging__othermodel.lance")
@@ -565,7 +566,7 @@ def test_maintenance_on_s3_keeps_a_rolled_back_run(s3_server, s3_bucket):
     runs 3 and 4 (newest) and 1 (published) stay, those of runs 0 and 2 go, and the rolled-back
     version still answers as before."""
     from pipelines.config import load_config
-    from pipelines.maintain import run_maintenance
+    from pipelines.indexing.maintenance import run_maintenance
     from pipelines.storage import S3Settings
 
     settings = S3Settings(endpoint_url=s3_server, region="us-east-1", allow_http=True)

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from blip_ops.decode import decode_image
-from pipelines import make_catalog as mc
+from pipelines import make_catalog as cli
+from pipelines.catalog import writer as mc
 from pipelines.catalog.plan import SPLITS, plan_catalog
 from pipelines.catalog.titles import to_pinyin
 from pipelines.catalog.vocab import BRANDS, COLORS, MATERIALS, PATTERNS
@@ -258,15 +259,15 @@ def test_s3_plain_http_needs_allow_http(s3_server, s3_bucket):
 
 def test_cli_summary_and_errors(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert mc.main(["--out", str(out), "--products", "8", "--seed", "2", "--workers", "1"]) == 0
+    assert cli.main(["--out", str(out), "--products", "8", "--seed", "2", "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert "8 products" in printed and "source.uri" in printed
     from pipelines.config import load_config
 
     assert load_config(out / "config.resolved.yaml").s3.allow_http is False  # written next to the output
-    assert mc.main(["--out", str(out), "--products", "8"]) == 2
+    assert cli.main(["--out", str(out), "--products", "8"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert mc.main(["--out", str(tmp_path / "x"), "--products", "0"]) == 2
+    assert cli.main(["--out", str(tmp_path / "x"), "--products", "0"]) == 2
 
 
 def test_every_family_pair_of_a_larger_plan_differs_visibly():

@@ -38,7 +38,7 @@ def model_b(tmp_path_factory):
 def rollout(tmp_path_factory, tiny_model_dir, model_b, ray_local):
     """A catalog indexed with model A (run "a1"); configs for A and B on the same index."""
     from pipelines.catalog.writer import make_catalog
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     root = tmp_path_factory.mktemp("rollout")
     make_catalog(str(root / "catalog"), N, seed=11, workers=1)
@@ -97,7 +97,7 @@ def test_serve_follows_rollout_and_rollback(rollout, search_url, model_b, capsys
     from ray import serve
 
     from blip_ops import load_model
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
     from pipelines.serve_search import build_app
 
     cfg_a, cfg_b, _ = rollout
@@ -164,7 +164,7 @@ def test_serve_follows_rollout_and_rollback(rollout, search_url, model_b, capsys
 @pytest.fixture
 def with_b(rollout):
     """Runs a1 (model A) and b1 (model B) exist, whatever ran before."""
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     cfg_a, cfg_b, root = rollout
     if tables.find_run(tables.connect(cfg_a.index.uri), "b1") is None:
@@ -229,7 +229,7 @@ def test_publish_refusals(with_b, capsys):
 def test_rollback_within_one_model_then_a_nightly_run(with_b):
     """Roll back to an older run of the same model, then run the nightly job: it builds on the
     published rows, not on the rows of the run that was rolled back."""
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     cfg_a, _, root = with_b
     assert _publish_cli(cfg_a, "run-a1") == 0

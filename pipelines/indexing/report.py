@@ -47,7 +47,7 @@ class Timeline:
     def steady_rate(self) -> float | None:
         """Images encoded per second from the end of the first encoder batch to the end of the
         last: the pipeline's rate once the actors are up and the model is loaded (what
-        ``blip_ops.bench`` compares with); None with fewer than two encoder batches."""
+        ``benchmarks/model_throughput.py`` compares with); None with fewer than two encoder batches."""
         curve = self.encode_curve()
         if len(curve) < 2 or curve[-1][0] <= curve[0][0]:
             return None

@@ -195,11 +195,18 @@ def find_run(db, run_id: str) -> dict | None:
     return row
 
 
-def open_published_products(db):
-    """The published products table, checked out at its published version (None before any run)."""
+def open_published(db):
+    """(the published products table checked out at its published version, its ``runs`` row),
+    or None before any run: what every reader of the published index opens."""
     run = published_run(db)
     if run is None:
         return None
     table = db.open_table(run["products_table"])
-    table.checkout(run["products_version"])
-    return table
+    table.checkout(int(run["products_version"]))
+    return table, run
+
+
+def open_published_products(db):
+    """The published products table, checked out at its published version (None before any run)."""
+    opened = open_published(db)
+    return None if opened is None else opened[0]
