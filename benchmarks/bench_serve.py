@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from pipelines.runtime.cluster import init_ray
-    from pipelines.serve_search import build_app
+    from pipelines.search.deployments import build_app
 
     head = header("serve", argv)
     init_ray(cfg)  # before lancedb is imported (lancedb's threads make Ray's fork warn otherwise)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ import torch
 from blip_ops.family import RetrievalModel
 from blip_ops.metrics import bootstrap_ci, hits_at_k
 from blip_ops.rerank import combine_scores
+from blip_ops.token_cache import TokenCache
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +300,8 @@ def recall_vs_k_test(metrics: dict) -> dict:
 
 
 class ImageTokenCache:
-    """ITM image tokens by image index, computed on demand and kept up to ``max_bytes`` (LRU).
+    """ITM image tokens by image index, computed on demand and kept up to ``max_bytes`` (LRU:
+    :class:`blip_ops.token_cache.TokenCache`).
 
     ``images[i]`` is anything ``model.encode_images`` takes as one item (a PIL image, a (3, H, W)
     uint8 tensor); a lazy sequence that decodes on access keeps only the tokens in memory.
@@ -313,45 +314,26 @@ class ImageTokenCache:
         self.images = images
         self.max_bytes = max_bytes
         self.batch_size = batch_size
-        self._tokens: OrderedDict[int, torch.Tensor] = OrderedDict()  # i -> (N, H) on the device
-        self._bytes = 0
+        self._tokens = TokenCache(max_bytes=max_bytes)  # i -> (N, H) on the device
         self.computed = 0  # vision passes run by get() (misses)
 
     def has_room(self) -> bool:
-        return self._bytes < self.max_bytes
+        return self._tokens.has_room()
 
     def put(self, index: int, tokens: torch.Tensor) -> None:
-        size = tokens.numel() * tokens.element_size()
-        if size > self.max_bytes:
-            return
-        if index in self._tokens:
-            self._tokens.move_to_end(index)
-            return
-        while self._tokens and self._bytes + size > self.max_bytes:
-            _, old = self._tokens.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
-        self._tokens[index] = tokens
-        self._bytes += size
+        self._tokens.put(int(index), tokens)
 
     def get(self, indices: Sequence[int]) -> torch.Tensor:
         """(k, N, H) tokens of ``indices``, in that order."""
-        found: dict[int, torch.Tensor] = {}
-        for i in indices:
-            i = int(i)
-            if i in self._tokens:
-                self._tokens.move_to_end(i)
-                found[i] = self._tokens[i]
-        missing = list(dict.fromkeys(int(i) for i in indices if int(i) not in found))
-        for start in range(0, len(missing), self.batch_size):
-            part = missing[start : start + self.batch_size]
-            tokens = self.model.encode_images(
-                [self.images[i] for i in part], return_tokens=True
-            ).tokens  # (b, N, H)
-            self.computed += len(part)
-            for i, t in zip(part, tokens, strict=True):
-                found[i] = t
-                self.put(i, t)
-        return torch.stack([found[int(i)] for i in indices])  # (k, N, H)
+        return self._tokens.fetch(
+            [int(i) for i in indices], self._encode, batch_size=self.batch_size
+        )
+
+    def _encode(self, indices: list[int]) -> torch.Tensor:
+        self.computed += len(indices)
+        return self.model.encode_images(
+            [self.images[i] for i in indices], return_tokens=True
+        ).tokens  # (b, N, H)
 
 
 def embed_images(

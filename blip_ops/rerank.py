@@ -6,6 +6,10 @@ positive-class logit`` and sorted by it; the rest follow in ANN order with no IT
 ``score`` is their ITC cosine). ``itm_weight`` 1.0 is BLIP's rule exactly. A smaller weight keeps
 the cosine in play: the raw logit spans several units while cosines of near-duplicates differ by
 hundredths, so at 1.0 the re-ranked order is the ITM head's order alone.
+
+:func:`rerank` is the one entry point for a query's candidates: the search service's scorers
+(``pipelines.search.scorer.rerank_job``) call it with the ITM logits their model replica scored in a
+batch; offline callers hand it the model and the candidates' tokens or images.
 """
 
 from __future__ import annotations
@@ -55,31 +59,49 @@ def combine_scores(itc_scores, itm_logits, itm_weight: float = 1.0) -> RerankRes
 
 
 def rerank(
-    model: RetrievalModel,
+    model: RetrievalModel | None,
     text: str,
     itc_scores,
     *,
     image_tokens: torch.Tensor | None = None,
     images: torch.Tensor | Sequence[Image.Image] | None = None,
+    itm_logits=None,
     rerank_k: int = 32,
     k: int | None = None,
     itm_weight: float = 1.0,
 ) -> RerankResult:
-    """Re-rank candidates for one text query.
+    """Re-rank candidates (``itc_scores``: their ITC cosines, in ANN order) for one text query.
 
-    Give the candidates' image tokens (cached) or their images / pixel values (the vision tower is
-    then run for the first ``rerank_k`` only). Returns the first ``k`` (all when None).
+    The first ``rerank_k`` candidates' ITM logits come from the first of: ``itm_logits`` (already
+    scored, e.g. by the search service's model replica, which batches the pairs of concurrent
+    requests; ``model`` and ``text`` are then unused), their ``image_tokens`` (cached), or their
+    ``images`` / pixel values (the vision tower then runs for the first ``rerank_k`` only).
+    Returns the first ``k`` (all when None).
     """
-    n = len(itc_scores)
-    r = max(0, min(rerank_k, n))
+    r = max(0, min(rerank_k, len(itc_scores)))
+    if itm_logits is not None:
+        itm = np.asarray(itm_logits, dtype=np.float32).reshape(-1)
+        if len(itm) < r:
+            raise ValueError(f"got ITM logits for {len(itm)} candidates, need the first {r}")
+        itm = itm[:r]
+    else:
+        itm = _itm_logits(model, text, r, image_tokens, images)
+    result = combine_scores(itc_scores, itm, itm_weight)
+    return result if k is None else result.head(k)
+
+
+def _itm_logits(model, text: str, r: int, image_tokens, images) -> np.ndarray:
+    """(r,) ITM logits of the first ``r`` candidates, from their tokens or their images."""
+    if image_tokens is None and images is None:
+        raise ValueError("rerank needs the candidates' itm_logits, image_tokens or their images")
+    if not r:
+        return np.empty(0, np.float32)
+    if model is None:
+        raise ValueError("rerank needs a model to score ITM when no itm_logits are given")
     if image_tokens is None:
-        if images is None:
-            raise ValueError("rerank needs the candidates' image_tokens or their images")
-        tokens = model.encode_images(images[:r], return_tokens=True).tokens if r else None
+        tokens = model.encode_images(images[:r], return_tokens=True).tokens
     else:
         if len(image_tokens) < r:
             raise ValueError(f"got image tokens for {len(image_tokens)} candidates, need the first {r}")
         tokens = image_tokens[:r]
-    itm = model.itm_scores(text, tokens).numpy() if r else np.empty(0, np.float32)
-    result = combine_scores(itc_scores, itm, itm_weight)
-    return result if k is None else result.head(k)
+    return model.itm_scores(text, tokens).numpy()

@@ -684,7 +684,9 @@ def test_rayservice_serve_config_is_valid_for_ray_and_our_app():
 
     # Overrides name the app's real deployments, and agree with configs/prod.yaml's `serve:`.
     deployments = serve_app_deployments(app)
-    assert set(deployments) == {module.QueryModel.name, module.SearchIngress.name}
+    from pipelines.search.deployments import QueryModel, SearchIngress
+
+    assert set(deployments) == {QueryModel.name, SearchIngress.name}
     prod = yaml.safe_load((ROOT / relative).read_text(encoding="utf-8"))["serve"]
     model = deployments["QueryModel"]["ray_actor_options"]
     ingress = deployments["SearchIngress"]["ray_actor_options"]

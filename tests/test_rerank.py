@@ -80,3 +80,20 @@ def test_combine_scores_rule():
 def test_rerank_needs_tokens_or_images(tiny_model):
     with pytest.raises(ValueError, match="image_tokens or their images"):
         rerank(tiny_model, "x", np.zeros(3, np.float32), rerank_k=2)
+
+
+def test_rerank_with_itm_logits_scored_elsewhere(tiny_model):
+    """The search service's path: logits its model replica scored, the same rule as tokens give."""
+    images = [draw_product(300 + i) for i in range(5)]
+    itc = np.linspace(0.8, 0.2, 8).astype(np.float32)
+    tokens = tiny_model.encode_images(images, return_tokens=True).tokens
+    logits = tiny_model.itm_scores(QUERIES[1], tokens).numpy()
+    a = rerank(tiny_model, QUERIES[1], itc, image_tokens=tokens, rerank_k=5, itm_weight=0.3)
+    b = rerank(None, QUERIES[1], itc, itm_logits=logits, rerank_k=5, itm_weight=0.3)
+    assert list(a.order) == list(b.order)
+    np.testing.assert_allclose(a.score, b.score, atol=1e-6)
+    assert list(rerank(None, "x", itc, itm_logits=logits, rerank_k=0).order) == list(range(8))
+    with pytest.raises(ValueError, match="ITM logits for 5 candidates, need the first 6"):
+        rerank(None, "x", itc, itm_logits=logits, rerank_k=6)
+    with pytest.raises(ValueError, match="needs a model"):
+        rerank(None, "x", itc, image_tokens=tokens, rerank_k=2)

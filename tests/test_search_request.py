@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from blip_ops.token_cache import TokenCache
 from pipelines.search.filters import check_filter
 from pipelines.search.request import BadRequest, Limits, parse_search
-from pipelines.search.scorer import ItmJob, QueryScorer, TokenCache
+from pipelines.search.scorer import ItmJob, QueryScorer
 from tests.conftest import draw_product, encode_image_bytes
 
 LIMITS = Limits(k=10, candidates=100, rerank_k=32)
@@ -113,6 +114,55 @@ def test_token_cache_is_a_bounded_lru():
     off = TokenCache(0)
     off.put("a", a)
     assert off.get("a") is None
+
+
+def test_token_cache_bounds_bytes_and_computes_each_miss_once():
+    """The byte bound evaluation uses; ``fetch`` computes a missing key once, in batches."""
+    cache = TokenCache(max_bytes=2 * 3 * 4 * 4)  # room for two (3, 4) float32 token sets
+    calls: list[list[int]] = []
+
+    def compute(keys):
+        calls.append(list(keys))
+        return torch.stack([torch.full((3, 4), float(k)) for k in keys])
+
+    out = cache.fetch([1, 2, 1], compute, batch_size=1)
+    assert out.shape == (3, 3, 4) and calls == [[1], [2]] and torch.equal(out[0], out[2])
+    assert cache.nbytes == 96 and not cache.has_room()
+    cache.fetch([3], compute)  # evicts 1, the least recently used
+    assert cache.get(1) is None and cache.get(2) is not None and len(cache) == 2
+    cache.fetch([1, 2], compute)
+    assert calls[-1] == [1]  # only the evicted one is computed again
+    cache.put("huge", torch.zeros(10, 10))  # larger than the bound: not kept, nothing evicted
+    assert len(cache) == 2 and cache.get("huge") is None
+    assert cache.fetch([], compute).numel() == 0
+    with pytest.raises(ValueError, match="compute gave 1 token sets for 2 keys"):
+        TokenCache(4).fetch(["a", "b"], lambda keys: torch.zeros(1, 3, 4))
+
+
+def test_rerank_job_is_blips_rule_on_the_scorers_logits(tiny_model):
+    """The engine's re-rank: the scorer's ITM logits, combined by ``blip_ops.rerank.rerank`` (the
+    same numbers as ``combine_scores`` on them); no candidates, no model call."""
+    import asyncio
+
+    from blip_ops.rerank import combine_scores
+    from pipelines.search.engine import LocalScorer
+    from pipelines.search.scorer import rerank_job
+
+    images = tuple(encode_image_bytes(draw_product(s)) for s in range(4))
+    job = ItmJob("red sofa", tuple(f"p{s}:h{s}" for s in range(4)), images)
+    itc = np.linspace(0.9, 0.3, 7).astype(np.float32)
+    got = asyncio.run(rerank_job(LocalScorer(QueryScorer(tiny_model)), job, itc, itm_weight=0.5, k=5))
+    want = combine_scores(itc, QueryScorer(tiny_model).itm([job])[0], 0.5).head(5)
+    assert list(got.order) == list(want.order)
+    np.testing.assert_allclose(got.score, want.score, atol=1e-6)
+    np.testing.assert_allclose(got.itm, want.itm, atol=1e-6)
+
+    class NoModel:
+        async def itm(self, job):
+            raise AssertionError("no candidates to re-rank: no model call")
+
+    plain = asyncio.run(rerank_job(NoModel(), ItmJob("x", (), ()), itc, itm_weight=1.0, k=3))
+    assert list(plain.order) == [0, 1, 2] and np.isnan(plain.itm).all()
 
 
 def test_scorer_batches_equal_single_requests_and_cache_tokens(tiny_model):
@@ -287,7 +337,7 @@ def test_batch_wait_only_while_other_calls_are_in_flight():
     import asyncio
     from types import SimpleNamespace
 
-    from pipelines.serve_search import QueryModel
+    from pipelines.search.deployments import QueryModel
 
     batched = QueryModel.func_or_class._batched
 

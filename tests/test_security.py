@@ -241,8 +241,8 @@ def _serve_host(path: Path) -> str | None:
 
 
 def test_service_binds_loopback_by_default(monkeypatch):
-    from pipelines import serve_search
     from pipelines.config import ServeConfig, load_config
+    from pipelines.search import deployments as serve_search
 
     assert ServeConfig().host == "127.0.0.1"
     assert load_config(None, []).serve.host == "127.0.0.1"

@@ -361,7 +361,7 @@ def test_model_id_mismatch_is_refused(indexed, tmp_path, serve_url):
     )
     from ray import serve
 
-    from pipelines.serve_search import deployment_errors
+    from pipelines.search.deployments import deployment_errors
 
     with pytest.raises(RuntimeError, match="mismatch failed"):
         _deploy(wrong, "mismatch", "/mismatch")
@@ -374,7 +374,7 @@ def test_model_id_mismatch_is_refused(indexed, tmp_path, serve_url):
 def test_new_version_is_picked_up_under_load(client, indexed, serve_url):
     """Republish with changed titles while clients query: no failed request, and every response
     is wholly from the old or wholly from the new version."""
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
 
     cfg, root = indexed
     before = client.get("/healthz").json()["table_version"]
@@ -582,7 +582,7 @@ def test_a_lost_model_replica_is_a_503_not_a_500():
     one under load); other server errors stay 500."""
     from ray.exceptions import ActorDiedError, RayTaskError
 
-    from pipelines.serve_search import _replica_lost
+    from pipelines.search.http import _replica_lost
 
     assert _replica_lost(ActorDiedError())
     wrapped = RayTaskError("f", "traceback", ActorDiedError())

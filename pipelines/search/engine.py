@@ -7,7 +7,10 @@ optionally filtered. Stage 2: with a text, the first ``rerank_k`` are re-scored 
 Image-only queries keep the ITC order.
 
 The model work goes through a *scorer* with async ``encode_text``, ``encode_image`` and ``itm``:
-Ray Serve deployment handles in the service, :class:`LocalScorer` offline (batch exports, tests).
+the model deployment's handle in the service (``pipelines.search.deployments.HandleScorer``),
+:class:`LocalScorer` offline (batch exports, tests). The re-rank is
+:func:`pipelines.search.scorer.rerank_job`: the scorer's ITM logits, then
+:func:`blip_ops.rerank.rerank`.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from blip_ops.rerank import combine_scores
+from blip_ops.rerank import RerankResult
 from pipelines.search.hybrid import cosine, fused_order
 from pipelines.search.request import SearchQuery
-from pipelines.search.scorer import ItmJob, QueryScorer
+from pipelines.search.scorer import ItmJob, QueryScorer, rerank_job
 from pipelines.search.snapshot import Snapshot
 
 
@@ -112,6 +115,42 @@ def fuse(found: pa.Table, lexical: pa.Table | None, vector: np.ndarray, query) -
     return fused.append_column("bm25", pa.array(scores, pa.float32()))
 
 
+def ranked_rows(found: pa.Table, ranked: RerankResult, metadata_columns) -> list[dict]:
+    """The response's results: the candidates in ranked order with their scores."""
+    rows = found.select(["product_id", "title", *metadata_columns]).to_pylist()
+    lexical_scores = (
+        found.column("bm25").to_pylist() if "bm25" in found.column_names else [None] * len(rows)
+    )
+    results = []
+    for pos, i in enumerate(ranked.order.tolist()):
+        row = rows[i]
+        results.append(
+            {
+                "product_id": row["product_id"],
+                "title": row["title"],
+                "score": float(ranked.score[pos]),
+                "itc_score": float(ranked.itc[pos]),
+                "itm_score": _num(float(ranked.itm[pos])),
+                "lexical_score": lexical_scores[i],
+                "metadata": {c: row[c] for c in metadata_columns},
+            }
+        )
+    return results
+
+
+async def itm_job(text: str | None, found: pa.Table, r: int, snap: Snapshot) -> ItmJob:
+    """The re-rank of the first ``r`` candidates: their cache keys and model-resolution JPEGs
+    (no candidates when ``r`` is 0)."""
+    if not r:
+        return ItmJob(text or "", (), ())
+    ids = found.column("product_id").to_pylist()[:r]
+    hashes = found.column("content_hash").to_pylist()[:r]
+    row_ids = found.column("_rowid").to_pylist()[:r]
+    images = await asyncio.to_thread(snap.model_images, row_ids)
+    keys = tuple(f"{p}:{h}" for p, h in zip(ids, hashes, strict=True))
+    return ItmJob(text, keys, tuple(images))
+
+
 async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
     """Run one query; returns the response body without ``request_id``."""
     t0 = time.perf_counter()
@@ -143,35 +182,11 @@ async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:
     itc = found.column("itc").to_numpy(zero_copy_only=False)
     r = min(query.rerank_k, found.num_rows) if (query.text is not None and query.rerank) else 0
     t = time.perf_counter()
-    itm = np.empty(0, np.float32)
-    if r:
-        ids = found.column("product_id").to_pylist()[:r]
-        hashes = found.column("content_hash").to_pylist()[:r]
-        row_ids = found.column("_rowid").to_pylist()[:r]
-        images = await asyncio.to_thread(snap.model_images, row_ids)
-        keys = tuple(f"{p}:{h}" for p, h in zip(ids, hashes, strict=True))
-        itm = await scorer.itm(ItmJob(query.text, keys, tuple(images)))
+    job = await itm_job(query.text, found, r, snap)
+    ranked = await rerank_job(scorer, job, itc, itm_weight=query.itm_weight, k=query.k)
     timings["rerank"] = _ms(t)
-    ranked = combine_scores(itc, itm, query.itm_weight).head(query.k)
 
-    rows = found.select(["product_id", "title", *snap.metadata_columns]).to_pylist()
-    lexical_scores = (
-        found.column("bm25").to_pylist() if "bm25" in found.column_names else [None] * len(rows)
-    )
-    results = []
-    for pos, i in enumerate(ranked.order.tolist()):
-        row = rows[i]
-        results.append(
-            {
-                "product_id": row["product_id"],
-                "title": row["title"],
-                "score": float(ranked.score[pos]),
-                "itc_score": float(ranked.itc[pos]),
-                "itm_score": _num(float(ranked.itm[pos])),
-                "lexical_score": lexical_scores[i],
-                "metadata": {c: row[c] for c in snap.metadata_columns},
-            }
-        )
+    results = ranked_rows(found, ranked, snap.metadata_columns)
     timings["total"] = _ms(t0)
     return {
         "results": results,

@@ -3,23 +3,26 @@
 :class:`QueryScorer` works on lists so that one call serves many concurrent requests (Ray Serve's
 ``@serve.batch`` hands it a batch; offline callers a list of one). ITM needs each candidate's image
 tokens; they are computed from the model-resolution JPEG stored in the table and kept in a bounded
-LRU cache keyed by (product_id, content_hash), so hot products skip the vision tower and a changed
-product never reuses stale tokens.
+LRU cache (:class:`blip_ops.token_cache.TokenCache`, the one evaluation uses too) keyed by
+(product_id, content_hash), so hot products skip the vision tower and a changed product never
+reuses stale tokens.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+
+from blip_ops.rerank import RerankResult, rerank
+from blip_ops.token_cache import TokenCache
 
 logger = logging.getLogger(__name__)
 
@@ -33,37 +36,22 @@ class ItmJob:
     images: tuple[bytes, ...]  # model-resolution JPEG per candidate (decoded only on a cache miss)
 
 
-class TokenCache:
-    """A bounded LRU of image tokens (one (N, H) tensor per product version)."""
+class ItmScorer(Protocol):
+    async def itm(self, job: ItmJob) -> np.ndarray: ...
 
-    def __init__(self, max_items: int):
-        self.max_items = max_items
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
-    def get(self, key: str) -> torch.Tensor | None:
-        with self._lock:
-            value = self._items.get(key)
-            if value is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        if self.max_items <= 0:
-            return
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
+async def rerank_job(
+    scorer: ItmScorer, job: ItmJob, itc_scores, *, itm_weight: float, k: int
+) -> RerankResult:
+    """One request's re-rank: the ITM logits of ``job``'s candidates (the first ``len(job.keys)``
+    of ``itc_scores``, in ANN order) from ``scorer.itm`` (the model replica's batched call in the
+    service, :meth:`QueryScorer.itm` offline), combined by :func:`blip_ops.rerank.rerank`; the
+    first ``k`` positions. A job without candidates makes no model call: ANN order."""
+    logits = await scorer.itm(job) if job.keys else np.empty(0, np.float32)
+    n = len(logits)
+    return rerank(
+        None, job.text, itc_scores, itm_logits=logits, rerank_k=n, k=k, itm_weight=itm_weight
+    )
 
 
 # Below this side a JPEG decodes faster than a thread hand-off costs (tiny test model at 64 px:
@@ -110,19 +98,17 @@ class QueryScorer:
 
     def image_tokens(self, keys: Sequence[str], images: Sequence[bytes]) -> torch.Tensor:
         """(k, N, H) tokens for the candidates, from the cache or by one vision pass over the misses."""
-        found: list[torch.Tensor | None] = [self.cache.get(key) for key in keys]
-        missing = [i for i, t in enumerate(found) if t is None]
-        if missing:
+        by_key: dict[str, bytes] = {}
+        for key, image in zip(keys, images, strict=True):
+            by_key.setdefault(key, image)
+
+        def encode(missing: list[str]) -> torch.Tensor:
             decoded = decode_candidates(
-                [images[i] for i in missing], self.model.image_settings.size, self._decode_pool
+                [by_key[k] for k in missing], self.model.image_settings.size, self._decode_pool
             )
-            tokens = self.model.encode_images(decoded, return_tokens=True).tokens  # (m, N, H)
-            for j, i in enumerate(missing):
-                found[i] = tokens[j]
-                self.cache.put(keys[i], tokens[j])
-        if not found:
-            return torch.empty(0)
-        return torch.stack(found)  # type: ignore[arg-type]
+            return self.model.encode_images(decoded, return_tokens=True).tokens  # (m, N, H)
+
+        return self.cache.fetch(keys, encode)
 
     def itm(self, jobs: Sequence[ItmJob]) -> list[np.ndarray]:
         """ITM positive-class logits per job, (k_i,) float32, all jobs in one forward pass."""

@@ -1,0 +1,332 @@
+"""The search service's HTTP side: routes, the ASGI guard in front of them, errors as JSON.
+
+:func:`build_http_app` builds the FastAPI app of one ingress replica (``/search``, ``/facets``,
+``/products/{id}``, ``/products/{id}/thumbnail``, ``/healthz``, ``/metrics`` and the search page
+at ``/``) behind :class:`Guard` (request id, API key, body size limit, access log and request
+metrics). Every error answers ``{"error": …, "request_id": …}``: a client's mistake its 4xx, a
+lost model replica a 503 with Retry-After, anything else a 500 that names the request id.
+
+No Ray at import: the routes reach the model through the service's scorer, and Ray's exception
+types are imported only to classify an error (:func:`_replica_lost`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from fastapi import Request  # route signatures are resolved from module globals
+
+from pipelines.search.metrics import access_log, log_json, route_of
+from pipelines.search.request import BadRequest
+
+logger = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_THUMBNAIL = re.compile(r"^/products/[^/]+/thumbnail$")
+PAGE = Path(__file__).parent / "static" / "index.html"
+
+
+class SearchService(Protocol):
+    """What the routes need of an ingress replica."""
+
+    versions: object  # PinnedVersions: .snapshot (the served version), .describe_refusal()
+    limits: object  # request.Limits
+    metrics: object  # metrics.SearchMetrics
+    api_key: str | None
+    max_body_bytes: int
+
+    def scorer(self, snap, request_id: str): ...  # the engine's scorer for one request
+
+
+def _json_bytes(body: dict) -> bytes:
+    return json.dumps(body, ensure_ascii=False, default=str).encode()
+
+
+# ------------------------------------------------------------------------------ the guard
+class BodyTooLarge(BadRequest):
+    """A streamed body went past the limit; the routes' BadRequest handler answers 413."""
+
+    def __init__(self, message: str):
+        super().__init__(message, status=413)
+
+
+def _relative_path(scope) -> str:
+    """The request path below the application's route prefix."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _public(scope) -> bool:
+    """Routes that need no API key: health probes, the search page itself (static HTML; its
+    searches send the key) and product thumbnails (public catalog images an <img> tag loads)."""
+    path = _relative_path(scope)
+    return path in ("/healthz", "/") or (
+        scope.get("method") == "GET" and bool(_THUMBNAIL.match(path))
+    )
+
+
+class Guard:
+    """Pure ASGI middleware in front of every route: request id, API key, body size limit.
+
+    Serve's proxy passes the client's ``X-Request-ID`` (or one it generates) and echoes it on the
+    response; the guard makes it available to the routes (``scope["state"]["request_id"]``).
+
+    The size check reads the Content-Length header (413 before any of the body is read) and also
+    counts a streamed body, so a chunked upload cannot get past it either.
+    """
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics=None):
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def _reply(self, send, status: int, body: dict, extra=()) -> None:
+        data = _json_bytes(body)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def recorded_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, recorded_send)
+        finally:
+            self._record(scope, status["code"], time.perf_counter() - started)
+
+    def _record(self, scope, status: int, seconds: float) -> None:
+        route = route_of(_relative_path(scope))
+        if self.metrics is not None:
+            self.metrics.observe_request(route, status, seconds)
+        state = scope.get("state", {})
+        log_json(
+            access_log,
+            "request",
+            request_id=state.get("request_id"),
+            method=scope.get("method"),
+            route=route,
+            status=status,
+            ms=round(seconds * 1000, 3),
+            **state.get("log", {}),
+        )
+
+    def _authorized(self, scope, headers: dict[str, str]) -> bool:
+        if self.api_key is None or _public(scope):
+            return True
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    async def _guarded(self, scope, receive, send):
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get("x-request-id", "")
+        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        if not self._authorized(scope, headers):
+            body = {"error": "missing or invalid API key (send it as X-API-Key)", "request_id": rid}
+            return await self._reply(send, 401, body, [(b"www-authenticate", b"ApiKey")])
+        length = headers.get("content-length")
+        too_large = {"error": f"request body over {self.max_body_bytes} bytes", "request_id": rid}
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return await self._reply(send, 413, too_large)
+
+        seen = 0
+        started = False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise BodyTooLarge(too_large["error"])
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except BodyTooLarge:  # raised where no route handled it (routes answer it as a 413)
+            if not started:
+                await self._reply(send, 413, too_large)
+
+
+# ------------------------------------------------------------------------------ errors
+def _replica_lost(err: BaseException) -> bool:
+    """A request failed because a model replica died or became unreachable (not the client's
+    fault and not a bug: a retry reaches a live replica)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+
+    lost = (
+        ActorDiedError,
+        ActorUnavailableError,
+        RayActorError,
+        DeploymentUnavailableError,
+        ReplicaUnavailableError,
+    )
+    return isinstance(err, lost) or isinstance(getattr(err, "cause", None), lost)
+
+
+def _rid(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id", "")
+
+
+def _error(request: Request, status: int, message: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message, "request_id": _rid(request)}, status_code=status)
+
+
+def add_error_handlers(app) -> None:
+    """Every error as ``{"error", "request_id"}`` with its status (see the module docstring)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, err: BadRequest):
+        logger.info("request %s: %d %s", _rid(request), err.status, err)
+        return _error(request, err.status, str(err))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, err: HTTPException):
+        return _error(request, err.status_code, str(err.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, err: RequestValidationError):
+        return _error(request, 400, f"invalid request: {err.errors()[:3]}")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, err: Exception):
+        if _replica_lost(err):  # the model replica died under the request: Serve replaces it
+            logger.warning("request %s: model replica unavailable (%s)", _rid(request), err)
+            reply = _error(request, 503, "the model replica restarted; retry the request")
+            reply.headers["Retry-After"] = "1"
+            return reply
+        logger.exception("request %s failed", _rid(request))
+        return _error(
+            request, 500, f"internal error ({type(err).__name__}); request id {_rid(request)}"
+        )
+
+
+# ------------------------------------------------------------------------------ routes
+def add_search_route(app, service: SearchService) -> None:
+    """``POST /search``: one query, answered wholly from the version served at its start."""
+    from fastapi.responses import Response
+
+    from pipelines.search.engine import search
+    from pipelines.search.request import parse_search, search_openapi
+
+    @app.post("/search", openapi_extra=search_openapi(service.limits))
+    async def search_route(request: Request):
+        body = await request.body()
+        query = await asyncio.to_thread(parse_search, body, service.limits)
+        snap = service.versions.snapshot  # pinned for this request: one version, start to end
+        result = await search(query, snap, service.scorer(snap, _rid(request)))
+        result["request_id"] = _rid(request)
+        service.metrics.observe_stages(result["timings_ms"])
+        # what the access log adds for a search (never the query itself)
+        request.scope["state"]["log"] = {
+            "table_version": snap.version,
+            "timings_ms": result["timings_ms"],
+            "results": len(result["results"]),
+            "reranked": result["reranked"],
+            "query_kind": "+".join(
+                k for k, v in (("text", query.text), ("image", query.image)) if v is not None
+            ),
+        }
+        return Response(_json_bytes(result), media_type="application/json")
+
+
+def add_product_routes(app, service: SearchService) -> None:
+    """``GET /products/{id}`` (the row, no vectors) and its thumbnail, from the served version."""
+    from fastapi.responses import Response
+
+    @app.get("/products/{product_id}")
+    async def product(request: Request, product_id: str):
+        snap = service.versions.snapshot
+        row = await asyncio.to_thread(snap.product, product_id)
+        if row is None:
+            return _error(request, 404, f"no product {product_id!r} in version {snap.version}")
+        row.update(table_version=snap.version, request_id=_rid(request))
+        return Response(_json_bytes(row), media_type="application/json")
+
+    @app.get("/products/{product_id}/thumbnail")
+    async def thumbnail(request: Request, product_id: str):
+        snap = service.versions.snapshot
+        row = await asyncio.to_thread(snap.product, product_id, ["thumbnail"])
+        if row is None or not row["thumbnail"]:
+            return _error(request, 404, f"no thumbnail for product {product_id!r}")
+        return Response(row["thumbnail"], media_type="image/jpeg")
+
+
+def add_service_routes(app, service: SearchService) -> None:
+    """``/healthz``, ``/facets``, ``/metrics`` and the search page at ``/``."""
+    from fastapi.responses import Response
+
+    page = PAGE.read_bytes()
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def index_page():
+        return Response(page, media_type="text/html; charset=utf-8")
+
+    @app.get("/facets")
+    async def facets(request: Request):
+        """Filter choices for clients such as the search page (per served version)."""
+        snap = service.versions.snapshot
+        values = await asyncio.to_thread(snap.facets)
+        return {"table_version": snap.version, "facets": values, "request_id": _rid(request)}
+
+    @app.get("/healthz")
+    async def healthz(request: Request):
+        snap = service.versions.snapshot
+        body = {"status": "ok", **snap.describe(), "request_id": _rid(request)}
+        refused = service.versions.describe_refusal()
+        if refused is not None:
+            body["status"] = "refusing_published_version"
+            body["refused"] = refused
+        return body
+
+
+def build_http_app(service: SearchService) -> Guard:
+    """The replica's FastAPI app behind :class:`Guard`."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="blip-catalog-search", version="0.1.0")
+    add_error_handlers(app)
+    add_search_route(app, service)
+    add_service_routes(app, service)
+    add_product_routes(app, service)
+    return Guard(
+        app,
+        api_key=service.api_key,
+        max_body_bytes=service.max_body_bytes,
+        metrics=service.metrics,
+    )
