@@ -136,7 +136,7 @@ def prepare(args) -> dict:
 
 
 def finetune(args, name: str) -> dict:
-    from pipelines.finetune import run_single
+    from pipelines.training.runners import run_single
 
     overrides = setting_overrides(args, name)
     started = time.perf_counter()
@@ -183,7 +183,7 @@ def evaluate_setting(args, name: str, row: dict) -> None:
 def index_and_task_c(args, name: str, row: dict) -> None:
     """The real index job publishes a table of ``row``'s model; Task C searches it."""
     from blip_ops import load_model
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
     from pipelines.quality.tasks import catalog_products, catalog_queries, open_service, task_c
     from pipelines.runtime.cluster import init_ray
 

@@ -28,15 +28,19 @@ def measure(cfg, *, freeze: bool, steps: int, profile: bool = False) -> float:
     from blip_ops.losses import make_temperature
     from blip_ops.train_loop import param_groups, word_embeddings
     from blip_ops.training import retrieval_train_step
-    from pipelines import finetune as ft
+    from pipelines.training.batches import build_batch
+    from pipelines.training.data import distinct_titles, read_pairs, read_train_products
+    from pipelines.training.features import decode_cache
+    from pipelines.training.recipe import load_for_training, train_settings
+    from pipelines.training.samplers import batch_sampler
 
     f = cfg.finetune
-    rows = ft.read_train_products(f.catalog, cfg)
-    model = ft.load_for_training(cfg, cfg.model.device)
-    titles = ft.distinct_titles(ft.read_pairs(f.catalog), model.normalize_text)
-    inputs = ft.decode_cache(model, rows, f.feature_cache)
-    sampler, _ = ft.batch_sampler(cfg, rows, model.model_id)
-    settings = ft.train_settings(cfg).replace(freeze_word_embeddings=freeze)
+    rows = read_train_products(f.catalog, cfg)
+    model = load_for_training(cfg, cfg.model.device)
+    titles = distinct_titles(read_pairs(f.catalog, cfg), model.normalize_text)
+    inputs = decode_cache(model, rows, f.feature_cache)
+    sampler, _ = batch_sampler(cfg, rows, model.model_id)
+    settings = train_settings(cfg).replace(freeze_word_embeddings=freeze)
     if freeze:
         word_embeddings(model).requires_grad_(False)
     temp = torch.nn.Parameter(make_temperature(0.07))
@@ -44,7 +48,7 @@ def measure(cfg, *, freeze: bool, steps: int, profile: bool = False) -> float:
     model.model.train()
 
     def step(i: int) -> int:
-        batch = ft.build_batch(model, sampler.rows_for(i), titles, inputs, None, i)
+        batch = build_batch(model, sampler.rows_for(i), titles, inputs, None, i)
         out = retrieval_train_step(
             model, batch, temp, itm_titles=f.itm_titles, itm_balanced=f.itm_balanced
         )

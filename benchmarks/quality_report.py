@@ -212,8 +212,9 @@ def write_results_md(result: dict, path: Path) -> None:
     page = path.read_text(encoding="utf-8") if path.is_file() else "# Results\n\n"
     block = generated_block(result)
     if BEGIN in page and END in page:
-        head, rest = page.split(BEGIN, 1)
-        page = head + block + rest.split(END, 1)[1]
+        from benchmarks.common import replace_between
+
+        page = replace_between(page, BEGIN, END, block)
     else:
         page = page.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(page, encoding="utf-8")

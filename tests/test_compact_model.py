@@ -189,7 +189,8 @@ def test_train_steps_keep_the_cnn_frozen_and_lower_the_loss(saved, catalog, tmp_
     from blip_ops.train_loop import TrainSettings, fit
     from blip_ops.training import RetrievalBatch
     from pipelines.config import load_config
-    from pipelines.finetune import build_batch, read_titles, read_train_products
+    from pipelines.training.batches import build_batch
+    from pipelines.training.data import read_titles, read_train_products
 
     model = load_model(saved, device="cpu", dtype="float32")
     rows = read_train_products(catalog, load_config(None))[:4]
@@ -261,7 +262,8 @@ def test_fusion_layers_start_as_minilm_copies_and_train_on_the_fresh_rate(built,
     from blip_ops.train_loop import TrainSettings, fit, param_groups
     from blip_ops.training import RetrievalBatch
     from pipelines.config import load_config
-    from pipelines.finetune import build_batch, read_titles, read_train_products
+    from pipelines.training.batches import build_batch
+    from pipelines.training.data import read_titles, read_train_products
 
     fused = CompactBlipModel.build(seed=0, fusion_layers=2)
     net = fused.model

@@ -16,6 +16,8 @@ from PIL import Image
 from blip_ops.evaluate import rank_positives, recall_vs_k_test, retrieval_metrics
 from blip_ops.rerank import combine_scores
 from pipelines import evaluate
+from pipelines.evaluation.data import EvalInputError
+from pipelines.evaluation.karpathy import pre_caption
 from tests.conftest import draw_product
 
 LOCAL_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "local.yaml")
@@ -230,8 +232,8 @@ def test_karpathy_file_end_to_end(tiny_model_dir, tmp_path, capsys):
 
 
 def test_pre_caption_is_blips():
-    assert evaluate.pre_caption("A Dog (brown)  runs: fast!\n") == "a dog brown runs fast"
-    assert evaluate.pre_caption(" ".join(["w"] * 40)).count("w") == 30
+    assert pre_caption("A Dog (brown)  runs: fast!\n") == "a dog brown runs fast"
+    assert pre_caption(" ".join(["w"] * 40)).count("w") == 30
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +298,7 @@ def test_demo_catalog_end_to_end(tiny_model_dir, demo_catalog, tmp_path, capsys)
     # The ITC→ITM figures are the search service's rerank() applied to every query.
     from blip_ops import load_model, rerank
     from pipelines.config import load_config
-    from pipelines.evaluate import load_catalog
+    from pipelines.evaluation.catalog import load_catalog
 
     cfg = load_config(LOCAL_CONFIG, [f"model.name_or_path={tiny_model_dir}"])
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
@@ -345,7 +347,7 @@ def test_titles_over_the_train_split_are_the_products_own_titles(tiny_model_dir,
     import pyarrow.parquet as pq
 
     from pipelines.config import load_config
-    from pipelines.evaluate import load_catalog
+    from pipelines.evaluation.catalog import load_catalog
 
     root, manifest = demo_catalog
     cfg = load_config(LOCAL_CONFIG, [f"model.name_or_path={tiny_model_dir}"])
@@ -359,5 +361,5 @@ def test_titles_over_the_train_split_are_the_products_own_titles(tiny_model_dir,
         row = pairs[data.product_ids[product]]
         assert row["split"] == "train"
         assert text == row[column[lang]]
-    with pytest.raises(evaluate.EvalInputError, match="texts must be one of"):
+    with pytest.raises(EvalInputError, match="texts must be one of"):
         load_catalog(str(root), "train", cfg, target_size=64, texts="captions")

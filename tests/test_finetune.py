@@ -12,16 +12,12 @@ from blip_ops.losses import first_candidate_negatives
 from blip_ops.train_loop import TRAINER_STATE, TrainSettings, fit
 from blip_ops.training import RetrievalBatch
 from pipelines.config import load_config
-from pipelines.finetune import (
-    EpochSampler,
-    TrainSplitError,
-    build_batch,
-    check_train_only,
-    read_titles,
-    read_train_products,
-    run_ray,
-    run_single,
-)
+from pipelines.training.batches import build_batch
+from pipelines.training.data import read_titles, read_train_products
+from pipelines.training.distributed import run_ray
+from pipelines.training.runners import run_single
+from pipelines.training.samplers import EpochSampler
+from pipelines.training.splits import TrainSplitError, check_train_only
 
 
 @pytest.fixture(scope="module")

@@ -20,25 +20,16 @@ from blip_ops.losses import TEMP_INIT, make_temperature
 from blip_ops.train_loop import TRAINER_STATE
 from blip_ops.training import retrieval_train_step
 from pipelines.config import ConfigError, load_config
-from pipelines.finetune import (
-    MinedSampler,
-    TrainSplitError,
-    build_batch,
-    load_mined_neighbours,
-    read_titles,
-    read_train_products,
-    run_single,
-    train_settings,
-)
 from pipelines.indexing import tables
-from pipelines.mine_negatives import (
-    NEGATIVES_DIR,
-    MiningInputError,
-    main,
-    mine,
-    read_negatives,
-    train_rows,
-)
+from pipelines.mine_negatives import main
+from pipelines.training.batches import build_batch
+from pipelines.training.data import read_titles, read_train_products
+from pipelines.training.mined import NEGATIVES_DIR, load_mined_neighbours, read_negatives
+from pipelines.training.mining import MiningInputError, mine, train_rows
+from pipelines.training.recipe import train_settings
+from pipelines.training.runners import run_single
+from pipelines.training.samplers import MinedSampler
+from pipelines.training.splits import TrainSplitError
 from tests.conftest import index_config
 
 PER_PRODUCT = 5
@@ -309,7 +300,7 @@ def test_mined_files_outside_train_or_from_another_model_are_refused_or_warned(
         update={"finetune": cfg.finetune.model_copy(
             update={"mined_negatives": str(tmp_path / "other.parquet")})}
     )  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="pipelines.finetune"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.training.mined"):
         got = load_mined_neighbours(other_cfg, rows, good.schema.metadata[b"model_id"].decode())
     assert got["anchors_with_neighbours"] == len(rows)
     assert "hf_blip-0000000000000000" in caplog.text and "embedding space" in caplog.text

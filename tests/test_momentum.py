@@ -13,11 +13,8 @@ from blip_ops.losses import first_candidate_negatives, itc_loss, itc_loss_with_m
 from blip_ops.momentum import FeatureQueue, MomentumDistiller, alpha_at
 from blip_ops.train_loop import TRAINER_STATE, TrainSettings, fit
 from pipelines.config import load_config
-from pipelines.finetune import (
-    build_batch,
-    read_titles,
-    read_train_products,
-)
+from pipelines.training.batches import build_batch
+from pipelines.training.data import read_titles, read_train_products
 
 
 class _Tiny(torch.nn.Module):

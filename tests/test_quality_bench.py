@@ -19,7 +19,7 @@ from benchmarks.quality_report import BEGIN, END, targets_table, write_results_m
 def test_weight_sweep_reads_val_only_and_weight_zero_is_itc(tiny_model, tmp_path):
     from pipelines.catalog.writer import make_catalog
     from pipelines.config import load_config
-    from pipelines.evaluate import load_catalog
+    from pipelines.evaluation.catalog import load_catalog
     from pipelines.quality.selection import sweep_itm_weight
 
     root = tmp_path / "catalog"

@@ -330,7 +330,7 @@ def test_missing_catalog_columns_are_named(catalog, cfg, tmp_path):
 
     import pyarrow.parquet as pq
 
-    from pipelines.evaluate import EvalInputError
+    from pipelines.evaluation.data import EvalInputError
 
     old = tmp_path / "old"
     shutil.copytree(catalog, old)

@@ -14,16 +14,10 @@ from blip_ops.losses import make_temperature
 from blip_ops.train_loop import TrainSettings, param_groups
 from blip_ops.training import retrieval_train_step
 from pipelines.config import ConfigError, load_config
-from pipelines.finetune import (
-    FamilySampler,
-    SwapNegatives,
-    build_batch,
-    distinct_titles,
-    read_pairs,
-    read_train_products,
-    run_single,
-    title_key,
-)
+from pipelines.training.batches import SwapNegatives, build_batch
+from pipelines.training.data import distinct_titles, read_pairs, read_train_products, title_key
+from pipelines.training.runners import run_single
+from pipelines.training.samplers import FamilySampler
 
 
 def _rows(families: dict[str, int]) -> list[dict]:
@@ -195,7 +189,7 @@ def test_frozen_word_embeddings_stay_put_and_leave_the_optimiser(tiny_model_dir,
     assert id(table) not in {id(p) for g in param_groups(model, make_temperature(), settings)
                              for p in g["params"]}  # fmt: skip
     cfg = load_config(None, ["finetune.freeze_word_embeddings=true"])
-    from pipelines.finetune import train_settings
+    from pipelines.training.recipe import train_settings
 
     assert train_settings(cfg).freeze_word_embeddings is True
 

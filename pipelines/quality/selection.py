@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from blip_ops.evaluate import ImageTokenCache, embed_images, embed_texts, rank_positives
-from pipelines.evaluate import load_catalog
+from pipelines.evaluation.catalog import load_catalog
 
 if TYPE_CHECKING:
     from blip_ops.family import RetrievalModel
