@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -32,8 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from pipelines.config import (
     AppConfig,
     add_config_arguments,
@@ -43,14 +40,14 @@ from pipelines.config import (
 from pipelines.runtime.cluster import init_ray
 from pipelines.runtime.inputs import ensure_catalog as ensure_catalog_at
 from pipelines.runtime.inputs import ensure_model
+from pipelines.search.samples import catalog_attributes, run_samples, sample_queries
+from pipelines.training.cached import finetuned_model
 
 logger = logging.getLogger(__name__)
 
 DEMO_PRODUCTS = 240
 DEMO_SEED = 0
 PID_FILE = "demo.pid"
-CACHE_FILE = "demo_cache.json"
-LANGS = ("en", "zh", "pinyin")
 
 
 class Timer:
@@ -93,62 +90,6 @@ def ensure_catalog(cfg: AppConfig, n_products: int, seed: int = DEMO_SEED) -> Pa
     return root
 
 
-# --------------------------------------------------------------------------- fine-tune (cached)
-
-
-def _cache_key(cfg: AppConfig, catalog: Path, base_model_id: str) -> dict:
-    manifest = json.loads((catalog / "manifest.json").read_text(encoding="utf-8"))
-    settings = cfg.finetune.model_dump(mode="json", exclude={"out_dir", "resume", "log_every"})
-    settings["catalog"] = None  # the manifest below names the catalog's content
-    return {
-        "catalog": {k: manifest.get(k) for k in ("products", "seed", "generator_version")},
-        "base_model_id": base_model_id,
-        "finetune": settings,
-    }
-
-
-def finetuned_model(cfg: AppConfig, catalog: Path) -> tuple[str, dict]:
-    """Fine-tune ``model.name_or_path`` on the train split unless a matching result is cached;
-    returns (the model to index and serve, what happened)."""
-    from blip_ops import load_model
-    from pipelines.finetune import run_finetune
-
-    base = load_model(ensure_model(cfg.model.name_or_path), device="cpu", dtype="float32")
-    f = cfg.finetune
-    out = Path(f.out_dir)
-    key = _cache_key(cfg, catalog, base.model_id)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    cache = out / CACHE_FILE
-    best = out / "best"
-    if (best / "blip_catalog.json").is_file() and cache.is_file():
-        cached = json.loads(cache.read_text(encoding="utf-8"))
-        if cached.get("digest") == digest:
-            print(f"fine-tuned model {best} (cached: same catalog, base model and settings)")
-            return str(best), {"cached": True, **cached}
-    print(
-        f"fine-tuning {cfg.model.name_or_path} on the train split: {f.steps} steps of "
-        f"{f.batch_size} products (negatives: {f.negatives}) ...",
-        flush=True,
-    )
-    del base
-    if out.exists():  # settings changed: start over, never resume another run's state
-        import shutil
-
-        shutil.rmtree(out)
-    summary = run_finetune(cfg)
-    info = {
-        "digest": digest,
-        "key": key,
-        "best_mean_recall": summary.get("best_mean_recall"),
-        "samples_per_s": summary.get("samples_per_s"),
-        "model_id": summary.get("model_id"),
-    }
-    if not (best / "blip_catalog.json").is_file():
-        raise RuntimeError(f"fine-tuning wrote no best checkpoint in {out}")
-    cache.write_text(json.dumps(info, indent=2), encoding="utf-8")
-    return str(best), {"cached": False, **info}
-
-
 # --------------------------------------------------------------------------- serve + samples
 
 
@@ -159,58 +100,6 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def sample_queries(catalog: Path, n_products: int) -> list[dict]:
-    """The held-out queries (every language) of the first ``n_products`` test products."""
-    queries = pq.read_table(catalog / "queries.parquet").to_pylist()
-    queries = [q for q in queries if q.get("split", "test") == "test"]
-    products = sorted({q["product_id"] for q in queries})[:n_products]
-    order = {lang: i for i, lang in enumerate(LANGS)}
-    picked = [q for q in queries if q["product_id"] in products]
-    return sorted(picked, key=lambda q: (q["product_id"], order.get(q["lang"], 9)))
-
-
-def catalog_attributes(catalog: Path) -> dict[str, dict]:
-    """{product_id: its kind and attributes} from pairs.parquet ({} for an older catalog)."""
-    table = pq.read_table(catalog / "pairs.parquet")
-    if "kind" not in table.column_names:
-        return {}
-    return {r["product_id"]: r for r in table.to_pylist()}
-
-
-def run_samples(
-    url: str, queries: list[dict], k: int, attributes: dict[str, dict] | None = None
-) -> list[dict]:
-    """POST each query to the running service; the response, where the labelled product is, and
-    which hits are relevant (same kind and every attribute the query names) when ``attributes``
-    holds the products' attributes."""
-    import httpx
-
-    from pipelines.catalog.relevance import is_relevant
-
-    attributes = attributes or {}
-    shown = []
-    with httpx.Client(base_url=url, timeout=60) as client:
-        for q in queries:
-            resp = client.post("/search", json={"text": q["query"], "k": k})
-            resp.raise_for_status()
-            body = resp.json()
-            ids = [r["product_id"] for r in body["results"]]
-            for r in body["results"]:
-                product = attributes.get(r["product_id"])
-                r["relevant"] = (
-                    is_relevant(q, product) if product is not None and q.get("kind") else None
-                )
-            shown.append(
-                {
-                    **q,
-                    "rank": ids.index(q["product_id"]) + 1 if q["product_id"] in ids else None,
-                    "results": body["results"],
-                    "timings_ms": body.get("timings_ms"),
-                }
-            )
-    return shown
 
 
 def _relevance_line(s: dict) -> str:
@@ -240,8 +129,8 @@ def print_samples(shown: list[dict]) -> None:
 
 
 def run_demo(cfg: AppConfig, *, wait: bool = True) -> dict:
-    from pipelines import serve_search
-    from pipelines.index_catalog import run_index
+    from pipelines.indexing.job import run_index
+    from pipelines.search.deployments import start
 
     timer = Timer()
     d = cfg.demo
@@ -274,7 +163,7 @@ def run_demo(cfg: AppConfig, *, wait: bool = True) -> dict:
     if port and not _port_free(host, port):
         print(f"port {port} is busy: serving on a free port instead")
         cfg = cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"port": 0})})
-    url = serve_search.start(cfg)
+    url = start(cfg)
     timer.step("serve", t)
 
     t = time.perf_counter()

@@ -107,7 +107,7 @@ def test_make_demo_end_to_end_and_stop(compact_dir, tmp_path):
 
     # A second demo reuses the fine-tuned model: same catalog, base model and settings.
     from pipelines.config import load_config
-    from pipelines.demo import finetuned_model
+    from pipelines.training.cached import finetuned_model
 
     cfg = load_config(DEMO_CONFIG, _overrides(tmp_path, compact_dir))
     path, info = finetuned_model(cfg, tmp_path / "catalog")
@@ -115,9 +115,9 @@ def test_make_demo_end_to_end_and_stop(compact_dir, tmp_path):
     changed = cfg.model_copy(
         update={"finetune": cfg.finetune.model_copy(update={"negatives": "random"})}
     )
-    from pipelines.demo import _cache_key
+    from pipelines.training.cached import cache_key
 
-    assert _cache_key(changed, tmp_path / "catalog", "x") != _cache_key(
+    assert cache_key(changed, tmp_path / "catalog", "x") != cache_key(
         cfg, tmp_path / "catalog", "x"
     )
 
