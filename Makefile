@@ -37,7 +37,7 @@ help:
 	@echo "make demo-stop - stop a demo running in another terminal or in the background"
 	@echo "make catalog - a 10,000-product demo catalog in .data/catalog-10k (timed)"
 	@echo "make test   - the whole test suite (what CI runs)"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff and the import layers contract (.importlinter)"
 	@echo "make bench  - CPU benchmarks -> benchmarks/results/, docs/performance.md (~15-20 min)"
 	@echo "make bench-gpu - how to run benchmarks/gpu_check.py on a GPU machine"
 	@echo "make quality - the search-quality benchmark -> docs/results.md, docs/results/quality.json (<= 90 min)"
@@ -85,6 +85,7 @@ $(CHROMIUM):
 
 test: venv fonts browser
 	$(VENV)/bin/ruff check blip_ops pipelines tests benchmarks
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest --durations=20 $(PYTEST_ARGS)
 
 # DEMO_ARGS: extra flags or key=value overrides, e.g. make demo DEMO_ARGS='--port 8080'
@@ -98,13 +99,14 @@ demo-stop:
 
 lint: venv
 	$(VENV)/bin/ruff check blip_ops pipelines tests benchmarks
+	$(VENV)/bin/lint-imports
 
 catalog: venv fonts
 	$(PY) -m pipelines.make_catalog --out .data/catalog-10k --products 10000 --seed 0 --overwrite
 
 # The CPU benchmarks of docs/performance.md (~25 minutes on 2 quiet cores, ~10 of them the ANN
 # tables up to 1M rows; BENCH_ANN_SIZES="10000 100000" skips 1M). Each writes JSON + a PNG under
-# benchmarks/results/; report.py renders docs/performance.md from them.
+# benchmarks/results/; report.py refills the tables of docs/performance.md from them.
 BENCH_PRODUCTS ?= 1000
 BENCH_ANN_SIZES ?= 10000 100000 1000000
 bench: venv fonts
