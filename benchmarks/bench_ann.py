@@ -51,13 +51,11 @@ import pyarrow as pa  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     RESULTS,
-    bar_chart,
     header,
-    line_chart,
     save,
-    stack,
     summary_ms,
 )
+from pipelines.evaluation.charts import bar_chart, line_chart, stack  # noqa: E402
 
 logger = logging.getLogger("bench_ann")
 

@@ -66,12 +66,11 @@ import pyarrow.parquet as pq  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     REPO,
     RESULTS,
-    bar_chart,
     decode_grid,
     header,
     save,
-    stack,
 )
+from pipelines.evaluation.charts import bar_chart, stack  # noqa: E402
 
 logger = logging.getLogger("bench_index")
 

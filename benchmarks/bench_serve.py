@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx  # noqa: E402
 
-from benchmarks.common import RESULTS, header, line_chart, save, stack  # noqa: E402
+from benchmarks.common import RESULTS, header, save  # noqa: E402
 from pipelines.config import add_config_arguments, cli_config  # noqa: E402
+from pipelines.evaluation.charts import line_chart, stack  # noqa: E402
 
 
 def _free_port() -> int:

@@ -75,7 +75,7 @@ def markdown(runs: dict[str, dict], k: int) -> str:
 def plot(runs: dict[str, dict], k: int, out: Path, title: str) -> Path:
     from PIL import Image, ImageDraw
 
-    from pipelines.evaluation.plot import load_font as _font
+    from pipelines.evaluation.charts import load_font as _font
 
     langs = list(next(iter(runs.values()))["metrics"]["by_lang"])
     groups = [*langs, "all"]

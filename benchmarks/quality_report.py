@@ -221,7 +221,7 @@ def write_results_md(result: dict, path: Path) -> None:
 
 
 def plot_quality(result: dict, path: Path) -> None:
-    from benchmarks.common import bar_chart
+    from pipelines.evaluation.charts import bar_chart
 
     groups, itc, itm = [], [], []
     for name, row in result["settings"].items():

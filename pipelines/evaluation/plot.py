@@ -1,33 +1,14 @@
-"""The recall-vs-k_test chart, drawn with PIL (no plotting dependency)."""
+"""The recall-vs-k_test chart (a categorical x axis: ITC, then each k_test), drawn with the shared
+chart primitives of :mod:`pipelines.evaluation.charts`."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.evaluation.charts import dashed_line, load_font
 from pipelines.evaluation.report import DIRECTION_SHORT
 
 _COLORS = {"R@1": (214, 39, 40), "R@5": (31, 119, 180), "R@10": (44, 160, 44)}
-
-
-def load_font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _dashed(draw, points, color, width=2, dash=8) -> None:
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        length = max(1.0, ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5)
-        steps = int(length // dash)
-        for s in range(0, steps + 1, 2):
-            a, b = s / (steps + 1), min(1.0, (s + 1) / (steps + 1))
-            draw.line(
-                [(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
-                fill=color, width=width,
-            )  # fmt: skip
 
 
 def plot_recall_vs_k_test(series: dict, out: Path, title: str) -> Path:
@@ -70,14 +51,14 @@ def plot_recall_vs_k_test(series: dict, out: Path, title: str) -> Path:
             if style == "solid":
                 d.line(pts, fill=color, width=2)
             else:
-                _dashed(d, pts, color)
+                dashed_line(d, pts, color)
             for x, y in pts:
                 d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
             lx = left + pw + 15
             if style == "solid":
                 d.line([(lx, legend_y + 8), (lx + 30, legend_y + 8)], fill=color, width=2)
             else:
-                _dashed(d, [(lx, legend_y + 8), (lx + 30, legend_y + 8)], color, dash=6)
+                dashed_line(d, [(lx, legend_y + 8), (lx + 30, legend_y + 8)], color, dash=6)
             # PIL's default font has no arrow.
             label = f"{DIRECTION_SHORT[direction]} {name}".replace("→", "->")
             d.text((lx + 36, legend_y), label, fill="black", font=small)
