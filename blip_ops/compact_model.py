@@ -56,8 +56,8 @@ from blip_ops.compact_network import (
     WEIGHTS_NAME,
     CompactBlipConfig,
     CompactBlipForRetrieval,
-    _from_state_dict,
     build_compact,
+    from_state_dict,
     minilm_path,
     minilm_state_dict,
 )
@@ -151,7 +151,7 @@ class CompactBlipModel(HFBlipModel):
                 f"{path}: not a {FAMILY} checkpoint (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
         config = CompactBlipConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
-        net = _from_state_dict(config, load_file(str(path / WEIGHTS_NAME)))
+        net = from_state_dict(config, load_file(str(path / WEIGHTS_NAME)))
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         image_settings = ImageSettings.from_preprocessor_config(
             json.loads((path / "preprocessor_config.json").read_text())

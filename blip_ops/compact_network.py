@@ -247,7 +247,7 @@ class CompactBlipForRetrieval(nn.Module):
         return hidden
 
 
-def _from_state_dict(
+def from_state_dict(
     config: CompactBlipConfig, state: dict[str, torch.Tensor]
 ) -> CompactBlipForRetrieval:
     """The network holding ``state``, built without a random init that would be overwritten

@@ -199,7 +199,7 @@ def test_empty_brand_text_draws_no_tag():
 
 def test_missing_cjk_font_raises_for_chinese_only(monkeypatch, tmp_path):
     monkeypatch.setattr(render, "CJK_FONT_PATH", tmp_path / "missing.ttc")
-    render._font.cache_clear()
+    render.truetype_font.cache_clear()
     render._text_mask.cache_clear()
     try:
         with pytest.raises(FontMissingError, match="fonts-wqy-microhei"):
@@ -208,7 +208,7 @@ def test_missing_cjk_font_raises_for_chinese_only(monkeypatch, tmp_path):
         im = render_product(spec(brand_text="UPIN"))
         assert im.size == (SIZE, SIZE)
     finally:
-        render._font.cache_clear()
+        render.truetype_font.cache_clear()
         render._text_mask.cache_clear()
 
 

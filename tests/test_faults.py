@@ -220,7 +220,7 @@ def _copy_base(base_index: Path, dst: Path) -> Path:
 
 # ---- the invariant -------------------------------------------------------------------------------
 def _published_rows(db) -> pa.Table:
-    products = tables.open_published_products(db)
+    products = tables.open_published(db)[0]
     assert products is not None, "nothing published"
     return _all_rows(products)
 
@@ -245,7 +245,7 @@ class PinnedReader:
     """A reader that opened ``published`` before the fault and keeps its table object."""
 
     def __init__(self, db):
-        self.table = tables.open_published_products(db)
+        self.table = tables.open_published(db)[0]
         assert self.table is not None
         self.version = self.table.version
         self.before = self.read()

@@ -197,7 +197,7 @@ def changed(catalog, base, model, tiny_model_dir, tmp_path_factory):
     _write_catalog(rows, catalog.table.schema, tmp / "products")
     uri = _copy_index(base.uri, tmp / "lancedb")
 
-    reader = tables.open_published_products(tables.connect(uri))
+    reader = tables.open_published(tables.connect(uri))[0]
     old_rows = _rows_by_id(reader)
     queries = np.concatenate(
         [
@@ -272,7 +272,7 @@ def test_first_run_indexes_every_product(base, catalog, model, ray_local):
     check_accounting(base.uri, s)
 
     db = tables.connect(base.uri)
-    products = tables.open_published_products(db)
+    products = tables.open_published(db)[0]
     assert products.version == s["products_version"]
     got = products.to_arrow()
     assert got.num_rows == N_PRODUCTS
@@ -331,7 +331,7 @@ def test_stored_embeddings_equal_blip_ops_embeddings(base, catalog, model, ray_l
     """The indexed embedding of every image is what blip_ops computes for the same bytes (what an
     image query, evaluation and the bench compute), so a product's own photo finds it first."""
     check_accounting(base.uri, base.summary)
-    products = tables.open_published_products(tables.connect(base.uri))
+    products = tables.open_published(tables.connect(base.uri))[0]
     got = products.to_arrow()
     src = {
         r["product_id"]: r["image"]
@@ -355,7 +355,7 @@ def test_stored_embeddings_equal_blip_ops_embeddings(base, catalog, model, ray_l
 def test_rerun_without_changes_encodes_nothing(base, catalog, tiny_model_dir, ray_local, tmp_path):
     uri = _copy_index(base.uri, tmp_path / "lancedb")
     db = tables.connect(uri)
-    before = tables.open_published_products(db)
+    before = tables.open_published(db)[0]
     before_rows = _rows_by_id(before)
     runs_before = db.open_table(tables.RUNS_TABLE).count_rows()
 
@@ -367,7 +367,7 @@ def test_rerun_without_changes_encodes_nothing(base, catalog, tiny_model_dir, ra
     check_accounting(uri, s)
     assert s["products_version"] == base.summary["products_version"]
     db = tables.connect(uri)
-    after = tables.open_published_products(db)
+    after = tables.open_published(db)[0]
     assert after.version == before.version
     assert _rows_by_id(after) == before_rows  # ids, hashes, embeddings, titles, run_ids
     assert db.open_table(tables.RUNS_TABLE).count_rows() == runs_before + 1
@@ -388,7 +388,7 @@ def test_rerun_after_changes_encodes_only_changed_rows(
     assert s["rejected"] == 0 and s["deleted"] == 0
     check_accounting(changed.uri, s)
 
-    products = tables.open_published_products(tables.connect(changed.uri))
+    products = tables.open_published(tables.connect(changed.uri))[0]
     now = _rows_by_id(
         products,
         (
@@ -443,7 +443,7 @@ def test_rerun_after_changes_encodes_only_changed_rows(
     )
     assert d["products_rows"] == n_in
     check_accounting(uri, d)
-    after = _rows_by_id(tables.open_published_products(tables.connect(uri)))
+    after = _rows_by_id(tables.open_published(tables.connect(uri))[0])
     assert set(after) == set(now) - set(changed.dropped)
     assert {p: after[p]["content_hash"] for p in after} == {
         p: now[p]["content_hash"] for p in after
@@ -565,8 +565,8 @@ def test_bad_rows_are_rejected_with_reasons_and_keep_last_good_row(
         + Counter({garbage_reason: 1})
     )
 
-    old = _rows_by_id(tables.open_published_products(tables.connect(base.uri)))
-    now = _rows_by_id(tables.open_published_products(tables.connect(uri)))
+    old = _rows_by_id(tables.open_published(tables.connect(base.uri))[0])
+    now = _rows_by_id(tables.open_published(tables.connect(uri))[0])
     assert set(now) == set(old) | set(new_good)  # nothing bad got in, nothing was deleted
     for pid in ids[:2]:  # their new rows were rejected: the last good row stays, untouched
         assert now[pid] == old[pid], pid
@@ -592,7 +592,7 @@ def test_model_change_writes_a_shadow_table_and_switches_only_on_publish(
     db = tables.connect(uri)
     pointer = tables.published_run(db)
     assert pointer["products_table"] == old_name and pointer["model_id"] == model.model_id
-    reader = tables.open_published_products(db)
+    reader = tables.open_published(db)[0]
     old_rows = _rows_by_id(reader)
     queries = np.stack(
         [np.asarray(old_rows[p]["image_embedding"], np.float32) for p in catalog.ids[::5]]
@@ -620,7 +620,7 @@ def test_model_change_writes_a_shadow_table_and_switches_only_on_publish(
     assert db.open_table(new_name).count_rows() == N_PRODUCTS
     assert tables.open_tagged(db, new_name) is None  # ...but nothing was published
     assert tables.published_run(db) == pointer
-    fresh = tables.open_published_products(db)
+    fresh = tables.open_published(db)[0]
     assert fresh.name == old_name and fresh.version == reader.version
     assert _rows_by_id(fresh) == old_rows
     assert _search(reader, queries) == old_results
@@ -636,7 +636,7 @@ def test_model_change_writes_a_shadow_table_and_switches_only_on_publish(
     db = tables.connect(uri)
     pub = tables.published_run(db)
     assert pub["products_table"] == new_name and pub["model_id"] == model2.model_id
-    new = tables.open_published_products(db)
+    new = tables.open_published(db)[0]
     got = new.to_arrow()
     assert sorted(got.column("product_id").to_pylist()) == sorted(catalog.ids)
     assert set(got.column("model_id").to_pylist()) == {model2.model_id}
@@ -675,7 +675,7 @@ def test_open_reader_keeps_its_version_while_a_run_publishes(changed, base, ray_
     assert changed.reader.version == base.summary["products_version"]
     assert _rows_by_id(changed.reader) == changed.old_rows
 
-    reopened = tables.open_published_products(tables.connect(changed.uri))
+    reopened = tables.open_published(tables.connect(changed.uri))[0]
     assert (
         reopened.version == changed.summary["products_version"] > base.summary["products_version"]
     )
@@ -710,10 +710,10 @@ def test_referenced_images_index_like_inline_ones(base, tiny_model_dir, ray_loca
     rejects = tables.open_tagged(tables.connect(uri), tables.REJECTS_TABLE).to_arrow().to_pylist()
     assert [(r["product_id"], r["stage"]) for r in rejects] == [(gone["product_id"], "decode")]
     got = _rows_by_id(
-        tables.open_published_products(tables.connect(uri)), ("product_id", "image_embedding")
+        tables.open_published(tables.connect(uri))[0], ("product_id", "image_embedding")
     )
     want = _rows_by_id(
-        tables.open_published_products(tables.connect(base.uri)), ("product_id", "image_embedding")
+        tables.open_published(tables.connect(base.uri))[0], ("product_id", "image_embedding")
     )
     assert set(got) == set(want) - {gone["product_id"]}
     for pid, row in got.items():

@@ -52,7 +52,7 @@ def run_index_checked(cfg) -> dict:
 
 def _published_rows(db) -> pa.Table:
     """product_id, content_hash, image_embedding of the published products, sorted by product_id."""
-    products = tables.open_published_products(db)
+    products = tables.open_published(db)[0]
     assert products is not None, "nothing published"
     rows = (
         products.search()
@@ -203,7 +203,7 @@ def test_index_on_s3_catalog_and_lancedb(ray_local, tiny_model_dir, s3_server, s
     emb = _embeddings(rows)
     _assert_self_retrieval(emb)
     # The table on S3 answers a vector query itself (exact search: no ANN index below ann_min_rows).
-    published = tables.open_published_products(db)
+    published = tables.open_published(db)[0]
     hit = published.search(emb[3]).distance_type("cosine").select(["product_id"]).limit(1).to_list()
     assert hit[0]["product_id"] == rows.column("product_id")[3].as_py()
 
@@ -391,7 +391,7 @@ def test_rerun_after_torn_staging_table(ray_local, tiny_model, tiny_model_dir, t
     summary = run_index(index_config(tmp_path / "cat" / "products", index_dir, tiny_model_dir))
     _assert_accounting(summary)
     assert summary["indexed"] == n and summary["resumed_from_staging"] == 0, summary
-    assert tables.open_published_products(tables.connect(str(index_dir))).count_rows() == n
+    assert tables.open_published(tables.connect(str(index_dir)))[0].count_rows() == n
 
 
 # ---- 3. ray start --head + ray job submit ------------------------------------------------------
@@ -465,7 +465,7 @@ def test_ray_job_submit_to_started_cluster(tiny_model_dir, tmp_path):
     db = tables.connect(str(index_dir))
     run = tables.published_run(db)
     assert run is not None
-    products = tables.open_published_products(db)
+    products = tables.open_published(db)[0]
     assert products.count_rows() == n
     assert run["products_table"] in tables.table_names(db)
     assert products.tags.list()[tables.PUBLISHED]["version"] == run["products_version"]

@@ -206,7 +206,7 @@ def nightly(tiny_model_dir, ray_local, tmp_path_factory):
         summaries.append(s)
         assert s["indexed"] == len(marked[run]["changed"]) + len(marked[run]["added"]), s
         assert s["rejected"] == run % 2, s
-        products = tables.open_published_products(tables.connect(uri))
+        products = tables.open_published(tables.connect(uri))[0]
         assert products.version == s["products_version"]
         for name in ("image_embedding_idx", "title_normalized_idx"):
             stats = products.index_stats(name)
@@ -259,16 +259,16 @@ def maintained(nightly):
     products_uri = str(Path(uri) / f"{products_name}.lance")
     data_dir = Path(products_uri) / "data"
     committed = set(data_dir.iterdir())
-    write_fragments(tables.open_published_products(db).to_arrow().slice(0, 2), products_uri)
+    write_fragments(tables.open_published(db)[0].to_arrow().slice(0, 2), products_uri)
     uncommitted = sorted(set(data_dir.iterdir()) - committed)
     assert uncommitted
     assert all(p.is_file() for p in uncommitted)
 
     rng = np.random.default_rng(0)
-    dim = tables.open_published_products(db).schema.field("image_embedding").type.list_size
+    dim = tables.open_published(db)[0].schema.field("image_embedding").type.list_size
     queries = rng.normal(size=(6, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    titles = tables.open_published_products(db).to_arrow().column("title_normalized").to_pylist()
+    titles = tables.open_published(db)[0].to_arrow().column("title_normalized").to_pylist()
     common = Counter(w for t in titles for w in set(t.split()) if w.isalpha() and len(w) > 3)
     words = [w for w in WORDS if w] + [w for w, _ in common.most_common(4)]
     tagged = {
@@ -460,7 +460,7 @@ def test_after_index_runs_maintenance_under_the_runs_lease(
     assert set(done["kept_runs"]) == {"r-after", maintained.run_ids[-1]}
     db = tables.connect(uri)
     assert tables.published_run(db)["run_id"] == "r-after"
-    products = tables.open_published_products(db)
+    products = tables.open_published(db)[0]
     assert _fts_ids(products, "hazelwood") == {rows[0]["product_id"]}
     for name in (s["products_table"], tables.RUNS_TABLE, tables.REJECTS_TABLE):
         t = db.open_table(name)

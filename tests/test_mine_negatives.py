@@ -52,7 +52,7 @@ def mined(search_index, tiny_model_dir, tmp_path_factory):
 
 def _published(cfg) -> pa.Table:
     """product_id, split and embedding of every row of the published version, read directly."""
-    table = tables.open_published_products(tables.connect(cfg.index.uri))
+    table = tables.open_published(tables.connect(cfg.index.uri))[0]
     return table.to_arrow().select(["product_id", "split", "image_embedding", "model_id"])
 
 

@@ -183,7 +183,7 @@ def test_publish_moves_every_table_forward_and_back(with_b, capsys):
         pub = _pub(cfg_a)
         assert pub["run_id"] == run["run_id"] and pub["model_id"] == run["model_id"]
         assert pub["model_path"] == run["model_path"]
-        products = tables.open_published_products(tables.connect(cfg_a.index.uri))
+        products = tables.open_published(tables.connect(cfg_a.index.uri))[0]
         assert (products.name, products.version) == (run["products_table"], run["products_version"])
         rejects = tables.open_tagged(tables.connect(cfg_a.index.uri), tables.REJECTS_TABLE)
         assert rejects.version == run["rejects_version"]
@@ -246,14 +246,14 @@ def test_rollback_within_one_model_then_a_nightly_run(with_b):
         s = run_index(cfg_a, run_id="a2-bad")
         assert s["indexed"] == len(titles[::4])
         assert _publish_cli(cfg_a, "run-a1") == 0
-        published = tables.open_published_products(tables.connect(cfg_a.index.uri))
+        published = tables.open_published(tables.connect(cfg_a.index.uri))[0]
         assert not any(t.endswith(" BAD") for t in published.to_arrow().column("title").to_pylist())
     finally:
         pq.write_table(original, part)
     # The restored catalog equals run a1's: nothing to encode, and the published titles are a1's.
     s = run_index(cfg_a, run_id="a3")
     assert s["indexed"] == 0 and s["unchanged"] == N and s["products_table"] == products_a
-    published = tables.open_published_products(tables.connect(cfg_a.index.uri))
+    published = tables.open_published(tables.connect(cfg_a.index.uri))[0]
     got = dict(
         zip(*published.to_arrow().select(["product_id", "title"]).to_pydict().values(), strict=True)
     )

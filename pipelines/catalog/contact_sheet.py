@@ -50,10 +50,10 @@ def write_contact_sheet(products: Sequence[ProductPlan], out: str | Path) -> Pat
     cols = max(len(r) for r in rows)
     sheet = Image.new("RGB", (cols * CELL, len(rows) * (CELL + TEXT_H)), "white")
     draw = ImageDraw.Draw(sheet)
-    from pipelines.catalog.render import _brand_font_path, _font
+    from pipelines.catalog.render import brand_font_path, truetype_font
 
     # The renderer's rule: the CJK font, or an error naming its Debian package when it is missing.
-    font = _font(_brand_font_path(" ".join(p.title for row in rows for p in row)), 12)
+    font = truetype_font(brand_font_path(" ".join(p.title for row in rows for p in row)), 12)
     for r, row in enumerate(rows):
         for c, p in enumerate(row):
             im = render_product(render_spec(p))

@@ -2,8 +2,8 @@
 
 A body is filled with a fabric *index*: an ``L`` image whose bytes pack the pattern level (2 bits)
 and the material shade (6 bits), cut from a cached periodic tile per (pattern, material, period).
-``_highlight_map`` adds form shading and the material's highlights to the shade bits, and
-``_palette`` maps the 256 index values to RGB for one body colour. Tiles are built once per
+``highlight_map`` adds form shading and the material's highlights to the shade bits, and
+``fabric_palette`` maps the 256 index values to RGB for one body colour. Tiles are built once per
 (pattern, material, period) and cached; nothing here is random per spec.
 """
 
@@ -38,7 +38,7 @@ HIGHLIGHT_PX = 128  # highlight maps are drawn in this unit square and scaled to
 # ---------------------------------------------------------------------------------------- colour
 
 
-def _rgb(values: Sequence[float]) -> RGB:
+def to_rgb(values: Sequence[float]) -> RGB:
     r, g, b = (int(min(255.0, max(0.0, v))) for v in values)
     return (r, g, b)
 
@@ -47,22 +47,22 @@ def _luma(c: Sequence[int]) -> float:
     return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
 
 
-def _pattern_color(c: RGB) -> RGB:
+def fabric_pattern_color(c: RGB) -> RGB:
     """A tone of `c` that stands out on it: darker on light colours, near-white on dark ones."""
     if _luma(c) >= 150:
-        return _rgb([v * 0.42 for v in c])
-    return _rgb([v + (255 - v) * 0.72 for v in c])
+        return to_rgb([v * 0.42 for v in c])
+    return to_rgb([v + (255 - v) * 0.72 for v in c])
 
 
-def _seam_color(c: RGB) -> RGB:
+def seam_color(c: RGB) -> RGB:
     """Seams and stitching: a darker tone of the body (lighter on near-black bodies)."""
     if _luma(c) >= 60:
-        return _rgb([v * 0.58 for v in c])
-    return _rgb([v + (255 - v) * 0.3 for v in c])
+        return to_rgb([v * 0.58 for v in c])
+    return to_rgb([v + (255 - v) * 0.3 for v in c])
 
 
 @functools.lru_cache(maxsize=1024)
-def _palette(color: RGB, pattern_color: RGB) -> bytes:
+def fabric_palette(color: RGB, pattern_color: RGB) -> bytes:
     """256 RGB entries for the fabric index: 4 pattern levels x 64 shades."""
     t = np.arange(4, dtype=np.float32)[:, None] / 3.0
     base = (1 - t) * np.float32(color) + t * np.float32(pattern_color)  # (4, 3)
@@ -218,7 +218,7 @@ def _material_tile(material: str, p: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _highlight_map(material: str) -> Image.Image:
+def highlight_map(material: str) -> Image.Image:
     """Form shading plus the material's highlights, in the unit square of the body's bounding box.
 
     Values only add to the shade, so a material "darkens" a region by withholding a baseline it
@@ -276,7 +276,7 @@ def _fabric_tile(pattern: str, material: str, p: int) -> np.ndarray:
     return (level << 6) | shade
 
 
-def _fabric_index(pattern: str, material: str, width: int, height: int,
+def fabric_index(pattern: str, material: str, width: int, height: int,
                   bbox: tuple[int, int, int, int]) -> Image.Image:  # fmt: skip
     """The fabric index (L) over `bbox`, anchored to the image so neighbouring parts line up."""
     x0, y0, x1, y1 = bbox

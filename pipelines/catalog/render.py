@@ -40,13 +40,21 @@ from pipelines.catalog.fabric import (
     MATERIALS,
     PATTERNS,
     RGB,
-    _fabric_index,
-    _palette,
-    _pattern_color,
-    _rgb,
-    _seam_color,
+    fabric_index,
+    fabric_palette,
+    fabric_pattern_color,
+    seam_color,
+    to_rgb,
 )
-from pipelines.catalog.shapes import _KINDS, DARK, _draw_op, _gloss, _Kind, _op_bbox, _Sketch
+from pipelines.catalog.shapes import (
+    DARK,
+    SHAPE_KINDS,
+    KindShape,
+    Sketch,
+    draw_op,
+    gloss_highlight,
+    op_bbox,
+)
 
 KINDS: tuple[str, ...] = (
     "sofa", "armchair", "dining_chair", "coffee_table", "table_lamp", "floor_lamp", "pillow",
@@ -109,13 +117,13 @@ def _needs_cjk(text: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def truetype_font(path: str | None, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     if path is None:
         return ImageFont.load_default(size)
     return ImageFont.truetype(path, size)
 
 
-def _brand_font_path(text: str) -> str | None:
+def brand_font_path(text: str) -> str | None:
     """The CJK font's path, or None for Pillow's default font (Latin-only text)."""
     path = Path(CJK_FONT_PATH)  # read at call time so tests can point it elsewhere
     if path.is_file():
@@ -131,7 +139,7 @@ def _brand_font_path(text: str) -> str | None:
 @functools.lru_cache(maxsize=512)
 def _text_mask(text: str, size: int, font_path: str | None) -> Image.Image:
     """The text's ink (L, tight box), bold by a stroke: more ink, so a changed name shows more."""
-    font = _font(font_path, size)
+    font = truetype_font(font_path, size)
     stroke = max(1, size // 28)
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     left, top, right, bottom = probe.textbbox((0, 0), text, font=font, stroke_width=stroke)
@@ -155,7 +163,7 @@ class _Layout:
     prop: tuple[int, float, float, RGB] | None  # (shape, cx at floor, size px, tone)
 
 
-def _layout(kind: _Kind, spec: RenderSpec) -> _Layout:
+def _layout(kind: KindShape, spec: RenderSpec) -> _Layout:
     """Everything that comes from layout_seed. Draw order is fixed: never depends on attributes."""
     rng = random.Random(spec.layout_seed)
     w, h = spec.width, spec.height
@@ -176,8 +184,8 @@ def _layout(kind: _Kind, spec: RenderSpec) -> _Layout:
     box = (cx - bw / 2, cy - bh / 2, bw, bh)
 
     tinted = [c + t for c, t in zip(spec.background, tint, strict=True)]
-    top = _rgb([c + 6 for c in tinted])
-    bottom = _rgb([c * (1 - fall) for c in tinted])
+    top = to_rgb([c + 6 for c in tinted])
+    bottom = to_rgb([c * (1 - fall) for c in tinted])
     floor = box[1] + bh
     ry = max(0.03 * h, 0.06 * bh)
     shadow = (cx + shadow_dx * bw, floor - 0.2 * ry, 0.5 * bw * shadow_w, ry)
@@ -201,7 +209,7 @@ def _background(lay: _Layout, w: int, h: int) -> Image.Image:
 
 
 def _shade(c: Sequence[int], f: float) -> RGB:
-    return _rgb([v * f for v in c])
+    return to_rgb([v * f for v in c])
 
 
 def _soft_ellipse(img: Image.Image, ellipse: tuple[float, float, float, float], blur: float,
@@ -265,13 +273,13 @@ def _draw_prop(draw: ImageDraw.ImageDraw, prop: tuple, floor: float) -> None:
 # ---------------------------------------------------------------------------------------- render
 
 
-def _draw_tag(img: Image.Image, draw: ImageDraw.ImageDraw, spec: RenderSpec, kind: _Kind,
+def _draw_tag(img: Image.Image, draw: ImageDraw.ImageDraw, spec: RenderSpec, kind: KindShape,
               box: tuple[float, float, float, float]) -> None:  # fmt: skip
     text = spec.brand_text.strip()
     if not text:
         return
     w, h = spec.width, spec.height
-    font_path = _brand_font_path(text)
+    font_path = brand_font_path(text)
     size = max(8, round(0.085 * h))  # ~8.5 % of the height: readable after a 384 px resize
     ink = _text_mask(text, size, font_path)
     max_w = 0.62 * w
@@ -299,7 +307,7 @@ def _draw_tag(img: Image.Image, draw: ImageDraw.ImageDraw, spec: RenderSpec, kin
 
 def render_product(spec: RenderSpec) -> Image.Image:
     """The product photo for `spec`: an RGB image of size (spec.width, spec.height)."""
-    kind = _KINDS[spec.kind]
+    kind = SHAPE_KINDS[spec.kind]
     w, h = spec.width, spec.height
     lay = _layout(kind, spec)
     img = _background(lay, w, h)
@@ -314,13 +322,13 @@ def render_product(spec: RenderSpec) -> Image.Image:
         _draw_prop(draw, lay.prop, floor)
     _soft_ellipse(img, lay.shadow, lay.shadow_blur, lay.shadow_alpha, _shade(lay.bg_bottom, 0.45))
 
-    sketch = _Sketch()
+    sketch = Sketch()
     kind.draw(sketch)
     for op in sketch.ops["under"]:
-        _draw_op(draw, op, op[2], lay.box, 1.0)
+        draw_op(draw, op, op[2], lay.box, 1.0)
 
     # The body mask, at 2x, over the union of the body parts' boxes (spouts reach outside).
-    part_boxes = [_op_bbox(op, lay.box) for op in sketch.ops["body"] if op[2]]
+    part_boxes = [op_bbox(op, lay.box) for op in sketch.ops["body"] if op[2]]
     mx0 = max(0, min(b[0] for b in part_boxes) - 2)
     my0 = max(0, min(b[1] for b in part_boxes) - 2)
     mx1 = min(w, max(b[2] for b in part_boxes) + 2)
@@ -329,13 +337,13 @@ def render_product(spec: RenderSpec) -> Image.Image:
     mask = Image.new("L", ((mx1 - mx0) * ss, (my1 - my0) * ss), 0)
     mdraw = ImageDraw.Draw(mask)
     for op in sketch.ops["body"]:
-        _draw_op(mdraw, op, op[2], lay.box, ss, (mx0, my0))
+        draw_op(mdraw, op, op[2], lay.box, ss, (mx0, my0))
     mask = mask.reduce(ss)
     bb = mask.getbbox()
     if bb is not None:
         fx0, fy0, fx1, fy1 = bb[0] + mx0, bb[1] + my0, bb[2] + mx0, bb[3] + my0
-        index = _fabric_index(spec.pattern, spec.material, w, h, (fx0, fy0, fx1, fy1))
-        fabric = ImageChops.add(index, _gloss(sketch, spec.material, lay.box, (fx0, fy0, fx1, fy1)))
+        index = fabric_index(spec.pattern, spec.material, w, h, (fx0, fy0, fx1, fy1))
+        fabric = ImageChops.add(index, gloss_highlight(sketch, spec.material, lay.box, (fx0, fy0, fx1, fy1)))
         body_mask = mask.crop(bb)
         # A dark rim just inside the silhouette (white on white stays legible): index 0 is the
         # palette's darkest shade of the body colour. Differencing with a diagonally shifted
@@ -344,13 +352,13 @@ def render_product(spec: RenderSpec) -> Image.Image:
         edge = ImageChops.difference(body_mask, ImageChops.offset(body_mask, d, d))
         rim = ImageChops.darker(edge, body_mask).point(_RIM_LUT)
         fabric = ImageChops.subtract(fabric, rim)
-        fabric.putpalette(_palette(spec.color, _pattern_color(spec.color)))
+        fabric.putpalette(fabric_palette(spec.color, fabric_pattern_color(spec.color)))
         img.paste(fabric.convert("RGB"), (fx0, fy0), body_mask)
 
-    seam = _seam_color(spec.color)
+    seam = seam_color(spec.color)
     for op in sketch.ops["seam"]:
-        _draw_op(draw, op, seam, lay.box, 1.0)
+        draw_op(draw, op, seam, lay.box, 1.0)
     for op in sketch.ops["over"]:
-        _draw_op(draw, op, op[2], lay.box, 1.0)
+        draw_op(draw, op, op[2], lay.box, 1.0)
     _draw_tag(img, draw, spec, kind, lay.box)
     return img

@@ -1,8 +1,8 @@
 """Product kinds as sketches: each kind's silhouette, parts and seams in unit box coordinates.
 
-A kind's drawing records shapes on a ``_Sketch``, layer by layer; ``_draw_op`` replays one in
-image pixels, ``_op_bbox`` bounds it and ``_gloss`` gives each body part its own copy of the
-material's highlight map. ``_KINDS`` maps each of the 32 kinds to its box aspect, tag position and
+A kind's drawing records shapes on a ``Sketch``, layer by layer; ``draw_op`` replays one in
+image pixels, ``op_bbox`` bounds it and ``gloss_highlight`` gives each body part its own copy of the
+material's highlight map. ``SHAPE_KINDS`` maps each of the 32 kinds to its box aspect, tag position and
 drawing.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.catalog.fabric import RGB, _highlight_map
+from pipelines.catalog.fabric import RGB, highlight_map
 
 # Neutral tones for secondary parts, so that they never read as the product's colour.
 DARK: RGB = (52, 52, 56)
@@ -28,7 +28,7 @@ LIGHT: RGB = (238, 238, 234)
 Geom = Sequence[float]
 
 
-class _Sketch:
+class Sketch:
     """Collects a kind's shapes in unit coordinates of the object box, by layer.
 
     Layers are replayed in order: ``under`` parts, the ``body`` mask (``cut`` punches holes),
@@ -55,7 +55,7 @@ class _Sketch:
         self.ops["over"].append((shape, geom, tone, kw))
 
 
-def _draw_op(draw: ImageDraw.ImageDraw, op: tuple, fill, box: tuple[float, ...], scale: float,
+def draw_op(draw: ImageDraw.ImageDraw, op: tuple, fill, box: tuple[float, ...], scale: float,
              origin: tuple[float, float] = (0.0, 0.0)) -> None:  # fmt: skip
     """Draw one unit-coordinate op into `draw`; box = (x0, y0, w, h) in image pixels."""
     shape, geom, _, kw = op
@@ -97,7 +97,7 @@ def _draw_op(draw: ImageDraw.ImageDraw, op: tuple, fill, box: tuple[float, ...],
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _op_bbox(op: tuple, box: tuple[float, ...]) -> tuple[int, int, int, int]:
+def op_bbox(op: tuple, box: tuple[float, ...]) -> tuple[int, int, int, int]:
     """The pixel bounding box of a body op (whole ellipse for slices and arcs)."""
     shape, geom, _, kw = op
     x0, y0, bw, bh = box
@@ -116,20 +116,20 @@ def _op_bbox(op: tuple, box: tuple[float, ...]) -> tuple[int, int, int, int]:
             int(x0 + u1 * bw + half) + 1, int(y0 + v1 * bh + half) + 1)  # fmt: skip
 
 
-def _gloss(sketch: _Sketch, material: str, box: tuple[float, ...],
+def gloss_highlight(sketch: Sketch, material: str, box: tuple[float, ...],
            body_bbox: tuple[int, int, int, int]) -> Image.Image:  # fmt: skip
     """Shading and highlights, one copy of the material's map per body part (later parts on top).
 
     Per part, so that each cushion, handle or strap catches its own light, and so that a sparse
     body (a scooter, a lamp) still shows the gloss or sheen that tells its material apart.
     """
-    hmap = _highlight_map(material)
+    hmap = highlight_map(material)
     fx0, fy0, fx1, fy1 = body_bbox
     out = Image.new("L", (fx1 - fx0, fy1 - fy0), 0)
     for op in sketch.ops["body"]:
         if op[2] == 0:  # holes take no light
             continue
-        px0, py0, px1, py1 = _op_bbox(op, box)
+        px0, py0, px1, py1 = op_bbox(op, box)
         if px1 - px0 < 2 or py1 - py0 < 2:
             continue
         out.paste(
@@ -171,27 +171,27 @@ def _profile(
 
 
 @dataclass(frozen=True)
-class _Kind:
+class KindShape:
     aspect: float  # object box width / height
     label: tuple[float, float]  # tag centre in box units (may lie outside the box)
-    draw: Callable[[_Sketch], None]
+    draw: Callable[[Sketch], None]
     tag_from: tuple[float, float] | None = None  # a hanging tag's string starts here
 
 
-_KINDS: dict[str, _Kind] = {}
+SHAPE_KINDS: dict[str, KindShape] = {}
 
 
 def _kind(name: str, aspect: float, label: tuple[float, float],
           tag_from: tuple[float, float] | None = None):  # fmt: skip
-    def register(fn: Callable[[_Sketch], None]) -> Callable[[_Sketch], None]:
-        _KINDS[name] = _Kind(aspect, label, fn, tag_from)
+    def register(fn: Callable[[Sketch], None]) -> Callable[[Sketch], None]:
+        SHAPE_KINDS[name] = KindShape(aspect, label, fn, tag_from)
         return fn
 
     return register
 
 
 @_kind("sofa", 1.75, (0.5, 0.3))
-def _sofa(s: _Sketch) -> None:
+def _sofa(s: Sketch) -> None:
     for u in (0.05, 0.91):
         s.under("rect", (u, 0.86, u + 0.04, 0.99), r=0.02)
     s.body("rect", (0.07, 0.05, 0.93, 0.62), r=0.14)
@@ -205,7 +205,7 @@ def _sofa(s: _Sketch) -> None:
 
 
 @_kind("armchair", 1.05, (0.5, 0.3))
-def _armchair(s: _Sketch) -> None:
+def _armchair(s: Sketch) -> None:
     for u in (0.09, 0.86):
         s.under("rect", (u, 0.86, u + 0.05, 0.99), r=0.02)
     s.body("rect", (0.13, 0.02, 0.87, 0.64), r=0.16)
@@ -218,7 +218,7 @@ def _armchair(s: _Sketch) -> None:
 
 
 @_kind("dining_chair", 0.62, (0.5, 0.2))
-def _dining_chair(s: _Sketch) -> None:
+def _dining_chair(s: Sketch) -> None:
     s.under("line", ((0.22, 0.6), (0.24, 0.94)), w=0.05)
     s.under("line", ((0.78, 0.6), (0.76, 0.94)), w=0.05)
     s.under("line", ((0.18, 0.36), (0.18, 0.55)), w=0.06)
@@ -231,7 +231,7 @@ def _dining_chair(s: _Sketch) -> None:
 
 
 @_kind("coffee_table", 1.8, (0.5, 0.17))
-def _coffee_table(s: _Sketch) -> None:
+def _coffee_table(s: Sketch) -> None:
     s.under("rect", (0.19, 0.38, 0.24, 0.84))
     s.under("rect", (0.76, 0.38, 0.81, 0.84))
     s.body("poly", ((0.09, 0.0), (0.91, 0.0), (1.0, 0.3), (0.0, 0.3)))
@@ -243,7 +243,7 @@ def _coffee_table(s: _Sketch) -> None:
 
 
 @_kind("table_lamp", 0.72, (0.5, 0.24))
-def _table_lamp(s: _Sketch) -> None:
+def _table_lamp(s: Sketch) -> None:
     s.under("rect", (0.46, 0.4, 0.54, 0.62))
     s.under("ellipse", (0.24, 0.93, 0.76, 1.0))
     s.body("poly", ((0.22, 0.0), (0.78, 0.0), (0.97, 0.44), (0.03, 0.44)))
@@ -253,7 +253,7 @@ def _table_lamp(s: _Sketch) -> None:
 
 
 @_kind("floor_lamp", 0.5, (0.5, 0.62), tag_from=(0.3, 0.41))
-def _floor_lamp(s: _Sketch) -> None:
+def _floor_lamp(s: Sketch) -> None:
     s.under("line", ((0.5, 0.38), (0.5, 0.95)), w=0.07)
     s.body("poly", ((0.15, 0.0), (0.85, 0.0), (1.0, 0.42), (0.0, 0.42)))
     s.body("ellipse", (0.1, 0.92, 0.9, 1.0))  # the weighted base, in the same finish
@@ -278,7 +278,7 @@ def _bowed_quad(corners: Sequence[tuple[float, float]], bow: float, samples: int
 
 
 @_kind("pillow", 1.15, (0.68, 0.76))
-def _pillow(s: _Sketch) -> None:
+def _pillow(s: Sketch) -> None:
     quad = ((0.01, 0.03), (0.99, 0.0), (0.98, 0.98), (0.0, 0.96))
     s.body("poly", _bowed_quad(quad, 0.16))
     inner = _bowed_quad(((0.04, 0.06), (0.96, 0.04), (0.95, 0.94), (0.03, 0.93)), 0.16)
@@ -286,7 +286,7 @@ def _pillow(s: _Sketch) -> None:
 
 
 @_kind("rug", 1.6, (0.76, 0.72))
-def _rug(s: _Sketch) -> None:
+def _rug(s: Sketch) -> None:
     s.body("poly", ((0.1, 0.1), (0.9, 0.1), (1.0, 0.9), (0.0, 0.9)))
     s.seam("line", ((0.14, 0.16), (0.86, 0.16), (0.94, 0.84), (0.06, 0.84), (0.14, 0.16)), w=0.015)
     for i in range(17):
@@ -296,14 +296,14 @@ def _rug(s: _Sketch) -> None:
 
 
 @_kind("vase", 0.62, (0.5, 0.62))
-def _vase(s: _Sketch) -> None:
+def _vase(s: Sketch) -> None:
     s.body("poly", _profile(((0.0, 0.3), (0.06, 0.23), (0.18, 0.19), (0.36, 0.36), (0.6, 0.5),
                              (0.82, 0.44), (0.96, 0.3), (1.0, 0.27))))  # fmt: skip
     s.over("ellipse", (0.23, -0.015, 0.77, 0.03))
 
 
 @_kind("wall_clock", 1.0, (0.5, 0.7))
-def _wall_clock(s: _Sketch) -> None:
+def _wall_clock(s: Sketch) -> None:
     s.under("circle", (0.5, 0.5, 0.5))
     s.body("circle", (0.5, 0.5, 0.455))
     for k in range(12):
@@ -317,7 +317,7 @@ def _wall_clock(s: _Sketch) -> None:
 
 
 @_kind("handbag", 1.15, (0.5, 0.8))
-def _handbag(s: _Sketch) -> None:
+def _handbag(s: Sketch) -> None:
     s.under("arc", (0.24, 0.0, 0.76, 0.7, 180, 360), w=0.06)
     s.body("poly", ((0.12, 0.33), (0.88, 0.33), (0.99, 0.97), (0.01, 0.97)))
     s.seam("line", ((0.12, 0.34), (0.15, 0.58), (0.5, 0.67), (0.85, 0.58), (0.88, 0.34)), w=0.014)
@@ -327,7 +327,7 @@ def _handbag(s: _Sketch) -> None:
 
 
 @_kind("backpack", 0.8, (0.5, 0.36))
-def _backpack(s: _Sketch) -> None:
+def _backpack(s: Sketch) -> None:
     s.under("arc", (0.38, 0.0, 0.62, 0.18, 180, 360), w=0.04)
     s.under("rect", (0.0, 0.22, 0.12, 0.9), r=0.05)
     s.under("rect", (0.88, 0.22, 1.0, 0.9), r=0.05)
@@ -339,7 +339,7 @@ def _backpack(s: _Sketch) -> None:
 
 
 @_kind("suitcase", 0.68, (0.5, 0.32))
-def _suitcase(s: _Sketch) -> None:
+def _suitcase(s: Sketch) -> None:
     s.under("arc", (0.34, 0.0, 0.66, 0.18, 180, 360), w=0.05)
     s.under("circle", (0.16, 0.955, 0.07))
     s.under("circle", (0.84, 0.955, 0.07))
@@ -350,7 +350,7 @@ def _suitcase(s: _Sketch) -> None:
 
 
 @_kind("wallet", 1.45, (0.44, 0.58))
-def _wallet(s: _Sketch) -> None:
+def _wallet(s: Sketch) -> None:
     s.body("rect", (0.0, 0.1, 1.0, 0.9), r=0.09)
     s.seam("rect_outline", (0.035, 0.15, 0.965, 0.85), r=0.07, w=0.01)
     s.seam("line", ((0.0, 0.34), (1.0, 0.34)), w=0.014)
@@ -358,7 +358,7 @@ def _wallet(s: _Sketch) -> None:
 
 
 @_kind("sneaker", 1.9, (0.3, -0.16), tag_from=(0.47, 0.1))
-def _sneaker(s: _Sketch) -> None:
+def _sneaker(s: Sketch) -> None:
     s.body("poly", _catmull_rom(((0.02, 0.76), (0.03, 0.4), (0.08, 0.16), (0.2, 0.1), (0.3, 0.16),
                                  (0.37, 0.12), (0.42, 0.0), (0.5, 0.0), (0.56, 0.12),
                                  (0.7, 0.3), (0.86, 0.4), (0.97, 0.5), (1.0, 0.62),
@@ -375,7 +375,7 @@ def _sneaker(s: _Sketch) -> None:
 
 
 @_kind("boot", 0.85, (0.33, 0.36))
-def _boot(s: _Sketch) -> None:
+def _boot(s: Sketch) -> None:
     s.body("poly", _catmull_rom(((0.1, 0.87), (0.11, 0.45), (0.12, 0.0), (0.58, 0.0),
                                  (0.58, 0.5), (0.66, 0.6), (0.88, 0.65), (0.99, 0.74),
                                  (1.0, 0.87))))  # fmt: skip
@@ -387,7 +387,7 @@ def _boot(s: _Sketch) -> None:
 
 
 @_kind("tshirt", 1.1, (0.5, 0.46))
-def _tshirt(s: _Sketch) -> None:
+def _tshirt(s: Sketch) -> None:
     s.body("poly", ((0.36, 0.02), (0.64, 0.02), (0.82, 0.07), (1.0, 0.3), (0.86, 0.43),
                     (0.79, 0.35), (0.79, 0.99), (0.21, 0.99), (0.21, 0.35), (0.14, 0.43),
                     (0.0, 0.3), (0.18, 0.07)))  # fmt: skip
@@ -399,7 +399,7 @@ def _tshirt(s: _Sketch) -> None:
 
 
 @_kind("dress", 0.72, (0.5, 0.64))
-def _dress(s: _Sketch) -> None:
+def _dress(s: Sketch) -> None:
     s.body("poly", ((0.34, 0.0), (0.41, 0.0), (0.44, 0.08), (0.56, 0.08), (0.59, 0.0), (0.66, 0.0),
                     (0.7, 0.18), (0.65, 0.36), (0.98, 0.97), (0.75, 1.0), (0.5, 1.01), (0.25, 1.0),
                     (0.02, 0.97), (0.35, 0.36), (0.3, 0.18)))  # fmt: skip
@@ -409,7 +409,7 @@ def _dress(s: _Sketch) -> None:
 
 
 @_kind("hoodie", 1.15, (0.5, 0.46))
-def _hoodie(s: _Sketch) -> None:
+def _hoodie(s: Sketch) -> None:
     s.body("ellipse", (0.3, 0.0, 0.7, 0.26))
     s.body("poly", ((0.3, 0.1), (0.7, 0.1), (0.84, 0.16), (0.98, 0.62), (0.99, 0.9), (0.88, 0.92),
                     (0.8, 0.5), (0.8, 1.0), (0.2, 1.0), (0.2, 0.5), (0.12, 0.92), (0.01, 0.9),
@@ -424,7 +424,7 @@ def _hoodie(s: _Sketch) -> None:
 
 
 @_kind("cap", 1.4, (0.4, 0.52))
-def _cap(s: _Sketch) -> None:
+def _cap(s: Sketch) -> None:
     s.body("pieslice", (0.05, 0.08, 0.8, 1.46, 180, 360))
     s.body("poly", ((0.6, 0.68), (0.92, 0.72), (1.0, 0.8), (0.97, 0.87), (0.6, 0.85)))
     s.seam("line", ((0.42, 0.1), (0.22, 0.77)), w=0.012)
@@ -434,7 +434,7 @@ def _cap(s: _Sketch) -> None:
 
 
 @_kind("mug", 1.2, (0.4, 0.56))
-def _mug(s: _Sketch) -> None:
+def _mug(s: Sketch) -> None:
     s.body("ellipse", (0.58, 0.22, 0.98, 0.8))
     s.cut("ellipse", (0.68, 0.34, 0.88, 0.68))
     s.body("rect", (0.04, 0.09, 0.76, 0.95), r=0.04)
@@ -444,7 +444,7 @@ def _mug(s: _Sketch) -> None:
 
 
 @_kind("kettle", 1.05, (0.44, 0.62))
-def _kettle(s: _Sketch) -> None:
+def _kettle(s: Sketch) -> None:
     s.under("arc", (0.2, 0.0, 0.68, 0.52, 180, 360), w=0.055)
     s.under("rect", (0.08, 0.92, 0.8, 1.0), r=0.03)
     s.body("poly", ((0.7, 0.6), (0.92, 0.28), (0.99, 0.29), (0.78, 0.8)))
@@ -455,7 +455,7 @@ def _kettle(s: _Sketch) -> None:
 
 
 @_kind("teapot", 1.45, (0.5, 0.66))
-def _teapot(s: _Sketch) -> None:
+def _teapot(s: Sketch) -> None:
     s.body("ellipse", (0.67, 0.36, 0.97, 0.86))
     s.cut("ellipse", (0.74, 0.46, 0.9, 0.76))
     s.body("poly", ((0.3, 0.7), (0.12, 0.5), (0.02, 0.3), (0.09, 0.27), (0.2, 0.42), (0.33, 0.52)))
@@ -466,7 +466,7 @@ def _teapot(s: _Sketch) -> None:
 
 
 @_kind("water_bottle", 0.4, (0.5, 0.58))
-def _water_bottle(s: _Sketch) -> None:
+def _water_bottle(s: Sketch) -> None:
     s.under("rect", (0.28, 0.0, 0.72, 0.13), r=0.08)
     s.body("poly", ((0.3, 0.12), (0.7, 0.12), (0.92, 0.27), (0.08, 0.27)))
     s.body("rect", (0.08, 0.22, 0.92, 1.0), r=0.16)
@@ -475,7 +475,7 @@ def _water_bottle(s: _Sketch) -> None:
 
 
 @_kind("bowl", 2.0, (0.5, 0.58))
-def _bowl(s: _Sketch) -> None:
+def _bowl(s: Sketch) -> None:
     s.under("rect", (0.35, 0.88, 0.65, 1.0), r=0.02)
     s.body("pieslice", (0.0, -0.75, 1.0, 0.95, 0, 180))
     s.body("ellipse", (0.0, 0.0, 1.0, 0.22))
@@ -483,7 +483,7 @@ def _bowl(s: _Sketch) -> None:
 
 
 @_kind("watch", 0.55, (0.5, 1.0))
-def _watch(s: _Sketch) -> None:
+def _watch(s: Sketch) -> None:
     s.body("rect", (0.17, 0.0, 0.83, 1.0), r=0.12)
     for v in (0.07, 0.13):
         s.seam("line", ((0.19, v), (0.81, v)), w=0.015)
@@ -501,7 +501,7 @@ def _watch(s: _Sketch) -> None:
 
 
 @_kind("headphones", 1.0, (0.5, 0.44), tag_from=(0.3, 0.12))
-def _headphones(s: _Sketch) -> None:
+def _headphones(s: Sketch) -> None:
     s.under("rect", (0.2, 0.49, 0.31, 0.87), r=0.04)
     s.under("rect", (0.69, 0.49, 0.8, 0.87), r=0.04)
     s.body("arc", (0.08, 0.02, 0.92, 0.92, 180, 360), w=0.09)
@@ -512,7 +512,7 @@ def _headphones(s: _Sketch) -> None:
 
 
 @_kind("phone_case", 0.5, (0.5, 0.63))
-def _phone_case(s: _Sketch) -> None:
+def _phone_case(s: Sketch) -> None:
     s.body("rect", (0.0, 0.0, 1.0, 1.0), r=0.16)
     s.over("rect", (0.07, 0.03, 0.52, 0.25), r=0.12)
     for cu, cv in ((0.19, 0.08), (0.19, 0.19), (0.4, 0.135)):
@@ -521,7 +521,7 @@ def _phone_case(s: _Sketch) -> None:
 
 
 @_kind("kids_scooter", 1.2, (0.3, 0.42), tag_from=(0.62, 0.07))
-def _kids_scooter(s: _Sketch) -> None:
+def _kids_scooter(s: Sketch) -> None:
     s.body("line", ((0.8, 0.8), (0.7, 0.07)), w=0.075)
     s.body("rect", (0.06, 0.71, 0.86, 0.84), r=0.04)
     s.body("rect", (0.56, 0.03, 0.86, 0.1), r=0.03)
@@ -533,7 +533,7 @@ def _kids_scooter(s: _Sketch) -> None:
 
 
 @_kind("toy_car", 1.9, (0.5, 0.5))
-def _toy_car(s: _Sketch) -> None:
+def _toy_car(s: Sketch) -> None:
     s.body("poly", ((0.02, 0.72), (0.02, 0.45), (0.08, 0.35), (0.27, 0.3), (0.38, 0.07),
                     (0.7, 0.07), (0.82, 0.3), (0.96, 0.36), (1.0, 0.48), (1.0, 0.72)))  # fmt: skip
     s.seam("line", ((0.54, 0.32), (0.54, 0.68)), w=0.012)
@@ -546,7 +546,7 @@ def _toy_car(s: _Sketch) -> None:
 
 
 @_kind("teddy_bear", 0.85, (0.5, 0.62))
-def _teddy_bear(s: _Sketch) -> None:
+def _teddy_bear(s: Sketch) -> None:
     s.body("circle", (0.27, 0.08, 0.1))
     s.body("circle", (0.73, 0.08, 0.1))
     s.body("ellipse", (0.03, 0.42, 0.3, 0.74))
@@ -564,7 +564,7 @@ def _teddy_bear(s: _Sketch) -> None:
 
 
 @_kind("umbrella", 1.0, (0.5, 0.3))
-def _umbrella(s: _Sketch) -> None:
+def _umbrella(s: Sketch) -> None:
     s.under("line", ((0.5, 0.45), (0.5, 0.9)), w=0.025)
     s.under("arc", (0.5, 0.82, 0.66, 0.98, 0, 180), w=0.025)
     top = [(0.5 + 0.5 * math.cos(a), 0.5 + 0.46 * math.sin(a))

@@ -23,7 +23,7 @@ from pipelines.config import (
     dump_config,
 )
 from pipelines.exporting.errors import ExportError
-from pipelines.exporting.output import _now, abandon, commit, prepare_output
+from pipelines.exporting.output import abandon, commit, prepare_output, utc_now
 from pipelines.exporting.parquet import Progress, with_metadata, write_parquet
 from pipelines.exporting.queries import (
     SEARCH_SCHEMA,
@@ -123,7 +123,7 @@ def export(cfg: AppConfig, req: ExportRequest) -> dict:
         "with_embeddings": str(req.with_embeddings).lower(),
         "queries": req.queries or "",
         "export_id": export_id,
-        "created_at": _now(),
+        "created_at": utc_now(),
         "config_digest": config_digest(cfg),
         "config": dump_config(cfg),
     }

@@ -118,7 +118,7 @@ def prepare_output(out: str, s3: S3Settings, export_id: str) -> Output:
         "pid": os.getpid(),
         "export_id": export_id,
         "out": out,
-        "started_at": _now(),
+        "started_at": utc_now(),
     }
     try:
         clean_stale_temporaries(fs, final)
@@ -134,7 +134,7 @@ def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

@@ -204,9 +204,3 @@ def open_published(db):
     table = db.open_table(run["products_table"])
     table.checkout(int(run["products_version"]))
     return table, run
-
-
-def open_published_products(db):
-    """The published products table, checked out at its published version (None before any run)."""
-    opened = open_published(db)
-    return None if opened is None else opened[0]
