@@ -13,6 +13,8 @@ MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 120
 # Entries over a limit, each with its reason; the goal is an empty table.
 ALLOWED: dict[str, str] = {}
+# Above the commands: dispatches to them by module name (``blip-search <command>``).
+ENTRY_POINTS = {"pipelines.cli"}
 
 
 def _modules():
@@ -71,8 +73,8 @@ def test_every_pipelines_module_is_a_command_or_in_the_library_contract():
         for p in (ROOT / "pipelines").iterdir()
         if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").is_file()
     }
-    assert top == commands | library, {
-        "named in no contract": sorted(top - commands - library),
+    assert top == commands | library | ENTRY_POINTS, {
+        "named in no contract": sorted(top - commands - library - ENTRY_POINTS),
         "named but missing": sorted((commands | library) - top),
     }
     assert not commands & library
@@ -84,3 +86,21 @@ def test_commands_are_entry_points_with_a_main():
         tree = ast.parse(source)
         assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), name
         assert 'if __name__ == "__main__":' in source, name
+
+
+def test_the_console_script_dispatches_to_every_command(capsys):
+    """``blip-search``: one entry per command, each resolving to the command module's ``main``."""
+    from pipelines import cli
+
+    commands = _names(_contracts()["importlinter:contract:commands-independent"], "modules")
+    modules = {module for module, _ in cli.COMMANDS.values()}
+    assert modules == commands | {"pipelines.config.cli"}
+    assert cli.main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in cli.COMMANDS)
+    assert cli.main(["no-such-command"]) == 2
+    assert "unknown command 'no-such-command'" in capsys.readouterr().err
+    assert cli.main(["config", "index.table=products"]) == 0  # underscores and dashes alike
+    assert "index:" in capsys.readouterr().out
+    script = Path(__import__("sys").executable).parent / "blip-search"
+    assert script.is_file(), f"{script} missing: pyproject's [project.scripts] names blip-search"
