@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +18,6 @@ from pipelines.catalog.render import (
     KINDS,
     MATERIALS,
     PATTERNS,
-    FontMissingError,
     RenderSpec,
     render_product,
 )
@@ -197,19 +197,41 @@ def test_empty_brand_text_draws_no_tag():
     assert visible_fraction(a, spec(brand_text="ACME")) >= VISIBLE
 
 
-def test_missing_cjk_font_raises_for_chinese_only(monkeypatch, tmp_path):
-    monkeypatch.setattr(render, "CJK_FONT_PATH", tmp_path / "missing.ttc")
+def _clear_font_caches() -> None:
     render.truetype_font.cache_clear()
     render._text_mask.cache_clear()
-    try:
-        with pytest.raises(FontMissingError, match="fonts-wqy-microhei"):
-            render_product(spec(brand_text="优品 UPIN"))
-        # Latin-only text falls back to Pillow's default font.
-        im = render_product(spec(brand_text="UPIN"))
-        assert im.size == (SIZE, SIZE)
-    finally:
-        render.truetype_font.cache_clear()
-        render._text_mask.cache_clear()
+    render._warn_font_missing.cache_clear()
+
+
+@pytest.fixture
+def no_cjk_font(monkeypatch, tmp_path):
+    """CJK_FONT_PATH points at a missing file; no font or warning cached from other tests."""
+    monkeypatch.setattr(render, "CJK_FONT_PATH", tmp_path / "missing.ttc")
+    _clear_font_caches()
+    yield
+    _clear_font_caches()
+
+
+def test_missing_cjk_font_draws_the_latin_part_and_warns_once(no_cjk_font, caplog):
+    caplog.set_level(logging.WARNING, logger=render.__name__)
+    mixed = spec(brand_text="优品 UPIN")
+    im = render_product(mixed)
+    assert im.mode == "RGB" and im.size == (SIZE, SIZE)
+    # The tag keeps the Latin part, in Pillow's default font, as "UPIN" alone would draw it.
+    assert np.array_equal(pixels(mixed), pixels(spec(brand_text="UPIN")))
+    # All-Chinese text has nothing left to draw: no tag, as for an empty brand.
+    assert np.array_equal(pixels(spec(brand_text="优品")), pixels(spec(brand_text="")))
+    assert render_product(mixed).tobytes() == im.tobytes()  # still deterministic
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "fonts-wqy-microhei" in warnings[0].getMessage()
+    assert "missing.ttc" in warnings[0].getMessage()
+
+
+def test_missing_cjk_font_is_silent_for_latin_text(no_cjk_font, caplog):
+    caplog.set_level(logging.WARNING, logger=render.__name__)
+    assert render_product(spec(brand_text="UPIN")).size == (SIZE, SIZE)
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(

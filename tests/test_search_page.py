@@ -3,15 +3,19 @@
 The page talks to the session's search service (real Ray Serve on 127.0.0.1, a table built by the
 index job): the tests compare what it shows with what the service answers for the same request
 body, search by a product's own stored photo, upload a file that is not an image, and filter.
-One browser serves the module; every test gets a fresh page. Debian's Chromium is required
-(`apt-get install chromium`, which .ci/run does): without it these tests fail, they do not skip.
+One browser serves the module; every test gets a fresh page. The browser is, in this order: the
+Chromium binary that $BLIP_CHROMIUM names, Debian's /usr/bin/chromium (`apt-get install chromium`,
+which .ci/run does), or Playwright's own (`python -m playwright install chromium`). Without any
+of them these tests fail, they do not skip.
 """
 
 from __future__ import annotations
 
 import base64
 import math
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pyarrow.compute as pc
@@ -22,7 +26,14 @@ from pipelines.indexing import tables
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ENV = "BLIP_CHROMIUM"  # a path to a Chromium binary: tried first
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
+NO_CHROMIUM = (
+    "no Chromium for the search page tests; any one of these gives one: "
+    f"set {CHROMIUM_ENV} to the path of a Chromium binary; "
+    f"install Debian's {DEBIAN_CHROMIUM} (as root: apt-get install -y --no-install-recommends "
+    "chromium; .ci/run installs it); or install Playwright's own (python -m playwright install chromium)"
+)
 CHROMIUM_ARGS = [
     "--headless=new",
     "--no-sandbox",
@@ -38,14 +49,23 @@ PAGE_K = 20  # what the page asks for
 WAIT_MS = 60_000  # a 2-core CI machine runs Ray, Serve and the browser together
 
 
+def chromium_executable(playwright) -> str | None:
+    """The Chromium to launch: $BLIP_CHROMIUM, else Debian's, else None for Playwright's own
+    install. Fails the test (never skips) when there is none."""
+    named = os.environ.get(CHROMIUM_ENV, "").strip()
+    if named:
+        if not Path(named).is_file():  # a typo should not quietly fall through to another browser
+            pytest.fail(f"{CHROMIUM_ENV}={named!r} is not a file: {NO_CHROMIUM}", pytrace=False)
+        return named
+    if Path(DEBIAN_CHROMIUM).exists():
+        return DEBIAN_CHROMIUM
+    if Path(playwright.chromium.executable_path).exists():
+        return None  # Playwright launches its own
+    pytest.fail(NO_CHROMIUM, pytrace=False)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(
-            f"{CHROMIUM} is missing: the search page tests need Debian's Chromium "
-            "(as root: apt-get install -y --no-install-recommends chromium; .ci/run installs it)",
-            pytrace=False,
-        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -54,7 +74,7 @@ def browser():
             pytrace=False,
         )
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium_executable(p), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 
@@ -143,6 +163,40 @@ def _decisive_query(cfg, client) -> tuple[str, dict]:
 
 
 # ------------------------------------------------------------------ tests
+def _fake_playwright(tmp_path, installed: bool):
+    own = tmp_path / "ms-playwright" / "chrome"
+    if installed:
+        own.parent.mkdir(exist_ok=True)
+        own.write_text("")
+    return SimpleNamespace(chromium=SimpleNamespace(executable_path=str(own)))
+
+
+def test_chromium_is_found_in_order(monkeypatch, tmp_path):
+    named = tmp_path / "my-chromium"
+    named.write_text("")
+    debian = tmp_path / "debian-chromium"
+    debian.write_text("")
+    monkeypatch.setattr(f"{__name__}.DEBIAN_CHROMIUM", str(debian))
+    monkeypatch.setenv(CHROMIUM_ENV, str(named))
+    assert chromium_executable(_fake_playwright(tmp_path, installed=True)) == str(named)
+    monkeypatch.delenv(CHROMIUM_ENV)
+    assert chromium_executable(_fake_playwright(tmp_path, installed=True)) == str(debian)
+    debian.unlink()
+    assert chromium_executable(_fake_playwright(tmp_path, installed=True)) is None
+
+
+def test_no_chromium_fails_naming_every_way(monkeypatch, tmp_path):
+    monkeypatch.setattr(f"{__name__}.DEBIAN_CHROMIUM", str(tmp_path / "none"))
+    monkeypatch.delenv(CHROMIUM_ENV, raising=False)
+    with pytest.raises(pytest.fail.Exception) as err:
+        chromium_executable(_fake_playwright(tmp_path, installed=False))
+    for way in (CHROMIUM_ENV, "apt-get install", "playwright install chromium"):
+        assert way in str(err.value)
+    monkeypatch.setenv(CHROMIUM_ENV, str(tmp_path / "typo"))  # named but missing: no fallback
+    with pytest.raises(pytest.fail.Exception, match="is not a file"):
+        chromium_executable(_fake_playwright(tmp_path, installed=True))
+
+
 def test_text_query_shows_the_services_ranking(page, search_index, search_url, client):
     cfg, _ = search_index
     text, want = _decisive_query(cfg, client)

@@ -52,7 +52,7 @@ def write_contact_sheet(products: Sequence[ProductPlan], out: str | Path) -> Pat
     draw = ImageDraw.Draw(sheet)
     from pipelines.catalog.render import brand_font_path, truetype_font
 
-    # The renderer's rule: the CJK font, or an error naming its Debian package when it is missing.
+    # The renderer's rule: the CJK font, or Pillow's default (Chinese as empty boxes) with a warning.
     font = truetype_font(brand_font_path(" ".join(p.title for row in rows for p in row)), 12)
     for r, row in enumerate(rows):
         for c, p in enumerate(row):

@@ -16,18 +16,22 @@ How a picture is made (all in C inside Pillow, no per-pixel Python):
   shading, gloss, sheen) to the shade bits and attaching a 256-entry palette computed from the
   colour turns it into RGB in a single ``convert``;
 * secondary parts (legs, handles, wheels, soles) in neutral tones, seams in a darker body tone;
-* brand text on a white tag, 6-10 % of the image height, in WenQuanYi Micro Hei.
+* brand text on a white tag, 6-10 % of the image height, in WenQuanYi Micro Hei. Without that
+  font (``CJK_FONT_PATH``) the tag keeps the text's Latin part in Pillow's default font and one
+  warning names the package to install.
 
 The kinds' silhouettes are drawn in ``shapes`` and the body's fabric (palette, pattern and material
 textures, highlight maps) comes from ``fabric``; this module holds the public API, fonts, layout,
 background, shadow and prop, the brand tag and ``render_product``.
 
-``render_product`` is pure: the same spec gives the same pixels in any process.
+``render_product`` is pure: the same spec gives the same pixels in any process (with the same
+fonts installed).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +60,8 @@ from pipelines.catalog.shapes import (
     op_bbox,
 )
 
+logger = logging.getLogger(__name__)
+
 KINDS: tuple[str, ...] = (
     "sofa", "armchair", "dining_chair", "coffee_table", "table_lamp", "floor_lamp", "pillow",
     "rug", "vase", "wall_clock", "handbag", "backpack", "suitcase", "wallet", "sneaker", "boot",
@@ -74,10 +80,6 @@ LABEL_INK: RGB = (28, 28, 32)
 
 SUPERSAMPLE = 2  # body masks are drawn at 2x and reduced: smooth edges for ~0.5 ms
 _RIM_LUT = [255 if v >= 128 else 0 for v in range(256)]  # rim pixels: full or none
-
-
-class FontMissingError(RuntimeError):
-    """The brand text needs a CJK font and ``CJK_FONT_PATH`` is absent."""
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,13 @@ class RenderSpec:
 # ----------------------------------------------------------------------------------------- fonts
 
 
-def _needs_cjk(text: str) -> bool:
+def _beyond_fallback(ch: str) -> bool:
     # Beyond Latin Extended-B the fallback font has no glyphs.
-    return any(ord(ch) > 0x24F for ch in text)
+    return ord(ch) > 0x24F
+
+
+def _needs_cjk(text: str) -> bool:
+    return any(_beyond_fallback(ch) for ch in text)
 
 
 @functools.lru_cache(maxsize=64)
@@ -124,16 +130,33 @@ def truetype_font(path: str | None, size: int) -> ImageFont.FreeTypeFont | Image
 
 
 def brand_font_path(text: str) -> str | None:
-    """The CJK font's path, or None for Pillow's default font (Latin-only text)."""
+    """The CJK font's path, or None for Pillow's default font: for Latin-only text, and (with a
+    warning, once per process) for CJK text when the CJK font is missing."""
     path = Path(CJK_FONT_PATH)  # read at call time so tests can point it elsewhere
     if path.is_file():
         return str(path)
     if _needs_cjk(text):
-        raise FontMissingError(
-            f"brand text {text!r} needs a CJK font, but {path} is missing: "
-            f"install the Debian package {FONT_PACKAGE} (apt-get install {FONT_PACKAGE})"
-        )
+        _warn_font_missing(str(path))
     return None
+
+
+@functools.cache
+def _warn_font_missing(path: str) -> None:
+    # Cached: a catalog draws thousands of tags, and one warning says all there is to say.
+    logger.warning(
+        "CJK font %s is missing: Chinese brand text is drawn without its Chinese characters "
+        "(Pillow's default font has none). For the full labels install the Debian package %s "
+        "(apt-get install %s, or make fonts) and render again.",
+        path, FONT_PACKAGE, FONT_PACKAGE,
+    )  # fmt: skip
+
+
+def drawable_text(text: str, font_path: str | None) -> str:
+    """`text` as the font at `font_path` can draw it: Pillow's default font (None) drops the
+    characters it has no glyphs for, so a mixed name like "优品 UPIN" keeps "UPIN"."""
+    if font_path is not None:
+        return text
+    return " ".join("".join(" " if _beyond_fallback(ch) else ch for ch in text).split())
 
 
 @functools.lru_cache(maxsize=512)
@@ -280,6 +303,9 @@ def _draw_tag(img: Image.Image, draw: ImageDraw.ImageDraw, spec: RenderSpec, kin
         return
     w, h = spec.width, spec.height
     font_path = brand_font_path(text)
+    text = drawable_text(text, font_path)
+    if not text:  # all of it Chinese, and no font for it: no tag rather than empty boxes
+        return
     size = max(8, round(0.085 * h))  # ~8.5 % of the height: readable after a 384 px resize
     ink = _text_mask(text, size, font_path)
     max_w = 0.62 * w
