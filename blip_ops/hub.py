@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +34,25 @@ def _offline() -> bool:
 
 
 def _hub_reachable() -> bool:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
+    """Whether the hub answers a HEAD request (any status) within _PROBE_TIMEOUT_S.
+
+    It goes through huggingface_hub's own HTTP session, the one a download would use: so it
+    honours HTTPS_PROXY / HTTP_PROXY / NO_PROXY (read when that session is created) and a
+    client factory set with ``huggingface_hub.set_client_factory``.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    # HF_ENDPOINT read now, not at huggingface_hub's import, so a later setting counts too.
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     try:
-        with socket.create_connection((url.hostname, port), timeout=_PROBE_TIMEOUT_S):
-            return True
-    except OSError as err:
-        logger.debug("hub probe %s:%s failed: %s", url.hostname, port, err)
+        get_session().head(endpoint, timeout=_PROBE_TIMEOUT_S, follow_redirects=False)
+    # Whatever the session's transport raises means "not reachable" (its exception classes
+    # changed with huggingface_hub's HTTP library); offline mode raises OfflineModeIsEnabled.
+    except Exception as err:
+        logger.debug("hub probe HEAD %s failed: %s: %s", endpoint, type(err).__name__, err)
         return False
+    return True
 
 
 def _cached(ref: str) -> bool:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import shutil
+import socket
+import threading
 import time
 
 import numpy as np
@@ -11,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_ops import load_model
+from blip_ops import hub, load_model
 from blip_ops.attention import set_attention
 from blip_ops.decode import decode_image
 from blip_ops.hub import ModelUnavailableError
@@ -199,8 +203,100 @@ def test_unreachable_hub_fails_at_once_with_a_hint(monkeypatch):
     assert "Salesforce/blip-itm-base-coco" in str(err.value) and "--model" in str(err.value)
 
 
-def test_unreachable_hub_without_offline_flag(monkeypatch):
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+               "NO_PROXY", "no_proxy")  # fmt: skip
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Hub probes as on a machine without HF_HUB_OFFLINE or proxy settings.
+
+    huggingface_hub reads HF_HUB_OFFLINE at import (conftest sets it) and its shared session
+    reads the proxy variables when created: so the flag is patched and the session recreated.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import close_session
+
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+    close_session()
+    yield
+    close_session()
+
+
+@contextlib.contextmanager
+def _closing_tcp_server():
+    """A TCP server on 127.0.0.1 that closes every connection at once: (port, set when one came)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)  # accept() wakes up to notice the test is over
+    connected, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            connected.set()
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], connected
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        server.close()
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]  # closed on return: nothing listens there
+
+
+def test_hub_probe_goes_through_the_https_proxy(hub_online, monkeypatch):
+    with _closing_tcp_server() as (port, connected):
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")  # never reached: the proxy hangs up
+        started = time.perf_counter()
+        assert hub._hub_reachable() is False
+        assert time.perf_counter() - started < hub._PROBE_TIMEOUT_S
+        assert connected.wait(1), "the probe did not connect to HTTPS_PROXY"
+
+
+def test_hub_probe_fails_within_the_timeout_when_nothing_listens(hub_online, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    started = time.perf_counter()
+    assert hub._hub_reachable() is False
+    assert time.perf_counter() - started < hub._PROBE_TIMEOUT_S + 1
+
+
+class _HeadOk(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self) -> None:  # the name http.server dispatches HEAD to
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:  # keep the test output quiet
+        pass
+
+
+def test_hub_probe_sees_an_endpoint_that_answers(hub_online, monkeypatch):
+    """The probe is not vacuous: an endpoint that answers HEAD is reachable."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HeadOk)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert hub._hub_reachable() is True
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_unreachable_hub_without_offline_flag(hub_online, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
     started = time.perf_counter()
     with pytest.raises(ModelUnavailableError, match="cannot be reached"):
