@@ -480,3 +480,34 @@ def test_killed_export_leaves_nothing_complete_and_a_rerun_succeeds(tmp_path):
     assert duck(out).num_rows == 300
     assert [p.name for p in (tmp_path / "exports").iterdir()] == ["products"]  # stale one gone
     _assert_success_last(out)
+
+
+# ---- reading the published tables in place (the README's recipe) -------------------------------
+def _readme_block(marker: str) -> str:
+    """The first ```python block after ``<!-- {marker}: ... -->`` in the README."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"<!-- {marker}:")
+    begin = text.index("```python\n", start) + len("```python\n")
+    return text[begin : text.index("```", begin)]
+
+
+def test_readme_reads_the_published_tables_with_duckdb_and_polars(search_index, capsys):
+    """The README's "Read the tables" block, run as written against an index the job published
+    (only the folder differs): DuckDB and Polars see the published version's rows."""
+    cfg, _root = search_index
+    block = _readme_block("read-tables")
+    code = block.replace('".data/lancedb"', repr(cfg.index.uri))
+    assert code != block, "the README's block no longer opens .data/lancedb"
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own example
+    printed = capsys.readouterr().out
+
+    products, run = tables.open_published(tables.connect(cfg.index.uri))
+    assert scope["run"]["run_id"] == run["run_id"] and f"run {run['run_id']}" in printed
+    counts = dict(scope["by_category"].fetchall())
+    assert sum(counts.values()) == products.count_rows() and len(counts) > 1
+    cheap = products.search().where("price < 50").select(["product_id"]).limit(None).to_arrow()
+    assert sorted(scope["cheap"]["product_id"].to_list()) == sorted(
+        cheap.column("product_id").to_pylist()
+    )
+    assert 0 < len(scope["cheap"]) < products.count_rows()
