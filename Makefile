@@ -30,7 +30,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
-.PHONY: help venv pip-check fonts browser test demo demo-stop catalog lint bench bench-gpu quality lock audit clean
+.PHONY: help venv pip-check fonts browser test demo demo-stop catalog lint bench bench-gpu quality lock audit clean screenshot
 
 help:
 	@echo "make demo   - catalog -> fine-tune the compact model -> index -> search service on :8000 (Ctrl-C stops)"
@@ -101,6 +101,10 @@ DEMO_PID := .data/out/demo/demo.pid
 demo-stop:
 	@if [ -f $(DEMO_PID) ]; then kill -TERM "$$(cat $(DEMO_PID))" && echo "sent SIGTERM to the demo (pid $$(cat $(DEMO_PID)))"; \
 	else echo "no demo running ($(DEMO_PID) not found)"; fi
+
+# docs/search_page.png, the README's picture of the page, from the browser test's own session.
+screenshot: venv fonts browser
+	BLIP_SCREENSHOT=docs/search_page.png $(PY) -m pytest -q tests/test_search_page.py -k text_query
 
 lint: venv
 	$(VENV)/bin/ruff check blip_ops pipelines tests benchmarks
