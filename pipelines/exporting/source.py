@@ -111,8 +111,8 @@ def resolve_source(db, what: str, spec: str | None, base: str = "products") -> S
                 "index job first, or name a version"
             )
         if what in ("products", "search"):
-            table, run = tables.open_published(db)
-            return _source(table, run["products_table"], spec, spec, run, base)
+            table, _ = tables.open_published(db, published)
+            return _source(table, published["products_table"], spec, spec, published, base)
         name = _table_name(db, what, base, published)
         table = tables.open_tagged(db, name, spec)
         if table is None:

@@ -195,10 +195,11 @@ def find_run(db, run_id: str) -> dict | None:
     return row
 
 
-def open_published(db):
+def open_published(db, run: dict | None = None):
     """(the published products table checked out at its published version, its ``runs`` row),
-    or None before any run: what every reader of the published index opens."""
-    run = published_run(db)
+    or None before any run: what every reader of the published index opens. ``run``: the
+    :func:`published_run` row when the caller has already read it (the runs table is read once)."""
+    run = run if run is not None else published_run(db)
     if run is None:
         return None
     table = db.open_table(run["products_table"])
