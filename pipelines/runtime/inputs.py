@@ -23,7 +23,6 @@ def ensure_model(ref: str | Path) -> str:
         if path.name.startswith("compact"):
             from blip_ops.compact_model import write_compact_model
 
-            logger.info("building the compact pretrained model at %s", path)
             print(f"building the compact pretrained model at {path} ...", flush=True)
             write_compact_model(path)
         elif path.name.startswith("tiny"):
