@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 TRAINER_STATE = "trainer_state.pt"
 CONFIG_FILE = "finetune.config.resolved.yaml"
 OPTIMIZERS = ("adamw", "sgd")
+# on_checkpoint(step, {"step", "mean_recall"}, final): after each evaluation and checkpoint.
+CheckpointHook = Callable[[int, dict, bool], None]
 
 
 @dataclass(frozen=True)
@@ -230,6 +232,7 @@ def fit(
     stop_at: int | None = None,
     log: Callable[[str], None] | None = print,
     negative_sampler: NegativeSampler = sample_hard_negatives,
+    on_checkpoint: CheckpointHook | None = None,
 ) -> dict:
     """Train ``model`` in place for ``settings.steps`` optimiser steps; returns a summary dict.
 
@@ -241,8 +244,11 @@ def fit(
     silent. ``negative_sampler`` draws the ITM negatives (BLIP's similarity-weighted sampling by
     default). A batch with ``mined_pairs`` has them upweighted by ``settings.mined_weight``
     (:meth:`blip_ops.training.RetrievalBatch.mined_negatives`; one process only).
+    ``on_checkpoint(step, metrics, final)`` is called on every rank after each evaluation and
+    checkpoint (``out_dir/last`` written on rank 0), e.g. to hand it to a trainer's storage.
     """
     run = _Run(model, settings, eval_fn, config_yaml, log or (lambda _msg: None), negative_sampler)
+    run.on_checkpoint = on_checkpoint
     run.resume_or_seed()
     run.start_momentum()
     return run.train(next_batch, stop_at)
@@ -278,6 +284,7 @@ class _Run:
         self.accuracy: list[list[float | None]] = []  # per step: ITM accuracy pos / neg / swap
         self.last_out: dict = {}
         self.eval_seconds = 0.0  # evaluation + checkpoints, kept out of every samples/s figure
+        self.on_checkpoint: CheckpointHook | None = None
 
     # ---- start --------------------------------------------------------------------------------
     def resume_or_seed(self) -> None:
@@ -341,7 +348,7 @@ class _Run:
                 window_start += self._timed_evaluation(step)  # the window skips the evaluation
         seconds = time.perf_counter() - train_started - self.eval_seconds
         if step > self.start_step or self.eval_fn is not None:
-            self._timed_evaluation(step)
+            self._timed_evaluation(step, final=True)
         self.net.eval()
         return self._summary(step, total_samples, seconds)
 
@@ -422,9 +429,9 @@ class _Run:
         )
 
     # ---- evaluation and checkpoints -----------------------------------------------------------
-    def _timed_evaluation(self, step: int) -> float:
+    def _timed_evaluation(self, step: int, final: bool = False) -> float:
         paused = time.perf_counter()
-        self.evaluate_and_save(step)
+        self.evaluate_and_save(step, final)
         seconds = time.perf_counter() - paused
         self.eval_seconds += seconds
         return seconds
@@ -451,7 +458,7 @@ class _Run:
                          "alpha_warmup_steps": self.ramp},  # fmt: skip
         }
 
-    def evaluate_and_save(self, step: int) -> None:
+    def evaluate_and_save(self, step: int, final: bool = False) -> None:
         state = self.trainer_state(step)  # collective under torch.distributed: every rank calls it
         if self.main_rank and self.eval_fn is not None:
             self._evaluate(step, state)
@@ -459,6 +466,9 @@ class _Run:
             save_checkpoint(self.model, self.out / "last", state, self.config_yaml)
         if world_size() > 1:
             torch.distributed.barrier()
+        if self.on_checkpoint is not None:
+            latest = self.history[-1] if self.history and self.history[-1]["step"] == step else {}
+            self.on_checkpoint(step, {"step": step, "mean_recall": latest.get("mean")}, final)
 
     def _evaluate(self, step: int, state: dict) -> None:
         self.net.eval()

@@ -5,13 +5,17 @@
         [--split test] [--texts queries|titles] [--batch-size N] [--token-cache-mb MB]
 
 Inputs:
-- ``--catalog DIR`` (default: the folder above ``source.uri``): the demo catalog that
-  ``pipelines.make_catalog`` writes. The products of ``--split`` (``test``: never trained on) are
-  the pool; the held-out shopper queries of ``DIR/queries.parquet`` (English, 汉字, pinyin) are the
-  texts, so the figures come per query language too. Images inline (``image``) or by ``image_uri``
-  (relative to ``DIR/products``, absolute, or ``s3://``). ``--texts titles`` uses the products'
-  own titles (``DIR/pairs.parquet``, one per language) instead of the shopper queries; with
-  ``--split train`` that measures how well a fine-tuned model fits what it was trained on.
+- ``--catalog DIR`` (default: ``source.uri``, or the folder above it when it is a demo catalog's
+  ``products/``): any catalog the index job reads, local or ``s3://`` (Parquet files with a product
+  id, titles, and the image inline or by ``image_uri``), or the folder ``pipelines.make_catalog``
+  writes. The products of ``--split`` (``test``: never trained on) are the pool: the
+  ``source.split_column`` says each product's split, or a hash of ``source.split_by`` when the
+  files have no such column. The texts are the held-out queries (``source.queries``, or the
+  folder's ``queries.parquet``: shopper queries in English, 汉字, pinyin), so the figures come per
+  query language too; a catalog without a queries file is ranked by its titles.
+  ``--texts titles`` uses the products' own titles (``source.title_columns``, one text per column)
+  instead; with ``--split train`` that measures how well a fine-tuned model fits what it was
+  trained on.
 - ``--karpathy ANNOTATION.json --images DIR``: the Karpathy-split test/val annotation BLIP and
   ALBEF publish for COCO and Flickr30K (a JSON list of ``{"image": "relative/path.jpg",
   "caption": [...]}``), images under DIR. Captions get BLIP's ``pre_caption`` (lowercase, its
@@ -72,7 +76,6 @@ def print_summary(results: dict) -> None:
     print("wrote " + ", ".join(results["outputs"].values()))
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines.evaluate", description=__doc__.splitlines()[0]
@@ -82,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
-        "--catalog", help="demo catalog folder (default: the folder above source.uri)"
+        "--catalog",
+        help="catalog folder or s3:// prefix (default: source.uri, or the demo catalog above it)",
     )
     source.add_argument("--karpathy", metavar="ANNOTATION.json", help="Karpathy-split annotation")
     parser.add_argument("--images", help="image folder of --karpathy")
@@ -93,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="catalog split whose products are the pool")
     parser.add_argument(
         "--texts", choices=TEXT_SOURCES, default="queries",
-        help="catalog texts: held-out shopper queries, or the products' own titles (pairs.parquet)",
+        help="catalog texts: held-out queries (titles when the catalog has none), or the "
+        "products' own titles (source.title_columns)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=None, help="default: encode.batch_size")
     parser.add_argument(

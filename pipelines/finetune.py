@@ -2,13 +2,16 @@
 
     python -m pipelines.finetune --config configs/finetune_demo.yaml [key=value ...] [--model PATH]
 
-Reads ``finetune.catalog`` (what ``pipelines.make_catalog`` writes): the products of split
-``train`` only (any other product in a batch is an error), each product's image (inline, or by
-``image_uri`` in a single process) with its titles
-from ``pairs.parquet`` (English, 汉字, pinyin: positives of one image, de-duplicated after the
-model's own text normalisation). Every ``finetune.eval_every`` steps the model is evaluated on the
-``val`` split (``blip_ops.evaluate``, ITC→ITM at ``finetune.eval_k_test``); the best mean recall is
-kept in ``out_dir/best``, the latest state in ``out_dir/last`` (a later run resumes from it). The
+Reads ``finetune.catalog``: any catalog the index job reads (a folder or ``s3://`` prefix of
+Parquet files: ``source.columns`` names the product id and the image, inline or by ``image_uri``),
+or the folder ``pipelines.make_catalog`` writes. Only the products of split ``train`` are trained
+on (any other product in a batch is an error): the ``source.split_column`` says each product's
+split, or a hash of ``source.split_by`` (a family column keeps near-duplicates together) when the
+files have no such column. Each product's titles are ``source.title_columns`` (the demo catalog:
+English, 汉字, pinyin): positives of one image, de-duplicated after the model's own text
+normalisation. Every ``finetune.eval_every`` steps the model is evaluated on the ``val`` split
+(``blip_ops.evaluate``, ITC→ITM at ``finetune.eval_k_test``); the best mean recall is kept in
+``out_dir/best``, the latest state in ``out_dir/last`` (a later run resumes from it). The
 ``test`` split is never opened here: only the final evaluation reads it.
 
 Batches (``finetune.batching``): ``random`` train products, or ``family``: whole near-duplicate
@@ -20,6 +23,9 @@ rates (``finetune.lr`` / ``lr_pretrained``; the temperature at ``lr_temp``).
 ``finetune.workers == 1``: this process. ``> 1``: Ray Train ``TorchTrainer`` (gloo on CPU, NCCL
 with ``gpus_per_worker > 0``), the catalog read with Ray Data and split into one shard per worker;
 ``cpus_per_worker`` may be fractional (on 2 cores, 0.5 leaves Ray Data a CPU; a pool holding every CPU hangs).
+Checkpoints go through ``ray.train.report`` to ``finetune.storage_path`` (a shared folder or
+``s3://``; default ``out_dir/ray_train``), a run of the same ``finetune.run_name`` resumes from its
+latest checkpoint, and the best and latest are copied into ``out_dir`` from the run's ``Result``.
 The train step calls the model's submodules directly, so gradients are averaged by an explicit
 all-reduce (``blip_ops.train_loop.sync_gradients``), not by a DDP wrapper.
 

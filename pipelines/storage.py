@@ -77,3 +77,24 @@ def filesystem_for(uri: str, s3: S3Settings | None = None) -> tuple[pafs.FileSys
 def join(base: str, *parts: str) -> str:
     """Join filesystem paths with '/' (pyarrow paths, local or S3)."""
     return posixpath.join(base, *parts)
+
+
+def parquet_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    """The Parquet files under ``root`` (hidden ``_``/``.`` entries skipped, as dataset readers
+    do; other files, such as images beside them, ignored)."""
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(".parquet")
+        and not any(part.startswith(("_", ".")) for part in i.path[len(root) :].split("/") if part)
+    )
+
+
+def list_parquet_files(uri: str, s3: S3Settings) -> list[str]:
+    """The catalog's Parquet files (:func:`parquet_files`); none is an error."""
+    files = parquet_files(*filesystem_for(uri, s3))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under source {uri!r}")
+    return files

@@ -16,6 +16,16 @@ import random  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+# The demo catalog's titles in English, 汉字 and pinyin (its configs name them the same way).
+DEMO_TITLE_COLUMNS = "source.title_columns=[title_en,title_zh,title_pinyin]"
+
+
+def demo_config(*overrides: str):
+    """The default configuration with the demo catalog's title columns, plus ``overrides``."""
+    from pipelines.config import load_config
+
+    return load_config(None, [DEMO_TITLE_COLUMNS, *overrides])
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

@@ -19,7 +19,7 @@ from blip_ops.compact_model import (
     minilm_state_dict,
 )
 from blip_ops.efficientnet_lite import package_state_dict, package_weights_path
-from tests.conftest import draw_product
+from tests.conftest import demo_config, draw_product
 
 TITLES = [
     "grey linen sofa for the living room",
@@ -188,13 +188,12 @@ def test_precomputed_cnn_features_equal_the_pixel_path(built, pixels):
 def test_train_steps_keep_the_cnn_frozen_and_lower_the_loss(saved, catalog, tmp_path):
     from blip_ops.train_loop import TrainSettings, fit
     from blip_ops.training import RetrievalBatch
-    from pipelines.config import load_config
     from pipelines.training.batches import build_batch
     from pipelines.training.data import read_titles, read_train_products
 
     model = load_model(saved, device="cpu", dtype="float32")
-    rows = read_train_products(catalog, load_config(None))[:4]
-    batch = build_batch(model, rows, read_titles(catalog))
+    rows = read_train_products(catalog, demo_config())[:4]
+    batch = build_batch(model, rows, read_titles(catalog, cfg=demo_config()))
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
     cnn_keys = [k for k in before if k.startswith("vision_model.cnn.")]  # weights and BN statistics
 
@@ -261,7 +260,6 @@ def test_cli_builds_a_checkpoint_and_names_a_missing_package(built, tmp_path, ca
 def test_fusion_layers_start_as_minilm_copies_and_train_on_the_fresh_rate(built, pixels, catalog, tmp_path):
     from blip_ops.train_loop import TrainSettings, fit, param_groups
     from blip_ops.training import RetrievalBatch
-    from pipelines.config import load_config
     from pipelines.training.batches import build_batch
     from pipelines.training.data import read_titles, read_train_products
 
@@ -293,8 +291,8 @@ def test_fusion_layers_start_as_minilm_copies_and_train_on_the_fresh_rate(built,
     assert torch.allclose(again.itm_scores(TITLES, tokens), scores, atol=1e-5)
 
     # A train step moves the fusion layers on the fresh rate and leaves the encoder's rate alone.
-    rows = read_train_products(catalog, load_config(None))[:4]
-    batch = build_batch(again, rows, read_titles(catalog))
+    rows = read_train_products(catalog, demo_config())[:4]
+    batch = build_batch(again, rows, read_titles(catalog, cfg=demo_config()))
     cached = RetrievalBatch(again.vision_inputs(batch.pixel_values), batch.image_ids, batch.texts, batch.text_ids)
     settings = TrainSettings(steps=2, lr=1e-3, lr_pretrained=1e-5, negatives="random")
     rates = {g["name"]: g["lr"] for g in param_groups(again, torch.nn.Parameter(torch.ones(())), settings)}

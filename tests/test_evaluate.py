@@ -338,7 +338,7 @@ def test_missing_inputs_exit_2_with_a_clear_message(tiny_model_dir, tmp_path, ca
     assert evaluate.main([*base, "--karpathy", str(tmp_path / "ann.json")]) == 2
     assert "--images" in capsys.readouterr().err
     assert evaluate.main([*base, "--catalog", str(tmp_path / "empty")]) == 2
-    assert "no products/ folder" in capsys.readouterr().err
+    assert "empty not found" in capsys.readouterr().err
 
 
 def test_titles_over_the_train_split_are_the_products_own_titles(tiny_model_dir, demo_catalog):

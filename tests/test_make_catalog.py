@@ -170,6 +170,8 @@ def test_side_files_pairs_queries_manifest(catalog):
     for pair in pairs:
         row = rows[pair["product_id"]]
         assert row["title"] == pair[f"title_{pair['title_lang']}"]
+        for column in ("title_en", "title_zh", "title_pinyin"):  # products/ has them too
+            assert row[column] == pair[column], column
         for column in ("split", "family_id", "kind", *VISIBLE, "differs_by"):
             assert pair[column] == row[column], column
     queries_table = pq.read_table(root / "queries.parquet")
@@ -191,7 +193,7 @@ def test_side_files_pairs_queries_manifest(catalog):
             assert q[product["differs_by"]] == product[product["differs_by"]]
     assert named >= len(queries)  # one or two attributes per query, on average at least one
     assert manifest["splits"] == {s: sum(r["split"] == s for r in rows.values()) for s in SPLITS}
-    assert manifest["generator_version"] == mc.GENERATOR_VERSION == 2
+    assert manifest["generator_version"] == mc.GENERATOR_VERSION == 3
     assert json.loads((root / "manifest.json").read_text()) == manifest
 
 

@@ -30,7 +30,7 @@ from pipelines.training.recipe import train_settings
 from pipelines.training.runners import run_single
 from pipelines.training.samplers import MinedSampler
 from pipelines.training.splits import TrainSplitError
-from tests.conftest import index_config
+from tests.conftest import DEMO_TITLE_COLUMNS, demo_config, index_config
 
 PER_PRODUCT = 5
 
@@ -157,7 +157,7 @@ def _ft_cfg(model_dir, root, out_dir, mined_file, *extra):
     return load_config(
         None,
         [
-            f"model.name_or_path={model_dir}", "model.device=cpu",
+            f"model.name_or_path={model_dir}", "model.device=cpu", DEMO_TITLE_COLUMNS,
             f"finetune.catalog={root / 'catalog'}", f"finetune.out_dir={out_dir}",
             f"finetune.mined_negatives={mined_file}", "finetune.batch_size=8",
             "finetune.eval_every=0", "finetune.log_every=1", *extra,
@@ -208,7 +208,7 @@ def test_mined_weights_reach_the_itm_negative_sampling(train_setup, tiny_model):
     cfg, rows, mined = train_setup
     sampler = MinedSampler(rows, mined["neighbours"], 8, 4, seed=0)
     chosen, pairs = sampler.plan(0)
-    batch = build_batch(tiny_model, [rows[i] for i in chosen], read_titles(cfg.finetune.catalog))
+    batch = build_batch(tiny_model, [rows[i] for i in chosen], read_titles(cfg.finetune.catalog, cfg=demo_config()))
     batch.mined_pairs = pairs
     i2t, t2i = batch.mined_negatives(2.0)
     assert i2t.shape == (8, len(batch.texts)) and t2i.shape == (len(batch.texts), 8)

@@ -12,9 +12,9 @@ from blip_ops import load_model
 from blip_ops.losses import first_candidate_negatives, itc_loss, itc_loss_with_momentum
 from blip_ops.momentum import FeatureQueue, MomentumDistiller, alpha_at
 from blip_ops.train_loop import TRAINER_STATE, TrainSettings, fit
-from pipelines.config import load_config
 from pipelines.training.batches import build_batch
 from pipelines.training.data import read_titles, read_train_products
+from tests.conftest import demo_config
 
 
 class _Tiny(torch.nn.Module):
@@ -166,8 +166,8 @@ def _run(tiny_model_dir, batches, out_dir, stop_at=None):
 
 def test_fit_with_momentum_checkpoints_and_resumes_the_queue(tiny_model_dir, catalog, tmp_path):
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    rows = read_train_products(catalog, load_config(None))
-    titles = read_titles(catalog)
+    rows = read_train_products(catalog, demo_config())
+    titles = read_titles(catalog, cfg=demo_config())
     assert len(rows) >= 9
     batches = [build_batch(model, rows[3 * s : 3 * s + 3], titles) for s in range(3)]
 
@@ -198,8 +198,8 @@ def test_fit_with_momentum_checkpoints_and_resumes_the_queue(tiny_model_dir, cat
 
 def test_samples_per_second_leave_evaluation_out(tiny_model_dir, catalog):
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    rows = read_train_products(catalog, load_config(None))[:3]
-    batch = build_batch(model, rows, read_titles(catalog))
+    rows = read_train_products(catalog, demo_config())[:3]
+    batch = build_batch(model, rows, read_titles(catalog, cfg=demo_config()))
 
     def slow_eval(_model):
         time.sleep(0.6)

@@ -18,6 +18,7 @@ from pipelines.training.batches import SwapNegatives, build_batch
 from pipelines.training.data import distinct_titles, read_pairs, read_train_products, title_key
 from pipelines.training.runners import run_single
 from pipelines.training.samplers import FamilySampler
+from tests.conftest import DEMO_TITLE_COLUMNS, demo_config
 
 
 def _rows(families: dict[str, int]) -> list[dict]:
@@ -150,8 +151,8 @@ def test_lr_pretrained_moves_pretrained_weights_less(tiny_model_dir, catalog_for
         n: ("pretrained" if n.startswith("text_encoder.") else "fresh")
         for n, _ in model.model.named_parameters()
     }
-    rows = read_train_products(catalog_for_recipe, load_config(None))[:4]
-    titles = distinct_titles(read_pairs(catalog_for_recipe), model.normalize_text)
+    rows = read_train_products(catalog_for_recipe, demo_config())[:4]
+    titles = distinct_titles(read_pairs(catalog_for_recipe, demo_config()), model.normalize_text)
     batch = build_batch(model, rows, titles)
     from blip_ops.train_loop import fit
 
@@ -170,8 +171,8 @@ def test_frozen_word_embeddings_stay_put_and_leave_the_optimiser(tiny_model_dir,
     from blip_ops.train_loop import fit, word_embeddings
 
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    rows = read_train_products(catalog_for_recipe, load_config(None))[:4]
-    titles = distinct_titles(read_pairs(catalog_for_recipe), model.normalize_text)
+    rows = read_train_products(catalog_for_recipe, demo_config())[:4]
+    titles = distinct_titles(read_pairs(catalog_for_recipe, demo_config()), model.normalize_text)
     batch = build_batch(model, rows, titles)
     table = word_embeddings(model).weight
     before = {k: v.clone() for k, v in model.model.state_dict().items()}
@@ -188,7 +189,7 @@ def test_frozen_word_embeddings_stay_put_and_leave_the_optimiser(tiny_model_dir,
     )  # only the word table is fixed
     assert id(table) not in {id(p) for g in param_groups(model, make_temperature(), settings)
                              for p in g["params"]}  # fmt: skip
-    cfg = load_config(None, ["finetune.freeze_word_embeddings=true"])
+    cfg = demo_config("finetune.freeze_word_embeddings=true")
     from pipelines.training.recipe import train_settings
 
     assert train_settings(cfg).freeze_word_embeddings is True
@@ -208,7 +209,7 @@ def test_word_embeddings_of_a_model_without_a_table_is_a_clear_error():
 # ---- titles and swapped negatives ---------------------------------------------------------------
 def test_titles_are_deduplicated_after_normalisation(catalog_for_recipe, tiny_model_dir):
     model = load_model(tiny_model_dir, device="cpu")
-    pairs = read_pairs(catalog_for_recipe)
+    pairs = read_pairs(catalog_for_recipe, demo_config())
     raw = distinct_titles(pairs)
     norm = distinct_titles(pairs, model.normalize_text)
     assert all(len(t) == 3 for t in raw.values())
@@ -228,8 +229,8 @@ def test_title_key_drops_decorative_punctuation_only():
 
 def test_swapped_titles_join_the_itm_pairs_as_negatives(catalog_for_recipe, tiny_model_dir):
     model = load_model(tiny_model_dir, device="cpu", dtype="float32")
-    pairs = read_pairs(catalog_for_recipe)
-    rows = read_train_products(catalog_for_recipe, load_config(None))[:6]
+    pairs = read_pairs(catalog_for_recipe, demo_config())
+    rows = read_train_products(catalog_for_recipe, demo_config())[:6]
     titles = distinct_titles(pairs, model.normalize_text)
     swaps = SwapNegatives(pairs, seed=0)
     assert swaps.usable
@@ -282,7 +283,7 @@ def test_fitting_never_opens_a_test_product(catalog_for_recipe, tiny_model_dir, 
     monkeypatch.setattr(decode, "decode_image", spy_decode)
     monkeypatch.setattr(HFBlipModel, "_tokenize", spy_tokenize)
     cfg = load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", "model.device=cpu",
+        f"model.name_or_path={tiny_model_dir}", "model.device=cpu", DEMO_TITLE_COLUMNS,
         f"finetune.catalog={catalog_for_recipe}", f"finetune.out_dir={tmp_path / 'ft'}",
         "finetune.steps=2", "finetune.eval_every=1", "finetune.batch_size=4",
         "finetune.batching=family", "finetune.swap_negatives=true",

@@ -1,7 +1,8 @@
 """Write the demo product catalog: bilingual noisy titles, rendered photos, near-duplicate families.
 
 ``make_catalog(out, products, seed)`` writes, deterministically for a seed:
-    OUT/products/part-00000.parquet ...   the catalog contract (one row per product)
+    OUT/products/part-00000.parquet ...   the catalog contract (one row per product), with the
+                                          title in English, 汉字 and pinyin and the split
     OUT/products/_images/p0000000.jpg ... with image_mode "files": ``image_uri`` is relative to
                                           products/; the "_" keeps Parquet dataset readers from
                                           listing the images
@@ -38,7 +39,7 @@ from pipelines.storage import S3Settings, filesystem_for, join
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2  # bump when the same seed would give different products
+GENERATOR_VERSION = 3  # bump when the same seed would give different products
 ROW_GROUP_SIZE = 128  # rows per Parquet row group: a few MB of images, a sensible Ray read unit
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 QUERY_SPLITS = ("val", "test")  # the held-out splits: shopper queries are written for these
@@ -47,6 +48,10 @@ PRODUCTS_SCHEMA_FIELDS = [
     pa.field("product_id", pa.string(), nullable=False),
     pa.field("title", pa.string(), nullable=False),
     pa.field("title_lang", pa.string()),
+    # The product's title in each language: the demo's source.title_columns for fine-tuning.
+    pa.field("title_en", pa.string()),
+    pa.field("title_zh", pa.string()),
+    pa.field("title_pinyin", pa.string()),
     pa.field("category", pa.string()),
     pa.field("brand", pa.string()),
     pa.field("price", pa.float64()),
@@ -156,6 +161,7 @@ def _row(product: ProductPlan) -> dict:
         "product_id": product.product_id,
         "title": product.title,
         "title_lang": product.title_lang,
+        **{f"title_{lang}": product.titles[lang] for lang in TITLE_LANGS},
         "category": KIND_BY_KEY[product.kind].category,
         "price": product.price,
         "split": product.split,

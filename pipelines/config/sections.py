@@ -17,6 +17,10 @@ from pipelines.config.base import (
 
 logger = logging.getLogger(__name__)
 
+# The hash split of a catalog without a split column: train, val (checkpoint choice), test.
+DEFAULT_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(
         "Salesforce/blip-itm-base-coco", description="local checkpoint dir or hub id"
@@ -65,6 +69,55 @@ class SourceConfig(Section):
     max_image_bytes: int = Field(
         20_000_000, gt=0, description="larger images are rejected, not decoded"
     )
+    title_columns: list[str] | None = Field(
+        None,
+        description="columns whose text describes the product's image, for fine-tuning (each "
+        "one a positive of the image) and evaluation (each one a query); null = [columns.title]",
+    )
+    split_column: str = Field(
+        "split",
+        min_length=1,
+        description="column naming each product's split (train, val, test); a catalog without "
+        "it is split by a hash of split_by",
+    )
+    split_by: str | None = Field(
+        None,
+        description="column hashed to split a catalog that has no split column (a family or "
+        "group column keeps near-duplicates in one split); null = columns.product_id",
+    )
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS),
+        description="shares of the hash split by split name (train, val, test); they sum to 1",
+    )
+    queries: str | None = Field(
+        None,
+        description="Parquet of held-out queries (product_id, query, optional lang) that "
+        "evaluation ranks; null = the catalog folder's queries.parquet when it has one, else "
+        "the products' titles",
+    )
+
+    @field_validator("title_columns")
+    @classmethod
+    def _check_title_columns(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not c for c in v) or len(set(v)) != len(v)):
+            raise ValueError(f"expected one or more distinct column names, got {v}")
+        return v
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _check_split_fractions(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - set(DEFAULT_SPLIT_FRACTIONS)
+        if unknown or "train" not in v or any(share <= 0 for share in v.values()):
+            raise ValueError(
+                f"expected positive shares for train and optionally val and test, got {v}"
+            )
+        if abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"the shares must sum to 1, got {sum(v.values())} ({v})")
+        return v
+
+    def titles(self) -> list[str]:
+        """The title columns, ``columns.title`` when none are named."""
+        return list(self.title_columns or [self.columns.title])
 
 
 class IndexConfig(Section):

@@ -20,7 +20,9 @@ class FinetuneConfig(Section):
 
     catalog: str = Field(
         str(DEFAULT_DATA_DIR / "catalog"),
-        description="catalog folder of pipelines.make_catalog (products/, pairs.parquet, queries)",
+        description="the catalog to train on: any catalog the index job reads (a folder or "
+        "s3:// prefix of Parquet files; source.* names its columns, titles and split), or the "
+        "folder pipelines.make_catalog writes",
     )
     out_dir: str = Field(
         str(DEFAULT_DATA_DIR / "finetune"), description="checkpoints: best/, last/ and the summary"
@@ -57,6 +59,16 @@ class FinetuneConfig(Section):
     )
     resume: bool = Field(True, description="continue from out_dir/last when it exists")
     workers: int = Field(1, gt=0, description="1 = this process; >1 = Ray Train TorchTrainer")
+    storage_path: str | None = Field(
+        None,
+        description="Ray Train's storage for checkpoints and run state (workers > 1): a folder "
+        "every node can reach, or s3://bucket/prefix; null = out_dir/ray_train (one node)",
+    )
+    run_name: str | None = Field(
+        None,
+        description="Ray Train run name under storage_path: a run of the same name resumes from "
+        "its latest checkpoint (with resume: true); null = finetune-<out_dir's folder name>",
+    )
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs per Ray Train worker (fractions on small machines)"
     )
@@ -89,7 +101,7 @@ class FinetuneConfig(Section):
         False,
         description="extra ITM negatives: each product's own title with one attribute word "
         "(colour, pattern, material or brand) swapped, in the title's language; needs the "
-        "attribute columns in pairs.parquet and is off without them",
+        "catalog's attribute columns (kind, color, pattern, material, brand) and is off without them",
     )
     feature_cache: str | None = Field(
         None,

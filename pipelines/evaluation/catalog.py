@@ -1,6 +1,8 @@
-"""The demo catalog as evaluation input: the products of one split are the pool, and its held-out
-shopper queries (``queries.parquet``, English, 汉字, pinyin) or the products' own titles
-(``pairs.parquet``, one per language) are the texts, so the figures come per language too."""
+"""A catalog as evaluation input: the products of one split are the pool, and its held-out
+queries (``source.queries`` or the catalog's ``queries.parquet``: shopper queries in English, 汉字
+and pinyin for the demo catalog) or the products' own titles (``source.title_columns``, one text
+per column) are the texts, so the figures come per language too. A catalog without a queries file
+is ranked by its titles."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipelines.catalog.reader import PAIRS_FILE, QUERIES_FILE, CatalogReader
+from pipelines.catalog.reader import CatalogReader
 from pipelines.evaluation.data import EvalData, EvalInputError, LazyImages
 
 if TYPE_CHECKING:
@@ -23,20 +25,18 @@ TEXT_SOURCES = ("queries", "titles")
 def load_catalog(
     root: str, split: str, cfg: AppConfig, *, target_size: int | None, texts: str = "queries"
 ) -> EvalData:
-    """The demo catalog's held-out queries (or the products' titles) over the products of ``split``.
+    """The catalog's held-out queries (or the products' titles) over the products of ``split``.
 
-    Images inline (``image``) or by ``image_uri`` (relative to ``products/``, absolute, or
+    Images inline (``image``) or by ``image_uri`` (relative to the Parquet folder, absolute, or
     ``s3://``), read only when an image is decoded.
     """
     if texts not in TEXT_SOURCES:
         raise EvalInputError(f"texts must be one of {TEXT_SOURCES}, got {texts!r}")
     reader = CatalogReader(root, cfg)
-    # Both parts must be there before anything is read.
     reader.require_products()
-    texts_file = QUERIES_FILE if texts == "queries" else PAIRS_FILE
-    if not reader.has_file(texts_file):
-        what = "the held-out queries" if texts == "queries" else "the product titles"
-        raise EvalInputError(f"catalog {root} has no {texts_file} ({what})")
+    if texts == "queries" and reader.queries_path() is None:
+        logger.info("catalog %s has no queries file: its titles are the queries", root)
+        texts = "titles"
     rows = reader.product_rows(split)
     ids = [r["product_id"] for r in rows]
     if len(set(ids)) != len(ids):
@@ -58,7 +58,9 @@ def load_catalog(
             "kind": "catalog",
             "catalog": reader.location,
             "split": split,
+            "split_rule": reader.split_rule(),
             "texts": texts,
+            "text_source": reader.queries_path() if texts == "queries" else cfg.source.titles(),
             "products": len(ids),
             "queries": len(queries),
         },
@@ -67,17 +69,15 @@ def load_catalog(
 
 def _split_texts(reader: CatalogReader, texts: str, ids: list[str], split: str) -> list[dict]:
     """The ``{product_id, lang, query}`` rows whose product is in the pool ``ids``."""
-    if texts == "queries":
-        queries = reader.read_table(QUERIES_FILE).to_pylist()
-    else:
-        queries = reader.title_rows()
+    if texts == "titles":
+        return reader.title_rows(split)
+    queries = reader.query_rows()
     pool = set(ids)
     kept = [q for q in queries if q["product_id"] in pool]
     if not kept:
-        source = reader.path(QUERIES_FILE if texts == "queries" else PAIRS_FILE)
         raise EvalInputError(
-            f"none of the {len(queries)} queries of {source} is for a product of split "
-            f"{split!r} ({len(ids)} products)"
+            f"none of the {len(queries)} queries of {reader.queries_path()} is for a product "
+            f"of split {split!r} ({len(ids)} products)"
         )
     if len(kept) < len(queries):
         logger.info(

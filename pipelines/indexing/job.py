@@ -33,7 +33,7 @@ from pipelines.indexing import tables
 from pipelines.indexing.indexes import build_indexes
 from pipelines.indexing.lease import WriterLease
 from pipelines.indexing.report import Timeline, write_run_report
-from pipelines.indexing.source import list_parquet_files, metadata_fields, source_ids
+from pipelines.indexing.source import metadata_fields, source_ids
 from pipelines.indexing.stages import (
     DETAIL,
     PEAK_RSS,
@@ -47,7 +47,7 @@ from pipelines.indexing.stages import (
 )
 from pipelines.indexing.validate import REJECT_REASONS, REJECTS_SCHEMA, duplicated_ids
 from pipelines.runtime.cluster import init_ray
-from pipelines.storage import S3Settings
+from pipelines.storage import S3Settings, list_parquet_files
 
 logger = logging.getLogger(__name__)
 

@@ -4,26 +4,9 @@ deletions need the whole run's ids before the stream starts) and the metadata co
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.storage import S3Settings, filesystem_for
-
-
-def list_parquet_files(uri: str, s3: S3Settings) -> list[str]:
-    """The catalog's Parquet files (hidden ``_``/``.`` entries skipped, as dataset readers do)."""
-    fs, root = filesystem_for(uri, s3)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = sorted(
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.path.endswith(".parquet")
-        and not any(part.startswith(("_", ".")) for part in i.path[len(root) :].split("/") if part)
-    )
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under source {uri!r}")
-    return files
 
 
 def source_ids(files: list[str], uri: str, s3: S3Settings, id_col: str) -> pa.ChunkedArray:

@@ -1,6 +1,6 @@
 """Fine-tuning as library code: what ``python -m pipelines.finetune`` and the benchmarks run.
 
-- ``data``: the catalog's train products and their titles (``pairs.parquet``);
+- ``data``: the catalog's train products and their titles (``source.title_columns``);
 - ``splits``: the train-only rule (nothing from val or test reaches a batch);
 - ``batches`` / ``features``: a batch of products and titles, and the decoded-image cache;
 - ``samplers``: which products share a batch (random, whole families, mined neighbours);

@@ -10,7 +10,7 @@ from pipelines.training.splits import check_train_only
 class SwapNegatives:
     """Attribute-swapped own titles as extra ITM negatives (one per product per step, seeded).
 
-    Uses the products' attributes from pairs.parquet; products without them, or whose titles name
+    Uses the products' attribute columns; products without them, or whose titles name
     none of them, get none.
     """
 
@@ -62,7 +62,7 @@ def build_batch(
     for pid in ids:
         own = titles.get(pid)
         if not own:
-            raise ValueError(f"product {pid!r} has no titles in pairs.parquet")
+            raise ValueError(f"product {pid!r} has no titles (source.title_columns)")
         texts.extend(own)
         text_ids.extend([pid] * len(own))
     batch = RetrievalBatch(pix, ids, texts, text_ids)

@@ -1,8 +1,9 @@
 """The catalog's train split as fine-tuning reads it: products with their images, and titles.
 
-Each product's titles come from ``pairs.parquet`` (English, 汉字, pinyin): positives of one image,
-de-duplicated after the model's own text normalisation. Images are inline or by ``image_uri``
-(:class:`pipelines.catalog.reader.CatalogReader`); the rows hold the bytes either way.
+Any catalog the index job reads (:class:`pipelines.catalog.reader.CatalogReader`). Each product's
+titles come from ``source.title_columns`` (for the demo catalog: English, 汉字, pinyin): positives
+of one image, de-duplicated after the model's own text normalisation. Images are inline or by
+``image_uri``; the rows hold the bytes either way.
 """
 
 from __future__ import annotations
@@ -12,37 +13,43 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.catalog.reader import PAIRS_FILE, CatalogReader
+from pipelines.catalog.reader import CatalogReader, title_language
 from pipelines.training.splits import TRAIN_SPLIT, check_train_only
 
 if TYPE_CHECKING:
     from pipelines.config import AppConfig
 
-TITLE_COLUMNS = ("title_en", "title_zh", "title_pinyin")
 ATTRIBUTE_COLUMNS = ("kind", "color", "pattern", "material", "brand")
-_LANG_OF = {"title_en": "en", "title_zh": "zh", "title_pinyin": "pinyin"}
+FAMILY_COLUMN = "family_id"  # near-duplicate families, when the catalog has them
 _PUNCT_RE = re.compile(r"[^\w.&]+")
 
 
 def read_pairs(catalog: str | Path, cfg: AppConfig | None = None) -> dict[str, dict]:
     """{product_id: {"titles": {lang: title}, "family_id", attributes...}} for the train split.
 
-    Attributes (kind, colour, pattern, material, brand) come along when pairs.parquet has them;
-    they drive the attribute-swapped negatives. ``cfg`` gives the S3 settings of an ``s3://``
-    catalog (default: the configuration's defaults).
+    Titles come from ``source.title_columns`` (one per column, keyed by :func:`title_language`).
+    Attributes (kind, colour, pattern, material, brand) come along when the catalog has them;
+    they drive the attribute-swapped negatives. ``cfg`` gives the columns and the S3 settings
+    (default: the configuration's defaults).
     """
-    table = CatalogReader(catalog, cfg or _default_config()).read_table(PAIRS_FILE)
-    names = set(table.column_names)
+    reader = CatalogReader(catalog, cfg or _default_config())
+    columns = reader.source.titles()
+    reader.require_columns(columns, "title columns (source.title_columns)")
+    rows = reader.product_rows(
+        TRAIN_SPLIT, extra=[*columns, FAMILY_COLUMN, *ATTRIBUTE_COLUMNS], images=False
+    )
     pairs: dict[str, dict] = {}
-    for row in table.to_pylist():
-        if row["split"] != TRAIN_SPLIT:
-            continue
-        entry = {"titles": {_LANG_OF[c]: row[c] for c in TITLE_COLUMNS if row.get(c)}}
-        entry["family_id"] = row.get("family_id")
-        entry.update({a: row[a] for a in ATTRIBUTE_COLUMNS if a in names and row.get(a)})
+    for row in rows:
+        entry = {"titles": {title_language(c): row[c] for c in columns if row[c]}}
+        entry["family_id"] = row[FAMILY_COLUMN]
+        entry.update({a: row[a] for a in ATTRIBUTE_COLUMNS if row[a]})
         pairs[row["product_id"]] = entry
-    if not pairs:
-        raise ValueError(f"{catalog}/pairs.parquet has no titles for split {TRAIN_SPLIT!r}")
+    untitled = [pid for pid, entry in pairs.items() if not entry["titles"]]
+    if untitled:
+        raise ValueError(
+            f"catalog {catalog}: {len(untitled)} train products have no title in {columns}, "
+            f"e.g. {untitled[:5]}"
+        )
     return pairs
 
 
@@ -72,7 +79,7 @@ def read_titles(
     normalize: Callable[[str], str] | None = None,
     cfg: AppConfig | None = None,
 ) -> dict[str, list[str]]:
-    """{product_id: its distinct titles (English, 汉字, pinyin)} for the train split."""
+    """{product_id: its distinct titles (``source.title_columns``)} for the train split."""
     return distinct_titles(read_pairs(catalog, cfg), normalize)
 
 
@@ -83,9 +90,9 @@ def read_train_products(catalog: str | Path, cfg: AppConfig) -> list[dict]:
     rows = [
         {
             "product_id": r["product_id"], "image": reader.image_loader(r)(), "split": r["split"],
-            "family_id": r.get("family_id") or r["product_id"],
+            "family_id": r.get(FAMILY_COLUMN) or r["product_id"],
         }
-        for r in reader.product_rows(TRAIN_SPLIT, extra=("family_id",))
+        for r in reader.product_rows(TRAIN_SPLIT, extra=(FAMILY_COLUMN,))
     ]  # fmt: skip
     check_train_only(rows)
     if len(rows) < 2:

@@ -72,7 +72,7 @@ def _swap_negatives(pairs: dict[str, dict], enabled: bool, seed: int) -> SwapNeg
         return None
     swaps = SwapNegatives(pairs, seed)
     if not swaps.usable:
-        logger.warning("finetune.swap_negatives: pairs.parquet has no attribute columns: off")
+        logger.warning("finetune.swap_negatives: the catalog has no attribute columns: off")
         return None
     return swaps
 
