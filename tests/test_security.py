@@ -151,7 +151,7 @@ def test_no_credentials_in_configs_logs_tables_reports_or_exports(
         assert export_main([*config, "--index-uri", index_uri, "--what", what, "--out", out]) == 0
     export_out = capsys.readouterr()
     # the run's records, before this test's own boto3 calls below (botocore's DEBUG wire trace
-    # shows the signing key id; the project has no boto3 client of its own)
+    # shows the signing key id; the lease's own client hides it, the test's client does not)
     records = [f"{r.name} {r.getMessage()}" for r in caplog.records]
 
     leaks: list[str] = []
