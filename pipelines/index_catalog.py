@@ -1,7 +1,7 @@
 """The nightly index job: catalog Parquet (folder or S3) → Ray Data → BLIP on an actor pool → LanceDB.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python pipelines/index_catalog.py --config configs/local.yaml
+        python pipelines/index_catalog.py --config "$PWD/configs/local.yaml"
     python -m pipelines.index_catalog --config FILE [key=value ...] [--source …] [--index-uri …] [--model …]
 
 What a run does, and what it guarantees (every input row indexed, unchanged or rejected; readers

@@ -1,21 +1,18 @@
-"""The index job under its real runtimes: LanceDB and the catalog on S3 (moto), a run killed
-mid-encode and resumed, and ``ray job submit`` to a separately started ``ray start --head`` cluster.
+"""The index job under its real runtimes: LanceDB and the catalog on S3 (moto), and a run killed
+mid-encode and resumed (the README's ``ray start --head`` + ``ray job submit`` lines run in
+``tests/test_readme_commands.py``).
 
 Slow-ish (a real local Ray, the tiny BLIP): about a minute and a half on 2 CPUs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).parent / "ray"
 POLL_S = 0.1
 # Kept out of the `ray job submit` working_dir upload (the venv alone is 2 GB; the limit is 100 MB).
-UPLOAD_EXCLUDES = [".venv", ".data", ".git", "**/__pycache__", ".ruff_cache", ".pytest_cache"]
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -156,12 +152,6 @@ def _kill_session(proc: subprocess.Popen, wait_s: float = 30.0) -> list[str]:
         except ProcessLookupError:
             pass
     return leaked
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- 1. catalog and LanceDB both on S3 ---------------------------------------------------------
@@ -392,83 +382,3 @@ def test_rerun_after_torn_staging_table(ray_local, tiny_model, tiny_model_dir, t
     _assert_accounting(summary)
     assert summary["indexed"] == n and summary["resumed_from_staging"] == 0, summary
     assert tables.open_published(tables.connect(str(index_dir)))[0].count_rows() == n
-
-
-# ---- 3. ray start --head + ray job submit ------------------------------------------------------
-def test_ray_job_submit_to_started_cluster(tiny_model_dir, tmp_path):
-    """A separate cluster (own temp dir, own ports, RAY_AUTH_MODE=disabled: loopback-only test
-    cluster), stopped by killing its process session: ``ray stop`` would also
-    stop the test session's in-process Ray."""
-    from pipelines.catalog.writer import make_catalog
-
-    n = 30
-    make_catalog(str(tmp_path / "cat"), n, seed=21, rows_per_file=10, workers=1)
-    index_dir = tmp_path / "index"
-    # A short temp dir of its own: Unix socket paths under it must stay below ~107 characters.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rayjob", dir="/tmp"))
-    gcs, dash, client, agent = _free_port(), _free_port(), _free_port(), _free_port()
-    wmin = 20000 + (os.getpid() % 90) * 100  # outside the default 10002-19999 of the in-process Ray
-    env = _job_env(RAY_AUTH_MODE="disabled")
-    start_cmd = [
-        str(RAY_BIN), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
-        "--dashboard-port", str(dash), "--include-dashboard", "true",
-        "--dashboard-host", "127.0.0.1",
-        "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-        "--min-worker-port", str(wmin), "--max-worker-port", str(wmin + 99),
-        "--temp-dir", str(ray_tmp), "--disable-usage-stats",
-    ]  # fmt: skip
-    start_log = tmp_path / "ray_start.log"
-    with open(start_log, "wb") as out:
-        head = subprocess.Popen(
-            start_cmd,
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert head.poll() is None, f"ray start exited {head.returncode}:\n{_tail(start_log)}"
-            try:
-                with no_proxy.open(f"http://127.0.0.1:{dash}/api/version", timeout=2) as r:
-                    assert json.load(r)["ray_version"]
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"dashboard not up:\n{_tail(start_log)}"
-                time.sleep(0.2)
-
-        submit = [
-            str(RAY_BIN), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-            "--working-dir", str(REPO),
-            "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
-            "--",
-            # The venv's interpreter by path: the cluster's PATH need not lead to it.
-            sys.executable, "pipelines/index_catalog.py", "--config", "configs/local.yaml",
-            f"source.uri={tmp_path / 'cat' / 'products'}", f"index.uri={index_dir}",
-            f"model.name_or_path={tiny_model_dir}",
-        ]  # fmt: skip
-        done = subprocess.run(
-            submit, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
-        )
-        output = done.stdout + done.stderr
-        assert done.returncode == 0, output[-6000:]
-        assert "rows in" in output and "succeeded" in output, output[-6000:]
-        assert f"rows in {n}: indexed {n}" in output, output[-6000:]
-    finally:
-        leaked = _kill_session(head)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert not leaked, f"processes left behind by the test cluster: {leaked}"
-
-    db = tables.connect(str(index_dir))
-    run = tables.published_run(db)
-    assert run is not None
-    products = tables.open_published(db)[0]
-    assert products.count_rows() == n
-    assert run["products_table"] in tables.table_names(db)
-    assert products.tags.list()[tables.PUBLISHED]["version"] == run["products_version"]
-    rows = _published_rows(db)
-    assert len(set(rows.column("product_id").to_pylist())) == n
-    _assert_self_retrieval(_embeddings(rows))
