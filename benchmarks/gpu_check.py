@@ -134,6 +134,28 @@ class Check:
             )
 
 
+def nvml_facts(device: torch.device) -> dict:
+    """What makes GPU figures comparable beyond the card's name: driver, power limit, clocks and
+    MIG mode, from NVML (``nvidia-ml-py``, the ``[gpu]`` extra); a note when it is missing."""
+    try:
+        import pynvml
+    except ImportError:
+        return {"note": "nvidia-ml-py not installed (pip install -e '.[gpu]')"}
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        mig = pynvml.nvmlDeviceGetMigMode(handle)[0] if hasattr(pynvml, "nvmlDeviceGetMigMode") else None
+        return {
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
+            "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000,
+            "sm_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_max_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "mig_mode": mig,
+        }
+    except pynvml.NVMLError as err:
+        return {"note": f"NVML unavailable: {err}"}
+
+
 def environment(device: torch.device, dtype: torch.dtype, args) -> dict:
     import transformers
 
@@ -175,6 +197,7 @@ def environment(device: torch.device, dtype: torch.dtype, args) -> dict:
                 "pillow": Image.__version__,
             },
             "cuda": torch.version.cuda,
+            "nvml": nvml_facts(device) if cuda else None,
         },
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),

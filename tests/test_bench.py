@@ -132,3 +132,35 @@ def test_gpu_check_smoke_runs_every_section_without_ray_or_lancedb(tmp_path):
         else:
             assert math.isfinite(r["value"]) and r["value"] > 0, r
     assert report["machine"] and report["command"] and report["date"]
+
+
+def test_gpu_check_records_nvml_facts_from_the_gpu_extra(monkeypatch):
+    """gpu_check's NVML facts (the ``[gpu]`` extra): read through pynvml when it is installed, a
+    note saying how to install it when not. A stand-in pynvml: this machine has no GPU."""
+    import importlib
+    import types
+
+    import torch
+
+    tomllib = importlib.import_module("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("nvidia-ml-py") for req in extras["gpu"])
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        gpu_check = importlib.import_module("gpu_check")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    assert "pip install -e '.[gpu]'" in gpu_check.nvml_facts(torch.device("cuda", 0))["note"]
+
+    fake = types.SimpleNamespace(
+        NVMLError=RuntimeError, NVML_CLOCK_SM=1, NVML_CLOCK_MEM=2, nvmlInit=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: f"gpu{i}", nvmlSystemGetDriverVersion=lambda: "580.1",
+        nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+        nvmlDeviceGetMaxClockInfo=lambda h, kind: {1: 1980, 2: 2619}[kind],
+        nvmlDeviceGetMigMode=lambda h: (0, 0),
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    facts = gpu_check.nvml_facts(torch.device("cuda", 0))
+    assert facts == {"driver": "580.1", "power_limit_w": 700.0, "sm_clock_max_mhz": 1980,
+                     "mem_clock_max_mhz": 2619, "mig_mode": 0}  # fmt: skip
