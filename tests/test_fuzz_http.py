@@ -2,18 +2,21 @@
 
 An application of its own ("fuzz" at /fuzz, on the session's index and Serve) with an API key, so
 the fuzz cannot disturb the shared app and its replicas' memory is its own. Schemathesis loads
-``/fuzz/openapi.json`` (which describes the ``POST /search`` body: ``search_openapi``) and
-generates cases for every operation: schema-conforming ones (positive) and schema-breaking ones
-(negative) with the key, which reach the handlers, and a few without it, which must get a 401 on
-every route that is not public. Checked on every response: never a 5xx (a 503 only as Serve's own
-overload answer); afterwards the application is RUNNING, both replicas are the same processes
-(none died and was replaced), ``/healthz`` answers 200 and a real search still works, and the
-ingress and model replicas' resident memory grew by less than a bound, and the API key every case
-sent is nowhere in the Ray logs the fuzz produced.
+``/fuzz/openapi.json`` (``POST /search``'s body and responses are the models of
+``pipelines.search.schema``) and generates cases for every operation: schema-conforming ones
+(positive) and schema-breaking ones (negative) with the key, which reach the handlers, and a few
+without it, which must get a 401 on every route that is not public. Checked on every response:
+never a 5xx (a 503 only as Serve's own overload answer), and the body matches the schema the
+document gives its status (``/search``'s 200 a ``SearchResponse``, errors an ``ErrorBody``) and
+the status is one ``/search`` documents; afterwards the application is RUNNING, both replicas are
+the same processes (none died and was replaced), ``/healthz`` answers 200 and a real search still
+works, and the ingress and model replicas' resident memory grew by less than a bound, and the API
+key every case sent is nowhere in the Ray logs the fuzz produced. A key sent as the document's
+security schemes declare it is accepted.
 
-A second test, without Ray, checks that the published ``/search`` schema and ``parse_search``
-agree, so that the generated cases mean what they claim (schema-valid: accepted unless a
-documented cross-field rule says otherwise; schema-breaking: a 400).
+A second test, without Ray, checks that the service's published ``/search`` schema and
+``parse_search`` agree, so that the generated cases mean what they claim (schema-valid: accepted
+unless a documented cross-field rule says otherwise; schema-breaking: a 400).
 
 Deterministic (``derandomize``, no example database) and bounded by the counts below; the tests
 print what they ran.
@@ -31,9 +34,12 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
+from schemathesis.checks import response_schema_conformance, status_code_conformance
 
-from pipelines.search.request import BadRequest, Limits, parse_search, search_openapi
+from pipelines.search.request import BadRequest, Limits, parse_search
+from pipelines.search.schema import REQUEST_EXAMPLES
 from tests.conftest import TEST_API_KEY, TEST_API_KEY_ENV
+from tests.test_search_request import credentials, openapi_document
 from tests.test_security import ray_log_growth, ray_log_sizes
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -50,6 +56,10 @@ NO_KEY_EXAMPLES = 8
 MAX_RSS_GROWTH_MB = 150  # per replica, over the whole fuzz (after a warm-up)
 BACKPRESSURE = "Request dropped due to backpressure"  # Serve's own 503 (documented overload)
 PUBLIC = {("GET", "/healthz"), ("GET", "/products/{product_id}/thumbnail")}
+# Every response's body matches its status's schema; /search answers only statuses it documents
+# (other routes may see Serve's undocumented overload 503, which _check allows).
+CONFORMANCE = [response_schema_conformance]
+SEARCH_CONFORMANCE = [response_schema_conformance, status_code_conformance]
 
 FUZZ_SETTINGS = settings(
     derandomize=True,
@@ -146,6 +156,8 @@ def _fuzz(op, mode, n: int, base_url: str, headers: dict, statuses: Counter, lab
         nonlocal ran
         response = case.call(base_url=base_url, headers=headers, timeout=60)
         _check(response, case, keyed=bool(headers))
+        checks = SEARCH_CONFORMANCE if op.path == "/search" else CONFORMANCE
+        case.validate_response(response, checks=checks, headers=headers)
         ran += 1
         statuses[(op.method.upper(), op.path, label or str(mode), response.status_code)] += 1
 
@@ -159,12 +171,16 @@ def test_schemathesis_finds_no_server_error(fuzz_url, capsys):
     names = {(op.method.upper(), op.path) for op in operations}
     assert ("POST", "/search") in names and ("GET", "/products/{product_id}") in names, names
     search_op = next(op for op in operations if op.path == "/search")
-    assert search_op.body, "the OpenAPI describes the /search body (search_openapi)"
+    assert search_op.body, "the OpenAPI describes the /search body (its request model)"
 
     ray_logs = ray_log_sizes()
     with httpx.Client(base_url=fuzz_url, timeout=60, headers=KEY) as c:  # warm-up
         for text in ("sofa", "儿童滑行车", "red wooden chair"):
             assert c.post("/search", json={"text": text}).status_code == 200
+        # the document's examples (which the fuzz draws on) use hybrid recall and a filter: the
+        # full-text index loads once, before the memory baseline
+        for example in REQUEST_EXAMPLES.values():
+            assert c.post("/search", json=example["value"]).status_code == 200
     pids = _replica_pids()
     assert set(pids) == {"SearchIngress", "QueryModel"}, pids
     rss_before = {name: _rss_mb(pid) for name, pid in pids.items()}
@@ -217,6 +233,30 @@ def test_schemathesis_finds_no_server_error(fuzz_url, capsys):
         assert mb < MAX_RSS_GROWTH_MB, f"{name} replica RSS grew by {mb:.0f} MB"
 
 
+def test_the_key_sent_as_the_document_declares_is_accepted(fuzz_url):
+    """What /docs's "Try it out" does: read the document (public), send the key as each of
+    /search's security schemes declares it; the answer is a SearchResponse with exactly the
+    documented fields (a field the engine adds must be documented first)."""
+    from pipelines.search.schema import SearchResponse, SearchResult
+
+    with httpx.Client(base_url=fuzz_url, timeout=60) as c:
+        doc = c.get("/openapi.json")
+        assert doc.status_code == 200 and c.get("/docs").status_code == 200
+        schemes = doc.json()["components"]["securitySchemes"]
+        requirements = doc.json()["paths"]["/search"]["post"]["security"]
+        assert len(requirements) == len(schemes) == 2, requirements
+        for requirement in requirements:
+            (name,) = requirement
+            headers = credentials(schemes[name], TEST_API_KEY)
+            r = c.post("/search", json={"text": "sofa", "k": 3}, headers=headers)
+            assert r.status_code == 200, (name, r.text)
+            body = r.json()
+            assert SearchResponse.model_validate(body).request_id == r.headers["x-request-id"]
+            assert set(body) == set(SearchResponse.model_fields)
+            assert {frozenset(x) for x in body["results"]} == {frozenset(SearchResult.model_fields)}
+        assert c.post("/search", json={"text": "sofa"}).status_code == 401
+
+
 # ------------------------------------------------------------------ the schema matches the parser
 CONFORMANCE_EXAMPLES = 200
 
@@ -238,16 +278,9 @@ def test_search_schema_and_parser_agree(capsys):
     documented cross-field rule, and every body it forbids is a 400: the fuzz above generates from
     this schema, so a schema looser or stricter than the parser would make its cases miss."""
     limits = Limits()
-    spec = {
-        "openapi": "3.1.0",
-        "info": {"title": "search", "version": "1"},
-        "paths": {
-            "/search": {
-                "post": {**search_openapi(limits), "responses": {"200": {"description": "ok"}}}
-            }
-        },
-    }
-    op = next(r.ok() for r in schemathesis.openapi.from_dict(spec).get_all_operations())
+    spec = openapi_document(limits)  # the service's own /openapi.json, built without Serve
+    schema = schemathesis.openapi.from_dict(spec)
+    op = next(r.ok() for r in schema.get_all_operations() if r.ok().path == "/search")
     seen: Counter = Counter()
 
     @settings(FUZZ_SETTINGS, max_examples=CONFORMANCE_EXAMPLES)

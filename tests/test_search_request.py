@@ -1,4 +1,5 @@
-"""Request parsing, filter checking and the scorer's token cache: plain functions, no Ray."""
+"""Request parsing, the OpenAPI document, filter checking and the scorer's token cache: plain
+functions and the service's FastAPI app without Serve, no Ray."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from blip_ops.token_cache import TokenCache
 from pipelines.search.filters import check_filter
 from pipelines.search.request import BadRequest, Limits, parse_search
+from pipelines.search.schema import request_model
 from pipelines.search.scorer import ItmJob, QueryScorer
 from tests.conftest import draw_product, encode_image_bytes
 
@@ -65,6 +67,123 @@ def test_bad_bodies(body, message):
     with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace("`", "`")) as err:
         parse_search(body, LIMITS)
     assert err.value.status == 400
+
+
+def test_counts_and_strings_keep_their_rules():
+    """Integral floats are integers, ``k`` and ``rerank_k`` fit in ``candidates`` (a bad
+    ``candidates`` is the error named), limits count stripped text, unknown fields come first."""
+    q = parse_search({"text": "x", "candidates": 20.0, "k": 20, "rerank_k": 20.0}, LIMITS)
+    assert (q.candidates, q.k, q.rerank_k) == (20, 20, 20)
+    for body, message in [
+        ({"text": "x", "candidates": 10, "k": 5000}, "`k` must be between 1 and 10, got 5000"),
+        ({"text": "x", "candidates": 0, "k": 5000}, "`candidates` must be between 1 and 1000"),
+        ({"text": "x", "candidates": "10"}, '`candidates` must be an integer, got "10"'),
+        ({"text": "x", "rerank": None}, "`rerank` must be true or false, got null"),
+        ({"text": "x", "hybrid": "yes"}, "`hybrid` must be true, false or one of"),
+        ({"text": "x", "image": b"raw"}, "`image` must be a base64 string, got bytes"),
+        ({"text": "x", "colour": 1, "k": 0}, "unknown field(s) ['colour']"),
+        ({"text": "x" * 10, "k": 0}, "`text` has 10 characters; the limit is 5"),
+    ]:
+        with pytest.raises(BadRequest) as err:
+            parse_search(body, Limits(max_text_chars=5))
+        assert message in str(err.value), (body, str(err.value))
+    assert parse_search({"text": f"  {'x' * 5}  "}, Limits(max_text_chars=5)).text == "xxxxx"
+
+
+# ---- the OpenAPI document: the models, the errors, the API key -------------------------------
+def _app(limits: Limits, api_key: str | None = None):
+    """The service's ASGI app (its Guard and FastAPI routes) with no index, model or Serve: enough
+    for the document, the key check and the request's 400s."""
+    from types import SimpleNamespace
+
+    from pipelines.search.http import build_http_app
+
+    service = SimpleNamespace(limits=limits, api_key=api_key, max_body_bytes=100_000, metrics=None)
+    return build_http_app(service)
+
+
+def openapi_document(limits: Limits, api_key: str | None = None) -> dict:
+    """The service's ``/openapi.json``, built without Serve."""
+    return _app(limits, api_key).app.openapi()
+
+
+def credentials(scheme: dict, key: str) -> dict[str, str]:
+    """The headers that send ``key`` the way an OpenAPI security scheme declares it."""
+    if scheme["type"] == "apiKey" and scheme["in"] == "header":
+        return {scheme["name"]: key}
+    if scheme["type"] == "http" and scheme["scheme"].lower() == "bearer":
+        return {"Authorization": f"Bearer {key}"}
+    raise AssertionError(f"a security scheme the tests cannot fill: {scheme}")
+
+
+def test_openapi_documents_the_models_errors_and_api_key():
+    limits = Limits(max_text_chars=64, max_candidates=500)
+    doc = openapi_document(limits, api_key="s3cret")
+    ref = "#/components/schemas/"
+    search = doc["paths"]["/search"]["post"]
+    body = search["requestBody"]["content"]["application/json"]
+    assert search["requestBody"]["required"] and body["schema"] == {"$ref": ref + "SearchRequest"}
+    responses = {
+        s: r.get("content", {}).get("application/json") for s, r in search["responses"].items()
+    }
+    assert responses["200"]["schema"] == {"$ref": ref + "SearchResponse"}
+    assert {s for s, r in responses.items() if r == {"schema": {"$ref": ref + "ErrorBody"}}} == {
+        "400",
+        "401",
+        "413",
+        "500",
+    }
+    schemas = doc["components"]["schemas"]
+    assert schemas["SearchRequest"] == request_model(limits).model_json_schema()
+    props = schemas["SearchRequest"]["properties"]
+    assert props["text"]["anyOf"][0]["maxLength"] == 64 and props["k"]["anyOf"][0]["maximum"] == 500
+    assert schemas["SearchResponse"]["properties"]["results"]["items"] == {
+        "$ref": ref + "SearchResult"
+    }
+    for name in ("SearchRequest", "SearchResponse", "SearchResult", "StageTimings", "ErrorBody"):
+        undocumented = [
+            f for f, p in schemas[name]["properties"].items() if not p.get("description")
+        ]
+        assert not undocumented, (name, undocumented)
+    # the key, as the Guard takes it: X-API-Key or a bearer token, on every route that needs it
+    schemes = doc["components"]["securitySchemes"]
+    assert credentials(schemes["ApiKey"], "k") == {"X-API-Key": "k"}
+    assert credentials(schemes["Bearer"], "k") == {"Authorization": "Bearer k"}
+    secured = {
+        (p, m) for p, ops in doc["paths"].items() for m, op in ops.items() if "security" in op
+    }
+    assert secured == {("/search", "post"), ("/facets", "get"), ("/products/{product_id}", "get")}
+    assert search["security"] == [{"ApiKey": []}, {"Bearer": []}]  # either one
+    # without a key the service is open, and its document says so
+    open_doc = openapi_document(limits)
+    assert "securitySchemes" not in open_doc["components"]
+    assert not [
+        op for ops in open_doc["paths"].values() for op in ops.values() if "401" in op["responses"]
+    ]
+
+
+def test_the_document_is_public_and_the_declared_key_passes_the_guard():
+    """/docs loads without the key (its "Try it out" then sends it as the security schemes say);
+    each scheme gets a request past the Guard, to the body's own 400 in the usual error body."""
+    from starlette.testclient import TestClient
+
+    client = TestClient(_app(LIMITS, api_key="s3cret"))
+    doc = client.get("/openapi.json")
+    assert doc.status_code == 200 and client.get("/docs").status_code == 200
+    bad = {"text": "sofa", "k": 0}
+    refused = client.post("/search", json=bad)
+    assert refused.status_code == 401 and "API key" in refused.json()["error"]
+    assert client.get("/facets").status_code == 401 and client.post("/docs").status_code == 401
+    for name, scheme in doc.json()["components"]["securitySchemes"].items():
+        rid = {"X-Request-ID": f"try-{name}"}  # (Serve's proxy sets one when a client does not)
+        r = client.post("/search", json=bad, headers={**credentials(scheme, "s3cret"), **rid})
+        assert r.status_code == 400, (name, r.text)
+        assert r.json() == {
+            "error": "`k` must be between 1 and 100, got 0",
+            "request_id": f"try-{name}",
+        }
+        wrong = client.post("/search", json=bad, headers=credentials(scheme, "nope"))
+        assert wrong.status_code == 401, name
 
 
 @pytest.mark.parametrize(
@@ -151,7 +270,9 @@ def test_rerank_job_is_blips_rule_on_the_scorers_logits(tiny_model):
     images = tuple(encode_image_bytes(draw_product(s)) for s in range(4))
     job = ItmJob("red sofa", tuple(f"p{s}:h{s}" for s in range(4)), images)
     itc = np.linspace(0.9, 0.3, 7).astype(np.float32)
-    got = asyncio.run(rerank_job(LocalScorer(QueryScorer(tiny_model)), job, itc, itm_weight=0.5, k=5))
+    got = asyncio.run(
+        rerank_job(LocalScorer(QueryScorer(tiny_model)), job, itc, itm_weight=0.5, k=5)
+    )
     want = combine_scores(itc, QueryScorer(tiny_model).itm([job])[0], 0.5).head(5)
     assert list(got.order) == list(want.order)
     np.testing.assert_allclose(got.score, want.score, atol=1e-6)

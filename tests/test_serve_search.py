@@ -478,6 +478,8 @@ def test_hybrid_finds_model_numbers_that_vectors_miss(client, indexed):
     product; the (random tiny) embedding space does not."""
     import re
 
+    from pipelines.search.schema import SearchResponse
+
     cfg, _ = indexed
     rows = _published(cfg, client.get("/healthz").json()["table_version"])
     codes: dict[str, set[str]] = {}
@@ -495,6 +497,7 @@ def test_hybrid_finds_model_numbers_that_vectors_miss(client, indexed):
             "/search", json={"text": code, "k": 10, "rerank": False, "hybrid": "rrf"}
         ).json()
         assert fused["hybrid"] == "rrf" and "lexical" in fused["timings_ms"]
+        SearchResponse.model_validate(fused)  # the documented 200, with BM25 scores and timing
         assert owners & {x["product_id"] for x in fused["results"]}, (code, fused["results"][:2])
         # when the vector list holds every product, the exact match is in both lists: it leads
         everything = client.post(

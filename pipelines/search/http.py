@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _THUMBNAIL = re.compile(r"^/products/[^/]+/thumbnail$")
 PAGE = Path(__file__).parent / "static" / "index.html"
+# FastAPI's defaults: the OpenAPI document, Swagger UI (and its OAuth2 redirect page), ReDoc
+DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 
 class SearchService(Protocol):
@@ -66,10 +68,11 @@ def _relative_path(scope) -> str:
 
 def _public(scope) -> bool:
     """Routes that need no API key: health probes, the search page itself (static HTML; its
-    searches send the key) and product thumbnails (public catalog images an <img> tag loads)."""
+    searches send the key), product thumbnails (public catalog images an <img> tag loads) and the
+    API's description with its pages (no data; their "Try it out" sends the key)."""
     path = _relative_path(scope)
     return path in ("/healthz", "/") or (
-        scope.get("method") == "GET" and bool(_THUMBNAIL.match(path))
+        scope.get("method") == "GET" and (path in DOC_PATHS or bool(_THUMBNAIL.match(path)))
     )
 
 
@@ -232,17 +235,97 @@ def add_error_handlers(app) -> None:
         )
 
 
+# ------------------------------------------------------------------------------ the OpenAPI document
+ERRORS = {
+    400: "bad request: JSON, fields, ranges, base64, an undecodable image, a bad filter",
+    401: "missing or invalid API key",
+    404: "not in the served version",
+    413: "request body over serve.max_body_bytes",
+    500: "a server error; the message names the request id",
+}
+# Serve's proxy answers an overload before the application (its body is not an ErrorBody)
+UNAVAILABLE = {
+    "description": "overloaded (past max_ongoing + max_queued requests), or the model replica "
+    "restarted under the request (an ErrorBody with Retry-After: retry)"
+}
+
+
+def _errors(service: SearchService, *statuses: int, public: bool = False) -> dict:
+    """A route's error responses, each an ErrorBody (401 where the service's key is needed)."""
+    from pipelines.search.schema import ErrorBody
+
+    keyed = (401,) if service.api_key is not None and not public else ()
+    return {s: {"model": ErrorBody, "description": ERRORS[s]} for s in sorted({*statuses, *keyed})}
+
+
+def _key_schemes(service: SearchService) -> list:
+    """The API key as the document's security schemes, so that /docs sends it; none when the
+    service has no key. They only describe the key: the Guard checks it (these refuse nothing)."""
+    if service.api_key is None:
+        return []
+    from fastapi import Security
+    from fastapi.security import APIKeyHeader, HTTPBearer
+
+    header = APIKeyHeader(
+        name="X-API-Key", scheme_name="ApiKey", auto_error=False, description="the API key"
+    )
+    bearer = HTTPBearer(
+        scheme_name="Bearer", auto_error=False, description="the API key as a bearer token"
+    )
+    return [Security(header), Security(bearer)]
+
+
+def document_request_model(app, model) -> None:
+    """FastAPI documents only the bodies it parses; ``/search`` parses its own (for its 400s), so
+    its model joins the document's components here (the route's requestBody refers to it)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = generate().setdefault("components", {}).setdefault("schemas", {})
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _request_body(model) -> dict:
+    from pipelines.search.schema import REQUEST_EXAMPLES
+
+    media = {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+    return {
+        "required": True,
+        "content": {"application/json": {**media, "examples": REQUEST_EXAMPLES}},
+    }
+
+
 # ------------------------------------------------------------------------------ routes
 def add_search_route(app, service: SearchService) -> None:
     """``POST /search``: one query, answered wholly from the version served at its start."""
     from fastapi.responses import Response
 
     from pipelines.search.engine import search
-    from pipelines.search.request import parse_search, search_openapi
+    from pipelines.search.request import parse_search
+    from pipelines.search.schema import SearchResponse, request_model
 
-    @app.post("/search", openapi_extra=search_openapi(service.limits))
+    model = request_model(service.limits)
+    document_request_model(app, model)
+
+    @app.post(
+        "/search",
+        summary="Search the catalog",
+        response_model=SearchResponse,
+        response_description="the results, best first",
+        responses={**_errors(service, 400, 413, 500), 503: UNAVAILABLE},
+        dependencies=_key_schemes(service),
+        openapi_extra={"requestBody": _request_body(model)},
+    )
     async def search_route(request: Request):
-        body = await request.body()
+        """Stage 1 finds `candidates` by ITC cosine (fused with BM25 hits when hybrid), stage 2
+        re-ranks the first `rerank_k` by ITM; the answer is wholly from one table version."""
+        body = await request.body()  # parsed here, not by FastAPI: errors are 400s naming the field
         query = await asyncio.to_thread(parse_search, body, service.limits)
         snap = service.versions.snapshot  # pinned for this request: one version, start to end
         result = await search(query, snap, service.scorer(snap, _rid(request)))
@@ -265,7 +348,11 @@ def add_product_routes(app, service: SearchService) -> None:
     """``GET /products/{id}`` (the row, no vectors) and its thumbnail, from the served version."""
     from fastapi.responses import Response
 
-    @app.get("/products/{product_id}")
+    @app.get(
+        "/products/{product_id}",
+        responses=_errors(service, 404),
+        dependencies=_key_schemes(service),
+    )
     async def product(request: Request, product_id: str):
         snap = service.versions.snapshot
         row = await asyncio.to_thread(snap.product, product_id)
@@ -274,7 +361,13 @@ def add_product_routes(app, service: SearchService) -> None:
         row.update(table_version=snap.version, request_id=_rid(request))
         return Response(_json_bytes(row), media_type="application/json")
 
-    @app.get("/products/{product_id}/thumbnail")
+    jpeg = {200: {"description": "the product's thumbnail", "content": {"image/jpeg": {}}}}
+
+    @app.get(
+        "/products/{product_id}/thumbnail",
+        response_class=Response,
+        responses={**jpeg, **_errors(service, 404, public=True)},
+    )
     async def thumbnail(request: Request, product_id: str):
         snap = service.versions.snapshot
         row = await asyncio.to_thread(snap.product, product_id, ["thumbnail"])
@@ -297,7 +390,7 @@ def add_service_routes(app, service: SearchService) -> None:
     async def index_page():
         return Response(page, media_type="text/html; charset=utf-8")
 
-    @app.get("/facets")
+    @app.get("/facets", responses=_errors(service), dependencies=_key_schemes(service))
     async def facets(request: Request):
         """Filter choices for clients such as the search page (per served version)."""
         snap = service.versions.snapshot

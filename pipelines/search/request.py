@@ -1,8 +1,9 @@
 """``POST /search`` bodies → a checked :class:`SearchQuery`, or a :class:`BadRequest` saying why.
 
-Everything a client sends is checked here, before any model or table work: JSON shape, unknown
-fields, types, ranges, text length, base64, and the image itself (``blip_ops``' safe decoder, which
-refuses decompression bombs). The service turns a ``BadRequest`` into a 400 with its message.
+Everything a client sends is checked here, before any model or table work: JSON shape, then the
+request model of ``pipelines.search.schema`` (unknown fields, types, ranges, text length; the same
+model is the OpenAPI document's), then the image itself (``blip_ops``' safe decoder, which refuses
+decompression bombs). The service turns a ``BadRequest`` into a 400 with its message.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
+from pydantic import ValidationError
+
+from pipelines.search.schema import HYBRID_MODES, Limits, client_message, request_model
+
+__all__ = [
+    "HYBRID_MODES",
+    "BadRequest",
+    "Limits",
+    "SearchQuery",
+    "decode_query_image",
+    "parse_search",
+]
 
 
 class BadRequest(ValueError):
@@ -23,42 +36,6 @@ class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Defaults and bounds for search requests (``serve.*`` config keys)."""
-
-    k: int = 10
-    candidates: int = 100
-    rerank_k: int = 32
-    max_candidates: int = 1000
-    max_rerank_k: int = 256
-    max_text_chars: int = 512
-    max_image_bytes: int = 5_000_000
-    max_image_pixels: int = 40_000_000
-    max_filter_chars: int = 1000
-    hybrid: str = "off"  # default fusion mode (serve.hybrid)
-    hybrid_rrf_k: float = 60.0
-    hybrid_weight: float = 0.5
-    itm_weight: float = 1.0  # re-rank: cosine + itm_weight * ITM logit (serve.itm_weight)
-
-    @classmethod
-    def from_config(cls, serve) -> Limits:
-        return cls(
-            k=serve.k,
-            candidates=serve.candidates,
-            rerank_k=serve.rerank_k,
-            max_candidates=serve.max_candidates,
-            max_rerank_k=serve.max_rerank_k,
-            max_text_chars=serve.max_text_chars,
-            max_image_bytes=serve.max_image_bytes,
-            max_image_pixels=serve.max_image_pixels,
-            hybrid=serve.hybrid,
-            hybrid_rrf_k=serve.hybrid_rrf_k,
-            hybrid_weight=serve.hybrid_weight,
-            itm_weight=serve.itm_weight,
-        )
 
 
 @dataclass(frozen=True)
@@ -76,37 +53,8 @@ class SearchQuery:
     itm_weight: float = 1.0
 
 
-FIELDS = ("text", "image", "k", "candidates", "rerank_k", "rerank", "filter", "hybrid")
-HYBRID_MODES = ("off", "rrf", "weighted")
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,")
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
-
-
-def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
-    value = body.get(name)
-    if value is None:
-        value = default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # 10.0 is an integer in JSON (and JSON Schema); some clients send it
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(f"`{name}` must be an integer, got {json.dumps(value)[:40]}")
-    if not low <= value <= high:
-        raise BadRequest(f"`{name}` must be between {low} and {high}, got {value}")
-    return value
-
-
-def _text(body: dict, limits: Limits) -> str | None:
-    text = body.get("text")
-    if text is None:
-        return None
-    if not isinstance(text, str):
-        raise BadRequest(f"`text` must be a string, got {type(text).__name__}")
-    text = text.strip()
-    if not text:
-        raise BadRequest("`text` is empty")
-    if len(text) > limits.max_text_chars:
-        raise BadRequest(f"`text` has {len(text)} characters; the limit is {limits.max_text_chars}")
-    return text
 
 
 def decode_query_image(data: Any, limits: Limits) -> Image.Image:
@@ -136,91 +84,7 @@ def decode_query_image(data: Any, limits: Limits) -> Image.Image:
         raise BadRequest(f"`image` could not be decoded ({err.reason}): {detail}") from None
 
 
-_ERROR = {
-    "type": "object",
-    "properties": {"error": {"type": "string"}, "request_id": {"type": "string"}},
-    "required": ["error"],
-}
-
-
-def search_openapi(limits: Limits) -> dict:
-    """The OpenAPI of ``POST /search`` that :func:`parse_search` enforces (the route reads the raw
-    body itself, so FastAPI cannot infer it): the request body's JSON schema and the error
-    responses. For the service's ``/openapi.json`` and ``/docs``, and the HTTP fuzz test.
-    Cross-field rules (``k`` and ``rerank_k`` at most ``candidates``, a non-blank ``text``) are
-    in the descriptions: requests that break them get a 400."""
-    text = "the query: a product title in any language, or pinyin"
-    body = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "text": {
-                "type": ["string", "null"],
-                "maxLength": limits.max_text_chars,
-                "pattern": r"\S",  # not blank
-                "description": text,
-            },
-            "image": {
-                "type": ["string", "null"],
-                "minLength": 1,
-                "contentEncoding": "base64",
-                "description": f"JPEG/PNG/WebP/GIF bytes in base64 (or a data: URL), at most "
-                f"{limits.max_image_bytes} bytes and {limits.max_image_pixels} pixels",
-            },
-            "k": {
-                "type": ["integer", "null"],
-                "minimum": 1,
-                "maximum": limits.max_candidates,
-                "description": f"results returned, at most `candidates` (default {limits.k})",
-            },
-            "candidates": {
-                "type": ["integer", "null"],
-                "minimum": 1,
-                "maximum": limits.max_candidates,
-                "description": f"ANN candidates, stage 1 (default {limits.candidates})",
-            },
-            "rerank_k": {
-                "type": ["integer", "null"],
-                "minimum": 0,
-                "maximum": limits.max_rerank_k,
-                "description": "candidates re-scored by ITM, at most `candidates` "
-                f"(default {limits.rerank_k})",
-            },
-            "rerank": {"type": "boolean", "description": "ITM re-rank (default true)"},
-            "filter": {
-                "type": ["string", "null"],
-                "maxLength": limits.max_filter_chars,
-                "description": "SQL expression over the metadata columns, e.g. category = 'sofa'",
-            },
-            "hybrid": {
-                "anyOf": [{"type": ["boolean", "null"]}, {"enum": list(HYBRID_MODES)}],
-                "description": f"BM25 fused with the vector candidates (default {limits.hybrid!r})",
-            },
-        },
-        "anyOf": [  # a text, an image or both (null counts as absent)
-            {"required": ["text"], "properties": {"text": {"type": "string"}}},
-            {"required": ["image"], "properties": {"image": {"type": "string"}}},
-        ],
-    }
-    errors = {
-        "400": "bad request: JSON, fields, ranges, base64, an undecodable image, a bad filter",
-        "401": "missing or invalid API key (when the service has one)",
-        "413": "request body over serve.max_body_bytes",
-    }
-    responses: dict = {
-        status: {"description": why, "content": {"application/json": {"schema": _ERROR}}}
-        for status, why in errors.items()
-    }
-    # Answered by Serve's proxy, before the application (its body is not ours)
-    responses["503"] = {"description": "overloaded: past max_ongoing + max_queued requests"}
-    return {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-        "responses": responses,
-    }
-
-
-def parse_search(body: bytes | str | dict, limits: Limits) -> SearchQuery:
-    """Parse and check a search request body."""
+def _json_object(body: bytes | str | dict) -> dict:
     if not isinstance(body, dict):
         try:
             body = json.loads(body)
@@ -228,48 +92,39 @@ def parse_search(body: bytes | str | dict, limits: Limits) -> SearchQuery:
             raise BadRequest(f"request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - set(FIELDS))
-    if unknown:
-        raise BadRequest(f"unknown field(s) {unknown}; expected some of {list(FIELDS)}")
-    text = _text(body, limits)
-    image = decode_query_image(body["image"], limits) if body.get("image") is not None else None
-    if text is None and image is None:
-        raise BadRequest("give `text`, `image` (base64) or both")
-    candidates = _int(body, "candidates", limits.candidates, 1, limits.max_candidates)
-    k = _int(body, "k", min(limits.k, candidates), 1, candidates)
-    rerank_k = _int(
-        body, "rerank_k", min(limits.rerank_k, candidates), 0, min(candidates, limits.max_rerank_k)
-    )
-    rerank = body.get("rerank", True)
-    if not isinstance(rerank, bool):
-        raise BadRequest(f"`rerank` must be true or false, got {json.dumps(rerank)[:40]}")
-    flt = body.get("filter")
-    if flt is not None:
-        if not isinstance(flt, str):
-            raise BadRequest(f"`filter` must be a string, got {type(flt).__name__}")
-        flt = flt.strip() or None
-        if flt is not None and len(flt) > limits.max_filter_chars:
-            raise BadRequest(
-                f"`filter` has {len(flt)} characters; the limit is {limits.max_filter_chars}"
-            )
-    hybrid = body.get("hybrid")
-    if hybrid is None:
-        hybrid = limits.hybrid
-    elif isinstance(hybrid, bool):
-        hybrid = ("rrf" if limits.hybrid == "off" else limits.hybrid) if hybrid else "off"
-    elif hybrid not in HYBRID_MODES:
-        raise BadRequest(
-            f"`hybrid` must be true, false or one of {list(HYBRID_MODES)}, got {json.dumps(hybrid)[:40]}"
-        )
+    return body
+
+
+def _hybrid(value: bool | str | None, limits: Limits) -> str:
+    """The fusion mode: ``true`` is the configured mode, or rrf when the configured one is off."""
+    if value is None:
+        return limits.hybrid
+    if isinstance(value, bool):
+        return ("rrf" if limits.hybrid == "off" else limits.hybrid) if value else "off"
+    return value
+
+
+def parse_search(body: bytes | str | dict, limits: Limits) -> SearchQuery:
+    """Parse and check a search request body."""
+    body = _json_object(body)
+    try:
+        request = request_model(limits).model_validate(body)
+    except ValidationError as err:
+        raise BadRequest(client_message(err, body, limits)) from None
+    # decoded last: a body refused for another reason costs no decoding
+    image = decode_query_image(request.image, limits) if request.image is not None else None
+    candidates = limits.candidates if request.candidates is None else request.candidates
+    k = min(limits.k, candidates) if request.k is None else request.k
+    rerank_k = min(limits.rerank_k, candidates) if request.rerank_k is None else request.rerank_k
     return SearchQuery(
-        text,
+        request.text,
         image,
         k,
         candidates,
         rerank_k,
-        rerank,
-        flt,
-        hybrid,
+        request.rerank,
+        request.filter,
+        _hybrid(request.hybrid, limits),
         limits.hybrid_rrf_k,
         limits.hybrid_weight,
         limits.itm_weight,
