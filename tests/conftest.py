@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray exports custom metrics every 10 s by default; the metrics test waits for an export.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")
 
 import io  # noqa: E402
 import random  # noqa: E402

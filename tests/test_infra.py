@@ -180,6 +180,32 @@ def operator_auth_problems(where: str, spec: dict, containers: list[dict]) -> li
     return problems
 
 
+def metrics_export_problems(where: str, group: dict) -> list[str]:
+    """A Ray pod group scraped on Ray's metrics export port: ``metrics-export-port`` 8080, the
+    container port ``metrics`` on it, and the prometheus.io annotations pointing there (where the
+    service's own ``ray_search_*`` series are too, docs/metrics.md)."""
+    problems = []
+    params = group.get("rayStartParams") or {}
+    if str(params.get("metrics-export-port")) != str(METRICS_PORT):
+        problems.append(f"{where}: rayStartParams metrics-export-port is not {METRICS_PORT}")
+    container = _group_container(group) or {}
+    if named_ports(container).get("metrics") != METRICS_PORT:
+        problems.append(f"{where}: no container port 'metrics' {METRICS_PORT}")
+    annotations = ((group.get("template") or {}).get("metadata") or {}).get("annotations") or {}
+    wanted = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(METRICS_PORT),
+        "prometheus.io/path": "/metrics",
+    }
+    for key, value in wanted.items():
+        if str(annotations.get(key)) != value:
+            problems.append(
+                f"{where}: annotation {key} is {annotations.get(key)!r}, not {value!r} "
+                "(scrape Ray's metrics export port)"
+            )
+    return problems
+
+
 def ray_cluster_problems(where: str, spec, operator_auth: bool = False) -> list[str]:
     if not isinstance(spec, dict):
         return [f"{where}: no Ray cluster spec"]
@@ -200,6 +226,8 @@ def ray_cluster_problems(where: str, spec, operator_auth: bool = False) -> list[
             problems.append(f"{where}: the head asks for nvidia.com/gpu; the head is CPU only")
     if head_containers and not operator_auth:
         problems += ray_auth_problems(f"{where}.head", head_containers[0])
+    if head_containers:
+        problems += metrics_export_problems(f"{where}.head", head)
 
     groups = spec.get("workerGroupSpecs") or []
     if not groups:
@@ -214,6 +242,7 @@ def ray_cluster_problems(where: str, spec, operator_auth: bool = False) -> list[
         gpu_groups += gpu_limit(containers[0]) >= 1
         if not operator_auth:
             problems += ray_auth_problems(name, containers[0])
+        problems += metrics_export_problems(name, group)
     if groups and not gpu_groups:
         problems.append(f"{where}: no worker group with a nvidia.com/gpu limit")
     if operator_auth:
@@ -335,14 +364,9 @@ def rayservice_problems(where: str, spec: dict) -> list[str]:
         container = _group_container(group)
         if container is None:
             continue
-        ports = named_ports(container)
-        if ports.get("metrics") != METRICS_PORT:
-            problems.append(f"{where}.{name}: no container port 'metrics' {METRICS_PORT}")
-        if ports.get("serve") != SERVE_PORT:
+        # (the metrics export port of every group: ray_cluster_problems)
+        if named_ports(container).get("serve") != SERVE_PORT:
             problems.append(f"{where}.{name}: no container port 'serve' {SERVE_PORT}")
-        params = group.get("rayStartParams") or {}
-        if str(params.get("metrics-export-port")) != str(METRICS_PORT):
-            problems.append(f"{where}.{name}: rayStartParams metrics-export-port is not 8080")
         if name == "head":
             continue
         ready = (container.get("readinessProbe") or {}).get("httpGet") or {}
@@ -416,6 +440,20 @@ def role_problems(where: str, doc: dict) -> list[str]:
     return problems
 
 
+def podmonitor_problems(where: str, spec: dict) -> list[str]:
+    """The optional PodMonitor scrapes the `metrics` port of the project's pods."""
+    problems = []
+    labels = (spec.get("selector") or {}).get("matchLabels") or {}
+    if labels.get("app.kubernetes.io/name") != "blip-catalog-search":
+        problems.append(f"{where}: selector does not match app.kubernetes.io/name")
+    endpoints = spec.get("podMetricsEndpoints") or []
+    if [e.get("port") for e in endpoints] != ["metrics"]:
+        problems.append(f"{where}: podMetricsEndpoints do not scrape port 'metrics' (only)")
+    if any(e.get("path", "/metrics") != "/metrics" for e in endpoints):
+        problems.append(f"{where}: podMetricsEndpoints path is not /metrics")
+    return problems
+
+
 def manifest_problems(where: str, doc) -> list[str]:
     """Everything wrong with one Kubernetes (or Kustomize) document."""
     if not isinstance(doc, dict):
@@ -445,6 +483,8 @@ def manifest_problems(where: str, doc) -> list[str]:
         problems += cronjob_problems(f"{where}.spec", spec)
     elif kind == "Role":
         problems += role_problems(where, doc)
+    elif kind == "PodMonitor":
+        problems += podmonitor_problems(f"{where}.spec", spec)
     return problems
 
 
@@ -746,6 +786,7 @@ def test_rayservice_health_metrics_and_api_key():
         annotations = group["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         assert annotations["prometheus.io/port"] == str(METRICS_PORT)
+        assert annotations["prometheus.io/path"] == "/metrics"
     for group in cluster["workerGroupSpecs"]:
         container = _group_container(group)
         probe = container["readinessProbe"]["httpGet"]
@@ -768,6 +809,34 @@ def test_rayservice_health_metrics_and_api_key():
     path = KUBERAY / "rayservice-search.yaml"
     assert credential_problems(path.name, path.read_text(encoding="utf-8")) == []
     assert "rayservice-search.yaml" in the("Kustomization")["resources"]
+
+
+def _ray_cluster_specs() -> dict[str, dict]:
+    return {
+        "RayCluster": the("RayCluster")["spec"],
+        "RayJob": the("RayJob")["spec"]["rayClusterSpec"],
+        "RayService": the("RayService")["spec"]["rayClusterConfig"],
+    }
+
+
+def test_every_ray_pod_is_scraped_on_the_metrics_export_port():
+    """Head and workers of every Ray cluster: Ray's metrics export port (where the service's
+    ray_search_* series are, docs/metrics.md) as `metrics`, annotated for scraping; and the
+    optional PodMonitor selects those pods on that port."""
+    pod_labels = []
+    for kind, spec in _ray_cluster_specs().items():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            assert metrics_export_problems(kind, group) == []
+            pod_labels.append(group["template"]["metadata"]["labels"])
+    monitor = the("PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert all(selector.items() <= labels.items() for labels in pod_labels)
+    assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+    # Optional (it needs the Prometheus Operator's CRDs): not part of `kubectl apply -k`.
+    assert "podmonitor-ray.yaml" not in the("Kustomization")["resources"]
+    readme = INFRA_README.read_text(encoding="utf-8")
+    assert "podmonitor-ray.yaml" in readme and "docs/metrics.md" in readme
 
 
 # ----------------------------------------------------------------------------------------------
@@ -865,6 +934,23 @@ MUTATIONS = {
         "num-cpus",
     ),
     "no name": ("RayCluster", lambda d: d["metadata"].pop("name"), "metadata.name"),
+    "worker not scraped": (
+        "RayCluster",
+        lambda d: d["spec"]["workerGroupSpecs"][0]["template"]["metadata"].pop("annotations"),
+        "prometheus.io/scrape",
+    ),
+    "no metrics export port": (
+        "RayJob",
+        lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].pop(
+            "metrics-export-port"
+        ),
+        "metrics-export-port",
+    ),
+    "podmonitor on the serve port": (
+        "PodMonitor",
+        lambda d: d["spec"]["podMetricsEndpoints"][0].update(port="serve"),
+        "port 'metrics'",
+    ),
     "concurrent nights": (
         "CronJob",
         lambda d: d["spec"].update(concurrencyPolicy="Allow"),
@@ -986,6 +1072,13 @@ MUTATIONS.update(
                 ]
             ),
             "metrics",
+        ),
+        "service: scraped on the serve port": (
+            "RayService",
+            lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"][
+                "annotations"
+            ].update({"prometheus.io/port": str(SERVE_PORT)}),
+            "prometheus.io/port",
         ),
         "service: API key literal": (
             "RayService",

@@ -1,4 +1,6 @@
-"""blip_ops.metrics on tiny examples whose answers are worked out by hand."""
+"""blip_ops.metrics on tiny examples whose answers are worked out by hand; the search service's
+metrics (pipelines.search.metrics): both sinks, the documented names, and the totals on Ray's
+metrics export port of a 2-replica ingress."""
 
 from __future__ import annotations
 
@@ -155,3 +157,200 @@ def test_summary_shape():
     assert set(s) == {"value", "ci", "n"} and s["n"] == 4 and s["value"] == 0.75
     assert s["ci"][0] <= 0.75 <= s["ci"][1]
     assert summary(np.array([])) == {"value": None, "ci": [None, None], "n": 0}
+
+
+# --------------------------------------------------------------------------- the search service
+
+
+def _local_samples(metrics) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = metrics.render().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def test_search_metrics_record_in_the_local_registry_without_ray():
+    """Outside a Serve replica Ray's metrics record nothing; /metrics still has every series."""
+    from pipelines.search.metrics import SearchMetrics
+
+    m = SearchMetrics()
+    m.observe_request("/search", 200, 0.02)
+    m.observe_request("/search", 400, 0.001)
+    m.observe_stages({"encode": 4.0, "total": 9.0, "not-a-stage": 1.0})
+    m.observe_model_call("itm", {"batch": 3, "hits": 2, "misses": 0})
+    m.set_version(7, 120)
+    m.resend_gauges()
+    got = _local_samples(m)
+    assert got[("search_requests_total", (("route", "/search"), ("status", "200")))] == 1
+    assert got[("search_requests_total", (("route", "/search"), ("status", "400")))] == 1
+    assert got[("search_http_request_seconds_count", (("route", "/search"),))] == 2
+    assert got[("search_stage_seconds_count", (("stage", "total"),))] == 1
+    assert not any(dict(k[1]).get("stage") == "not-a-stage" for k in got)
+    assert got[("search_model_batch_size_sum", (("kind", "itm"),))] == 3
+    assert got[("search_image_token_cache_total", (("result", "hit"),))] == 2
+    assert ("search_image_token_cache_total", (("result", "miss"),)) not in got  # 0: not counted
+    assert got[("search_table_version", ())] == 7 and got[("search_table_rows", ())] == 120
+    assert _local_samples(SearchMetrics()) != got  # one registry per replica, not the global one
+
+
+def test_gauges_are_re_sent_to_ray_while_the_replica_runs():
+    """Ray drops a gauge series not set for two report intervals: the replica's task re-sends
+    the last value of each gauge (counters and histograms are cumulative and need nothing)."""
+    import asyncio
+
+    from pipelines.search.metrics import SearchMetrics
+
+    m = SearchMetrics()
+    m.set_version(4, 50)
+    sent = []
+    m._metrics["table_version"].ray.set = lambda value, tags=None: sent.append((value, tags))
+
+    async def run_briefly():
+        task = asyncio.create_task(m.keep_gauges_exported(every_s=0.01))
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(run_briefly())
+    assert len(sent) >= 3 and {value for value, _ in sent} == {4}
+
+
+def test_every_exported_name_is_documented():
+    """docs/metrics.md names every series Ray exports for the service, with its type."""
+    from pathlib import Path
+
+    from pipelines.search.metrics import METRICS, exported_names
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text(encoding="utf-8")
+    missing = [name for name in exported_names() if f"`{name}" not in doc]
+    assert not missing, missing
+    rows = [line for line in doc.splitlines() if line.startswith("| `ray_search_")]
+    for spec in METRICS.values():
+        assert all(name.startswith("ray_search_") for name in spec.exported())
+        [row] = [r for r in rows if r.startswith(f"| `{spec.exported()[0]}`")]
+        assert f"| {spec.kind} |" in row and all(f"`{t}`" in row for t in spec.tags), row
+
+
+EXPORT_APP = "metrics2"
+N_SEARCHES = 16
+N_BAD = 3
+
+
+def _ray_export_url() -> str:
+    """This node's metrics export endpoint (the port Ray chose, or --metrics-export-port)."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def _exported(url: str, app: str) -> list:
+    """The service's samples of one application on Ray's metrics export port."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipelines.search.metrics import exported_names
+
+    names = exported_names()
+    families = text_string_to_metric_families(httpx.get(url, timeout=10).text)
+    return [
+        s
+        for f in families
+        for s in f.samples
+        if s.name in names and s.labels.get("application") == app
+    ]
+
+
+def _total(samples, name: str, **labels) -> float:
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def _two_ingress_replicas(cfg):
+    serve = cfg.serve.model_copy(
+        update={"ingress": cfg.serve.ingress.model_copy(update={"num_replicas": 2})}
+    )
+    return cfg.model_copy(update={"serve": serve})
+
+
+def _expected(statuses: dict[int, int], version: int) -> dict:
+    """(series, tags) -> its total over the replicas after the test's requests."""
+    search = (("route", "/search"),)
+    expected = {
+        ("ray_search_requests_total", search + (("status", str(code)),)): n
+        for code, n in statuses.items()
+    }
+    expected.update(
+        {
+            ("ray_search_http_request_seconds_count", search): N_SEARCHES + N_BAD,
+            ("ray_search_stage_seconds_count", (("stage", "total"),)): N_SEARCHES,
+            ("ray_search_model_batch_size_count", (("kind", "text"),)): N_SEARCHES,
+            ("ray_search_table_version", ()): 2 * version,  # one gauge per replica
+        }
+    )
+    return expected
+
+
+def _totals(url: str, keys) -> dict:
+    samples = _exported(url, EXPORT_APP)
+    return {key: _total(samples, key[0], **dict(key[1])) for key in keys}
+
+
+def _send_searches(url: str) -> dict[int, int]:
+    """N_SEARCHES good and N_BAD bad searches, 4 at a time (so both replicas get some)."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def search(i: int) -> int:
+        body = {"text": f"red chair {i}"} if i < N_SEARCHES else {"text": ""}
+        return httpx.post(url + "/search", json=body, timeout=60).status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = Counter(pool.map(search, range(N_SEARCHES + N_BAD)))
+    assert statuses[200] == N_SEARCHES and all(400 <= c < 500 for c in statuses if c != 200)
+    return dict(statuses)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_ray_export_port_totals_equal_the_requests(search_index, search_url):
+    """N searches over HTTP on a 2-replica ingress: the totals on Ray's metrics export port,
+    summed over the replicas, are exactly N (and the bad requests exactly theirs)."""
+    import time
+
+    import httpx
+    from ray import serve
+
+    from pipelines.serve_search import build_app
+
+    cfg, _ = search_index
+    serve.run(build_app(_two_ingress_replicas(cfg)), name=EXPORT_APP, route_prefix=f"/{EXPORT_APP}")
+    url = f"{search_url}/{EXPORT_APP}"
+    try:
+        statuses = _send_searches(url)
+        version = httpx.get(url + "/healthz", timeout=60).json()["table_version"]
+        expected = _expected(statuses, version)
+        export = _ray_export_url()
+        deadline = time.monotonic() + 60  # Ray's agent exports every report interval (10 s)
+        while (totals := _totals(export, expected)) != expected and time.monotonic() < deadline:
+            assert all(totals[k] <= v for k, v in expected.items()), totals  # never more
+            time.sleep(1)
+        assert totals == expected
+        samples = _exported(export, EXPORT_APP)
+        served = {s.labels["replica"] for s in samples if s.name == "ray_search_requests_total"}
+        assert len(served) == 2, served  # the totals are sums over both ingress replicas
+        versions = {
+            s.labels["replica"]: s.value for s in samples if s.name == "ray_search_table_version"
+        }
+        assert versions == dict.fromkeys(served, version)
+        assert {s.labels["deployment"] for s in samples} == {"SearchIngress"}
+    finally:
+        serve.delete(EXPORT_APP)

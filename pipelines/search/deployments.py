@@ -270,7 +270,9 @@ class SearchIngress:
 
     def scorer(self, snap, request_id: str) -> HandleScorer:
         """The engine's scorer for one request on ``snap`` (the model that encoded it)."""
-        return HandleScorer(self.model, snap.text_settings, self.metrics, request_id, snap.model_ref)
+        return HandleScorer(
+            self.model, snap.text_settings, self.metrics, request_id, snap.model_ref
+        )
 
     def check_health(self) -> None:
         if self.versions.snapshot is None:
@@ -285,7 +287,10 @@ class SearchIngress:
         settings = TextSettings.from_dict(info["text_settings"])
         await asyncio.to_thread(self.versions.start, info["model_id"], settings)
         watch = self.versions.watch(self.cfg.serve.refresh_seconds)
-        self._watcher = asyncio.get_running_loop().create_task(watch)
+        loop = asyncio.get_running_loop()
+        self._watcher = loop.create_task(watch)
+        # The served version's gauges stay on Ray's metrics export port only while re-sent.
+        self._gauges = loop.create_task(self.metrics.keep_gauges_exported())
         return build_http_app(self)
 
 
