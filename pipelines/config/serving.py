@@ -104,6 +104,12 @@ class ServeConfig(Section):
         description="wait batch_wait_timeout_s only while other calls are in flight at the model "
         "replica: a lone request goes at once; false = every batch waits",
     )
+    colocate_model: bool = Field(
+        False,
+        description="small CPU deployments: the ingress holds the query model and calls it in "
+        "its own process (no Serve handle hop; serve.model's resources are not used, give the "
+        "ingress the CPUs instead); false = a model deployment of its own (GPU deployments)",
+    )
     ingress: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(num_cpus=0.25, max_ongoing_requests=32),
         description="HTTP ingress (FastAPI, CPU): ANN recall and the response",

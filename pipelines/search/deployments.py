@@ -3,7 +3,9 @@
 Two deployments composed with ``.bind()`` (:func:`build_app`): :class:`SearchIngress` (CPU) parses
 and checks requests, runs stage 1 (ANN on its pinned table version) and builds responses;
 :class:`QueryModel` (GPU when ``serve.model.num_gpus`` > 0) encodes queries and ITM-scores
-candidates, batching concurrent requests with ``@serve.batch``. The ingress's HTTP routes are
+candidates, batching concurrent requests with ``@serve.batch``. With ``serve.colocate_model``
+(small CPU deployments) the ingress builds the same model class in its own process and calls it
+there (:mod:`pipelines.search.colocated`), without a handle hop. The ingress's HTTP routes are
 :mod:`pipelines.search.http`, its index versions :mod:`pipelines.search.versions`; nothing heavy
 happens at import: models and tables load in the replicas.
 
@@ -23,6 +25,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from pipelines.config import AppConfig, ServingConfig, serving_config
+from pipelines.search.colocated import LocalModel
 from pipelines.search.http import build_http_app
 from pipelines.search.metrics import SearchMetrics, log_json, setup_json_logging
 from pipelines.search.versions import PinnedVersions
@@ -226,14 +229,14 @@ class SearchIngress:
     /products/{id}/thumbnail, /healthz, /metrics, over the pinned index version
     (:class:`~pipelines.search.versions.PinnedVersions`)."""
 
-    def __init__(self, config: dict, model: DeploymentHandle):
+    def __init__(self, config: dict, model: DeploymentHandle | None = None):
         from pipelines.search.request import Limits
         from pipelines.search.snapshot import published_pointer
         from pipelines.storage import S3Settings
 
         self.cfg = ServingConfig.model_validate(config)
         setup_json_logging()
-        self.model = model
+        self.model = model if model is not None else _in_process_model(config)
         self.metrics = SearchMetrics()
         self.limits = Limits.from_config(self.cfg.serve)
         self.s3 = S3Settings.from_config(self.cfg.s3)
@@ -283,11 +286,13 @@ class SearchIngress:
     async def __serve_build_asgi_app__(self):
         from blip_ops.text import TextSettings
 
+        loop = asyncio.get_running_loop()
+        if isinstance(self.model, LocalModel):
+            self.model.bind_loop(loop)
         info = await self.model.info.remote()
         settings = TextSettings.from_dict(info["text_settings"])
         await asyncio.to_thread(self.versions.start, info["model_id"], settings)
         watch = self.versions.watch(self.cfg.serve.refresh_seconds)
-        loop = asyncio.get_running_loop()
         self._watcher = loop.create_task(watch)
         # The served version's gauges stay on Ray's metrics export port only while re-sent.
         self._gauges = loop.create_task(self.metrics.keep_gauges_exported())
@@ -305,10 +310,18 @@ def _options(d) -> dict:
     }
 
 
+def _in_process_model(config: dict) -> LocalModel:
+    """``serve.colocate_model``: the model deployment's class built in the ingress replica."""
+    return LocalModel(QueryModel.func_or_class(config))
+
+
 def build_app(cfg: AppConfig) -> Application:
-    """The Serve application for ``cfg``: ingress bound to the model deployment. The replicas
-    get the serving sections only (``ServingConfig``), not the job and tool sections."""
+    """The Serve application for ``cfg``: ingress bound to the model deployment, or the ingress
+    alone holding the model (``serve.colocate_model``). The replicas get the serving sections
+    only (``ServingConfig``), not the job and tool sections."""
     config = serving_config(cfg).model_dump(mode="python")
+    if cfg.serve.colocate_model:
+        return SearchIngress.options(**_options(cfg.serve.ingress)).bind(config)
     model = QueryModel.options(**_options(cfg.serve.model)).bind(config)
     return SearchIngress.options(**_options(cfg.serve.ingress)).bind(config, model)
 
