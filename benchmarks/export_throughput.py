@@ -91,6 +91,8 @@ def _batches(n: int, dim: int, seed: int, chunk: int, image_px: int, thumb_px: i
                 "model_id": [MODEL_ID] * len(ids),
                 "indexed_at": [now] * len(ids),
                 "run_id": [RUN_ID] * len(ids),
+                "itm_tokens": [None] * len(ids),  # no stored ITM tokens (exports skip them)
+                "itm_tokens_shape": [None] * len(ids),
             },
             schema=schema,
         )

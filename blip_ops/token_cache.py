@@ -4,6 +4,9 @@ ITM re-scores a candidate against its image *tokens* (the vision tower's (N, H) 
 a vision pass to compute. Both the search service (keyed by ``product_id:content_hash``, bounded by
 a number of items) and evaluation (keyed by image index, bounded by bytes) keep the tokens they
 computed here and compute only the misses, in one pass or in batches (:meth:`TokenCache.fetch`).
+
+The index job can also store each product's tokens with its row (:func:`pack_tokens`, float16),
+so the service reads them instead of running the vision tower (:class:`StoredTokens`).
 """
 
 from __future__ import annotations
@@ -11,8 +14,63 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+STORED_DTYPE = np.dtype("<f2")  # little-endian float16: half the bytes of float32, ~3 digits
+
+
+def stored_nbytes(shape: Sequence[int]) -> int:
+    """Bytes one image's (N, H) tokens take stored as :data:`STORED_DTYPE`."""
+    return int(np.prod(shape)) * STORED_DTYPE.itemsize
+
+
+def token_shape(model) -> tuple[int, int]:
+    """(N, H) of the image tokens ``model`` gives its ITM head: one vision pass over a blank
+    image of its input size (every family and checkpoint alike, no config reading)."""
+    from PIL import Image
+
+    size = model.image_settings.size
+    blank = Image.new("RGB", (size, size))
+    tokens = model.encode_images(model.preprocess([blank]), return_tokens=True).tokens
+    return int(tokens.shape[1]), int(tokens.shape[2])
+
+
+def pack_tokens(tokens: torch.Tensor) -> list[bytes | None]:
+    """(B, N, H) tokens -> one :data:`STORED_DTYPE` byte string per image, C order; None for an
+    image whose tokens do not fit float16 (a value past +-65504 would be stored as inf)."""
+    if tokens.ndim != 3:
+        raise ValueError(f"expected (B, N, H) image tokens, got shape {tuple(tokens.shape)}")
+    half = tokens.detach().to(device="cpu", dtype=torch.float16).numpy()
+    finite = np.isfinite(half).all(axis=(1, 2))
+    return [
+        h.astype(STORED_DTYPE, copy=False).tobytes() if ok else None
+        for h, ok in zip(half, finite, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class StoredTokens:
+    """One image's tokens as the index stored them: :data:`STORED_DTYPE` bytes of shape (N, H)."""
+
+    data: bytes
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"stored tokens need a (N, H) shape, got {self.shape!r}")
+        if len(self.data) != stored_nbytes(self.shape):
+            raise ValueError(
+                f"stored tokens of shape {self.shape} take {stored_nbytes(self.shape)} bytes, "
+                f"got {len(self.data)}"
+            )
+
+    def tensor(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, H) tokens as ``dtype`` on ``device`` (what the ITM head reads)."""
+        half = np.frombuffer(self.data, dtype=STORED_DTYPE).reshape(self.shape)
+        return torch.from_numpy(half.copy()).to(device=device, dtype=dtype)
 
 
 def _nbytes(t: torch.Tensor) -> int:

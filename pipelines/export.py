@@ -2,7 +2,8 @@
 
     python -m pipelines.export --config FILE [key=value ...] --what products|rejects|runs|search
         --out DIR|s3://bucket/prefix [--version TAG|RUN_ID|N|latest] [--columns a,b,...]
-        [--filter SQL] [--with-embeddings] [--queries FILE] [--k N] [--index-uri URI] [--model M]
+        [--filter SQL] [--with-embeddings] [--with-itm-tokens] [--queries FILE] [--k N]
+        [--index-uri URI] [--model M]
 
 What is read (``--version``, default ``published``):
 - ``published``: the products table and version of the newest completed run at the ``runs``
@@ -17,12 +18,13 @@ What is read (``--version``, default ``published``):
 An unknown tag, run or version exits 2 naming what exists.
 
 Tables (``products``, ``rejects``, ``runs``): every column by default, except that ``products``
-leaves out ``image_embedding`` (``--with-embeddings`` adds it) and the JPEG bytes ``model_image``
-and ``thumbnail`` (name them in ``--columns`` to get them). ``--filter`` is a LanceDB SQL
-predicate over any column, checked before anything is written. Rows are streamed, so memory is
-bounded by the configuration (``export.batch_rows``, ``export.read_ahead_mb``,
-``export.row_group_rows``, ``export.max_open_files``), never by the table size
-(``pipelines.exporting.parquet``).
+leaves out ``image_embedding`` (``--with-embeddings`` adds it), the stored ITM image tokens
+``itm_tokens`` (float16 bytes) and ``itm_tokens_shape`` (``--with-itm-tokens`` adds both) and the
+JPEG bytes ``model_image`` and ``thumbnail`` (name any of them in ``--columns`` to get it).
+``--filter`` is a LanceDB SQL predicate over any column, checked before anything is written. Rows
+are streamed, so memory is bounded by the configuration (``export.batch_rows``,
+``export.read_ahead_mb``, ``export.row_group_rows``, ``export.max_open_files``), never by the table
+size (``pipelines.exporting.parquet``).
 
 ``search``: ``--queries FILE`` (CSV, Parquet or JSONL, local or s3://) holds one query per row: a
 ``query`` (or ``text``) column, optional ``filter`` (SQL over the metadata columns, ANDed with
@@ -132,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--with-embeddings", action="store_true", help="products: add image_embedding"
     )
+    parser.add_argument(
+        "--with-itm-tokens",
+        action="store_true",
+        help="products: add itm_tokens (float16 bytes) and itm_tokens_shape",
+    )
     parser.add_argument("--queries", default=None, help="search: CSV, Parquet or JSONL file")
     parser.add_argument("--k", type=int, default=None, help="search: alias of serve.k")
     return parser
@@ -166,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             filter=args.filter,
             with_embeddings=args.with_embeddings,
             queries=_absolute(args.queries),
+            with_itm_tokens=args.with_itm_tokens,
         )
         summary = export(cfg, req)
     except ExportError as err:

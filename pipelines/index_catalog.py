@@ -7,7 +7,11 @@
 What a run does, and what it guarantees (every input row indexed, unchanged or rejected; readers
 see the new version only once the ``published`` tag moves): ``pipelines.indexing.job``.
 Exit codes: 0 published, 1 storage failed past its retries (nothing published), 2 bad input or
-configuration, 3 another writer holds the index's lease.
+configuration, 3 another writer holds the index's lease, 4 held back by the publish guard: more
+than ``index.max_reject_fraction`` (0.5) of the input rows rejected, or none accepted; its rejects
+and runs rows are committed (the counts by reason are printed), ``published`` did not move, and
+the rerun reuses its encoded rows. ``index.max_reject_fraction=1.0`` publishes such a run anyway,
+except one that accepted no row: an empty index is never published.
 """
 
 from __future__ import annotations
@@ -23,8 +27,18 @@ if __package__ in (None, ""):  # `python pipelines/index_catalog.py` (ray job su
 from pipelines.config import add_config_arguments, cli_config
 from pipelines.indexing.job import run_index
 from pipelines.indexing.lease import LeaseHeldError
+from pipelines.indexing.publishing import RunHeldBack
 
 logger = logging.getLogger(__name__)
+
+
+def _outcome(s: dict) -> str:
+    if s.get("held_reason"):
+        return f"NOT published, held back by the publish guard: {s['held_reason']}"
+    return (
+        f"table {s['products_table']} ({s['products_rows']} rows, ANN "
+        f"{s['ann_index'] or 'none: exact search'}) published at version {s['products_version']}"
+    )
 
 
 def print_summary(s: dict) -> None:
@@ -36,9 +50,8 @@ def print_summary(s: dict) -> None:
         f"deleted {s['deleted']}\n"
         f"  rejected by reason: {by_reason}\n"
         f"  {s['seconds']}s, {s['images_per_s']} images/s (steady, model loaded: "
-        f"{s['steady_images_per_s'] or 'n/a'}); table {s['products_table']} "
-        f"({s['products_rows']} rows, ANN {s['ann_index'] or 'none: exact search'}) "
-        f"published at version {s['products_version']}\n"
+        f"{s['steady_images_per_s'] or 'n/a'})\n"
+        f"  {_outcome(s)}\n"
         f"  peak memory: driver {s['driver_peak_rss_mb']} MB, encoder actor {s['worker_peak_rss_mb']} MB\n"
         f"  report: {s.get('report') or 'not written'}"
     )
@@ -62,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseHeldError as err:  # another writer is live: not a configuration error
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except RunHeldBack as held:  # the rows are counted and the rejects kept: print them
+        print_summary(held.summary)
+        print(
+            f"error: run {held.summary['run_id']} held back: {held}; `{cfg.index.publish_tag}` "
+            f"was not moved. Its rejects are in the `rejects` table (run_id "
+            f"{held.summary['run_id']}); to publish such a run anyway: index.max_reject_fraction=1.0",
+            file=sys.stderr,
+        )
+        return 4
     except (ModelUnavailableError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -521,9 +521,10 @@ def test_bad_rows_are_rejected_with_reasons_and_keep_last_good_row(
     uri = _copy_index(base.uri, tmp_path / "lancedb")
     s = _run(
         index_config(
-            str(tmp_path / "products"), uri, tiny_model_dir, f"source.max_image_bytes={max_bytes}"
+            str(tmp_path / "products"), uri, tiny_model_dir, f"source.max_image_bytes={max_bytes}",
+            "index.max_reject_fraction=1.0",  # most of its rows are bad on purpose
         )
-    )
+    )  # fmt: skip
 
     n_bad = len(expected)
     assert s["in"] == len(plan)

@@ -30,6 +30,8 @@ def _table(tmp_path):
             "model_id": ["m"] * ROWS,
             "indexed_at": [None] * ROWS,
             "run_id": ["r"] * ROWS,
+            "itm_tokens": [None] * ROWS,
+            "itm_tokens_shape": [None] * ROWS,
         },
         schema=tables.products_schema(DIM),
     )

@@ -134,6 +134,15 @@ class IndexConfig(Section):
     delete_missing: bool = Field(
         False, description="delete products absent from the source (otherwise they are kept)"
     )
+    max_reject_fraction: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="publish guard: a run that rejects more than this share of its input rows "
+        "commits its rejects and runs rows but leaves the publish tag where it was (exit 4). "
+        "Past half, the feed is broken (a renamed column, cut image bytes), not the products; "
+        "1.0 publishes anyway. A run with no accepted row never publishes",
+    )
     ann_min_rows: int = Field(
         5000,
         gt=0,
@@ -158,6 +167,16 @@ class IndexConfig(Section):
     )
     search_ef: int | None = Field(
         None, gt=0, description="HNSW search breadth of IVF_HNSW_* indexes"
+    )
+    # ITM image tokens kept per product so a re-rank skips the vision tower (float16 bytes).
+    store_itm_tokens: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="store each encoded product's ITM image tokens (float16): auto = when they "
+        "take at most max_stored_token_bytes (compact model 50x384: 38 KB, stored; BLIP-base "
+        "577x768: 886 KB, recomputed from model_image at query time)",
+    )
+    max_stored_token_bytes: int = Field(
+        65536, gt=0, description="auto stores tokens up to this many bytes per product"
     )
 
 

@@ -62,6 +62,7 @@ METADATA_KEYS = (
     "columns",
     "filter",
     "with_embeddings",
+    "with_itm_tokens",
     "queries",
     "export_id",
     "created_at",
@@ -81,6 +82,7 @@ class ExportRequest:
     filter: str | None = None
     with_embeddings: bool = False
     queries: str | None = None
+    with_itm_tokens: bool = False  # products: add the stored ITM tokens and their shape
 
 
 def new_export_id() -> str:
@@ -93,12 +95,17 @@ def _check_request(req: ExportRequest, cfg: AppConfig) -> None:
     if req.what == "search":
         if not req.queries:
             raise ExportError("--what search needs --queries FILE (CSV, Parquet or JSONL)")
-        if req.columns is not None or req.with_embeddings:
-            raise ExportError("--columns and --with-embeddings apply to table exports, not search")
+        if req.columns is not None or req.with_embeddings or req.with_itm_tokens:
+            raise ExportError(
+                "--columns, --with-embeddings and --with-itm-tokens apply to table exports, "
+                "not search"
+            )
     elif req.queries:
         raise ExportError(f"--queries applies to --what search, not {req.what}")
     if req.what != "products" and req.with_embeddings:
         raise ExportError(f"--with-embeddings: only products have embeddings, not {req.what}")
+    if req.what != "products" and req.with_itm_tokens:
+        raise ExportError(f"--with-itm-tokens: only products have ITM tokens, not {req.what}")
 
 
 def export(cfg: AppConfig, req: ExportRequest) -> dict:
@@ -121,6 +128,7 @@ def export(cfg: AppConfig, req: ExportRequest) -> dict:
         "model_id": source.model_id or "",
         "filter": req.filter or "",
         "with_embeddings": str(req.with_embeddings).lower(),
+        "with_itm_tokens": str(req.with_itm_tokens).lower(),
         "queries": req.queries or "",
         "export_id": export_id,
         "created_at": utc_now(),
@@ -179,7 +187,12 @@ def _plan_table(cfg: AppConfig, source: Source, req: ExportRequest) -> Plan:
     dataset = source.table.to_lance()
     partition_by = list(cfg.export.partition_by) if req.what == "products" else []
     columns = select_columns(
-        dataset.schema.names, req.what, req.columns, req.with_embeddings, partition_by
+        dataset.schema.names,
+        req.what,
+        req.columns,
+        req.with_embeddings,
+        partition_by,
+        with_itm_tokens=req.with_itm_tokens,
     )
     where = check_filter(dataset, req.filter)
     return Plan(

@@ -17,6 +17,9 @@ from pipelines.indexing import tables
 
 EMBEDDING = "image_embedding"
 IMAGE_COLUMNS = ("model_image", "thumbnail")  # JPEG bytes: only when named in --columns
+# The stored ITM image tokens (float16, up to index.max_stored_token_bytes a row, larger than the
+# rest of the row): only with --with-itm-tokens or when named in --columns.
+TOKEN_COLUMNS = tuple(f.name for f in tables.TOKEN_FIELDS)
 _CARGO_PATH = re.compile(r",\s*/\S*\.rs:\d+:\d+.*$", re.S)
 
 
@@ -194,22 +197,31 @@ def select_columns(
     columns: Sequence[str] | None,
     with_embeddings: bool,
     partition_by: Sequence[str] = (),
+    with_itm_tokens: bool = False,
 ) -> list[str]:
     """The columns an export writes, in table order: ``columns`` (or the default set), plus the
-    embedding with ``with_embeddings`` and the hive partition columns."""
+    embedding with ``with_embeddings``, the stored ITM tokens and their shape with
+    ``with_itm_tokens``, and the hive partition columns."""
     if with_embeddings and EMBEDDING not in available:
         raise ExportError(f"--with-embeddings: the {what} table has no {EMBEDDING!r} column")
+    if with_itm_tokens and not set(TOKEN_COLUMNS) <= set(available):
+        raise ExportError(
+            f"--with-itm-tokens: the {what} table has no {list(TOKEN_COLUMNS)} columns (written "
+            "by index runs that store ITM tokens)"
+        )
     unknown = [c for c in [*(columns or ()), *partition_by] if c not in available]
     if unknown:
         raise ExportError(f"unknown column(s) {unknown}; the {what} table has {list(available)}")
     if columns is not None:
         wanted = set(columns)
     else:
-        hidden = {EMBEDDING, *IMAGE_COLUMNS} if what == "products" else set()
+        hidden = {EMBEDDING, *IMAGE_COLUMNS, *TOKEN_COLUMNS} if what == "products" else set()
         wanted = {c for c in available if c not in hidden}
     wanted |= set(partition_by)
     if with_embeddings:
         wanted.add(EMBEDDING)
+    if with_itm_tokens:
+        wanted |= set(TOKEN_COLUMNS)
     return [c for c in available if c in wanted]
 
 

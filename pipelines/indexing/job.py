@@ -10,6 +10,13 @@ holds image bytes); merge them into ``products`` by product_id in one commit, st
 write the ``runs`` row; then move the tags. Readers open the tag, so a run that dies leaves
 ``published`` where it was, and a rerun picks up the rows the dead run had already staged.
 Every input row is exactly one of indexed, unchanged or rejected, and the job asserts it.
+
+The publish guard: a run that rejects more than ``index.max_reject_fraction`` of its input rows,
+or accepts none, is held back (``pipelines.indexing.publishing.publish_guard``): it writes its
+``rejects`` rows and its ``runs`` row (status ``held``, with the reason) and its report, but merges
+nothing, builds no index and moves no tag, keeps its staging table for the rerun, and raises
+RunHeldBack. Each step logs a ``phase: <name> ...`` line (plan, encode, staging, merge, indexes,
+record, tags, then published or held), which the kill-point tests wait for.
 """
 
 from __future__ import annotations
@@ -32,6 +39,12 @@ from pipelines.indexing import staging as stage_io
 from pipelines.indexing import tables
 from pipelines.indexing.indexes import build_indexes
 from pipelines.indexing.lease import WriterLease
+from pipelines.indexing.publishing import (
+    HELD,
+    PASSED,
+    RunHeldBack,
+    publish_guard,
+)
 from pipelines.indexing.report import Timeline, write_run_report
 from pipelines.indexing.source import metadata_fields, source_ids
 from pipelines.indexing.stages import (
@@ -43,6 +56,7 @@ from pipelines.indexing.stages import (
     STATUS,
     Columns,
     RunState,
+    note_itm_tokens,
     peak_rss_mb,
 )
 from pipelines.indexing.validate import REJECT_REASONS, REJECTS_SCHEMA, duplicated_ids
@@ -52,6 +66,11 @@ from pipelines.storage import S3Settings, list_parquet_files
 logger = logging.getLogger(__name__)
 
 _STATE_CACHE: dict[str, RunState] = {}
+
+
+def _phase(name: str, detail: str = "started") -> None:
+    """One line per step of the run: operators see where a run was, kill-point tests wait on it."""
+    logger.info("phase: %s %s", name, detail)
 
 
 def new_run_id() -> str:
@@ -113,7 +132,9 @@ def run_index(cfg: AppConfig, *, run_id: str | None = None) -> dict:
     The whole run holds the index's writer lease (``pipelines/indexing/lease.py``): a second
     writer, or a maintenance, refuses to start beside it (LeaseHeldError). With
     ``maintain.after_index`` the run then maintains the index under the same lease; a failed
-    maintenance is logged and reported in ``summary["maintenance"]``, never fails the run."""
+    maintenance is logged and reported in ``summary["maintenance"]``, never fails the run.
+    A run the publish guard holds back raises RunHeldBack (its summary attached) and is not
+    followed by maintenance."""
     run_id = run_id or new_run_id()
     lease = WriterLease(
         cfg.index.uri,
@@ -137,7 +158,6 @@ def _maintain_after_index(cfg: AppConfig, lease: WriterLease, run_id: str) -> di
     except Exception as err:  # noqa: BLE001 - the run is published: maintenance only reports
         logger.exception("maintenance after run %s failed (the run is published)", run_id)
         return {"error": f"{type(err).__name__}: {err}"}
-
 
 
 @dataclass
@@ -176,45 +196,71 @@ class StreamResult:
 
 
 def _index_run(cfg: AppConfig, run_id: str, lease: WriterLease) -> dict:
-    """The job's body, run under ``lease``: plan, stream, account, merge, index, record, publish."""
+    """The job's body, run under ``lease``: plan, stream, account, guard, merge, index, record,
+    publish (or, held back by the guard: record only, then RunHeldBack)."""
     started_at = datetime.now(timezone.utc)
     started = time.perf_counter()
+    _phase("plan")
     plan = _plan_run(cfg, run_id)
     init_ray(cfg)
     stream = _consume(_encode_dataset(plan), plan)
     counts = _account(plan, stream)
-    products, deleted = _merge(plan, stream)
-    n_rows = products.count_rows()
-    ann = build_indexes(products, cfg, n_rows, changed=bool(stream.keep) or deleted > 0)
+    held = publish_guard(counts, cfg.index.max_reject_fraction)
+    if held is None:
+        products, merged = _merge_and_index(plan, stream)
+    else:  # nothing merged: the products table (if any) stays as the published run left it
+        logger.warning("publish guard: run %s is held back: %s", run_id, held)
+        products, merged = None, {"deleted": 0, "products_rows": None, "ann_index": None}
+    _phase("record")
     rejects_table = tables.append(
         plan.db, tables.REJECTS_TABLE, REJECTS_SCHEMA,
         pa.concat_tables(stream.rejects) if stream.rejects else None,
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    summary = _summary(plan, stream, counts, deleted=deleted, seconds=seconds)
+    summary = _summary(plan, stream, counts, deleted=merged.pop("deleted"), seconds=seconds)
     summary.update(
-        products_rows=n_rows,
+        merged,
         driver_peak_rss_mb=round(peak_rss_mb(), 1),
         worker_peak_rss_mb=round(stream.worker_rss, 1),
-        ann_index=ann,
-        products_version=products.version,
+        products_version=None if products is None else products.version,
         rejects_version=rejects_table.version,
+        status=PASSED if held is None else HELD,
+        held_reason=held,
     )
     runs_table = _record_run(plan, summary, started_at, seconds)
-    _publish(plan, lease, (products, rejects_table, runs_table), stream.staged_exists)
-    try:  # the report is for people: a failure to write it never fails a published run
-        summary["report"] = write_run_report(
-            cfg.index.uri, plan.s3, summary, stream.timeline, dump_config(cfg)
+    if held is None:
+        _publish(plan, lease, (products, rejects_table, runs_table), stream.staged_exists)
+    summary["report"] = _write_report(plan, summary, stream.timeline)
+    if held is not None:
+        _phase("held", f"back: {held}; `{cfg.index.publish_tag}` not moved")
+        raise RunHeldBack(summary)
+    return summary
+
+
+def _merge_and_index(plan: RunPlan, stream: StreamResult) -> tuple[object, dict]:
+    """Merge the staged rows and bring the indexes up to date: (products table, figures)."""
+    products, deleted = _merge(plan, stream)
+    n_rows = products.count_rows()
+    _phase("indexes")
+    ann = build_indexes(products, plan.cfg, n_rows, changed=bool(stream.keep) or deleted > 0)
+    return products, {"deleted": deleted, "products_rows": n_rows, "ann_index": ann}
+
+
+def _write_report(plan: RunPlan, summary: dict, timeline: Timeline) -> str | None:
+    """The run's HTML report; None when it could not be written (it never fails a run)."""
+    try:
+        return write_run_report(
+            plan.cfg.index.uri, plan.s3, summary, timeline, dump_config(plan.cfg)
         )
     except OSError as err:
         logger.warning("could not write the run report: %s", err)
-        summary["report"] = None
-    return summary
+        return None
 
 
 def _plan_run(cfg: AppConfig, run_id: str) -> RunPlan:
     """The source files and ids, the model's id, the published and staged hashes, the schema."""
     from blip_ops import load_model
+    from blip_ops.token_cache import token_shape
 
     s3 = S3Settings.from_config(cfg.s3)
     files = list_parquet_files(cfg.source.uri, s3)
@@ -222,6 +268,7 @@ def _plan_run(cfg: AppConfig, run_id: str) -> RunPlan:
         cfg.model.name_or_path, device="cpu", dtype="float32", attention=cfg.model.attention
     )
     model_id, dim = model.model_id, model.embedding_dim
+    itm_shape = token_shape(model)  # what index.store_itm_tokens weighs
     del model
 
     db = tables.connect(cfg.index.uri, s3)
@@ -229,6 +276,9 @@ def _plan_run(cfg: AppConfig, run_id: str) -> RunPlan:
     staging_name = f"_staging__{model_id}"
     published = tables.open_tagged(db, products_name, cfg.index.publish_tag)
     published_hash = _hashes(published) if published is not None else {}
+    note_itm_tokens(
+        cfg.index.store_itm_tokens, cfg.index.max_stored_token_bytes, itm_shape, published
+    )
     staging = _open_staging(db, staging_name) if staging_name in tables.table_names(db) else None
     staged_hash = _hashes(staging) if staging is not None else {}
     if staging is not None:  # an interrupted run of this model saved these rows
@@ -334,6 +384,8 @@ def _encoder_arguments(plan: RunPlan) -> dict:
         "derivative_threads": cfg.encode.derivative_threads,
         "malloc_mmap_threshold_mb": cfg.encode.malloc_mmap_threshold_mb,
         "faults": plan.faults or None,  # explicitly: actors never see the driver's env
+        "store_itm_tokens": cfg.index.store_itm_tokens,
+        "max_stored_token_bytes": cfg.index.max_stored_token_bytes,
     }
 
 
@@ -345,6 +397,7 @@ def _consume(ds, plan: RunPlan) -> StreamResult:
         storage_options=plan.storage_options,
     )  # fmt: skip
     encode_started = time.perf_counter()
+    _phase("encode", f"started ({len(plan.files)} files)")
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
         if batch.num_rows:
             out.worker_rss = max(out.worker_rss, float(pc.max(batch.column(PEAK_RSS)).as_py()))
@@ -367,8 +420,8 @@ def _consume(ds, plan: RunPlan) -> StreamResult:
         encoded_now = batch.filter(pc.equal(status, "indexed")).column("indexed_at")
         out.timeline.add_encoded(t.timestamp() for t in encoded_now.to_pylist())
         if committer.pending_rows >= plan.cfg.index.stage_flush_rows:
-            committer.commit()
-    committer.commit()
+            _commit_staged(committer)
+    _commit_staged(committer)
     if committer.committed_rows != out.counts["indexed"]:
         raise AssertionError(
             f"staged {committer.committed_rows} rows, encoded {out.counts['indexed']}"
@@ -379,6 +432,13 @@ def _consume(ds, plan: RunPlan) -> StreamResult:
         "stream done: driver peak %.0f MB, encoder peak %.0f MB", peak_rss_mb(), out.worker_rss
     )
     return out
+
+
+def _commit_staged(committer: stage_io.StagingCommitter) -> None:
+    pending = committer.pending_rows
+    committer.commit()
+    if pending:  # the rows a rerun would now find staged
+        _phase("staging", f"committed {pending} rows ({committer.committed_rows} this run)")
 
 
 def _account(plan: RunPlan, stream: StreamResult) -> dict:
@@ -400,6 +460,7 @@ def _merge(plan: RunPlan, stream: StreamResult) -> tuple[object, int]:
     with ``index.delete_missing`` the same commit deletes the products absent from the source.
     Returns (the products table, rows deleted)."""
     cfg = plan.cfg
+    _phase("merge")
     tables.append(plan.db, plan.products_name, plan.schema)
     _version, _merged, deleted = stage_io.merge_staged(
         stage_io.dataset_uri(cfg.index.uri, plan.products_name),
@@ -433,7 +494,7 @@ def _summary(
 
 
 def _record_run(plan: RunPlan, summary: dict, started_at: datetime, seconds: float):
-    """Append the run's ``runs`` row; returns the runs table."""
+    """Append the run's ``runs`` row (with the guard's decision); returns the runs table."""
     cfg = plan.cfg
     row = {
         "run_id": plan.run_id,
@@ -454,6 +515,8 @@ def _record_run(plan: RunPlan, summary: dict, started_at: datetime, seconds: flo
         "images_per_s": summary["images_per_s"],
         "products_version": summary["products_version"],
         "rejects_version": summary["rejects_version"],
+        "status": summary["status"],
+        "held_reason": summary["held_reason"],
     }
     rows = pa.Table.from_pylist([row], schema=tables.RUNS_SCHEMA)
     return tables.append(plan.db, tables.RUNS_TABLE, tables.RUNS_SCHEMA, rows)
@@ -465,11 +528,13 @@ def _publish(plan: RunPlan, lease: WriterLease, committed: tuple, staged_exists:
     ``pipelines.publish`` moves ``published`` back to it), the runs table's ``published`` tag
     last: that single move is the switch readers see. A run that dies before it leaves readers
     where they were."""
+    _phase("tags")
     lease.check()  # never publish after another writer took the index over
     fault_hooks.kill_before_tags(plan.faults)
     for table in committed:
         tables.move_tag(table, tables.run_tag(plan.run_id), table.version)
     for table in committed:  # products, rejects, runs: the runs table's move is the switch
         tables.move_tag(table, plan.cfg.index.publish_tag, table.version)
+    _phase("published", f"(run {plan.run_id})")
     if staged_exists:
         plan.db.drop_table(plan.staging_name)

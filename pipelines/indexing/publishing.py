@@ -16,7 +16,12 @@ that run (a rollback to an older run of the same model), its run's version is al
 table's newest one (no data copied), so that the next run of that model builds on the published
 rows and not on the ones rolled back from. The next nightly run
 publishes whatever model its config names, so a rollback of a model is followed by pointing
-``model.name_or_path`` back at the run's checkpoint (the summary says so when they differ)."""
+``model.name_or_path`` back at the run's checkpoint (the summary says so when they differ).
+
+A run the publish guard held back (more than ``index.max_reject_fraction`` of its input rows
+rejected, or none accepted: :func:`publish_guard`) wrote its ``rejects`` and ``runs`` rows (status
+``held`` and the reason) but merged nothing and tagged nothing: readers, maintenance and the search
+service ignore it, and publishing it is refused (PublishError) with what to do instead."""
 
 from __future__ import annotations
 
@@ -31,9 +36,38 @@ from pipelines.storage import S3Settings
 
 logger = logging.getLogger(__name__)
 
+PASSED, HELD = "passed", "held"
+
 
 class PublishError(ValueError):
-    """The run cannot be published (unknown, incomplete, or its versions were cleaned up)."""
+    """The run cannot be published (unknown, incomplete, held back, or its versions were cleaned
+    up)."""
+
+
+class RunHeldBack(Exception):
+    """The publish guard held the run back: its ``rejects`` and ``runs`` rows are committed, its rows
+    were not merged and no tag moved. ``summary``: the run's summary (counts by reason)."""
+
+    def __init__(self, summary: dict):
+        super().__init__(summary["held_reason"])
+        self.summary = summary
+
+
+def publish_guard(counts: dict, max_reject_fraction: float) -> str | None:
+    """Why a run with ``counts`` ({in, rejected, ...}) must not be published, or None when it may.
+
+    A run with no accepted row is held whatever ``max_reject_fraction`` says: publishing it would
+    show readers an empty index (on a first run) or nothing new."""
+    n_in, rejected = counts["in"], counts["rejected"]
+    if n_in - rejected <= 0:
+        return f"no row accepted: {rejected} of {n_in} input rows rejected"
+    share = rejected / n_in
+    if share > max_reject_fraction:
+        return (
+            f"rejected {rejected} of {n_in} input rows ({share:.1%}), over "
+            f"index.max_reject_fraction={max_reject_fraction:g}"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -89,6 +123,12 @@ def run_versions(db, run_id: str) -> RunVersions:
     if run is None:
         known = ", ".join(r["run_id"] for r in recent_runs(db, 5)) or "none"
         raise PublishError(f"no run {run_id!r} in the runs table (newest runs: {known})")
+    if run.get("status") == HELD:
+        raise PublishError(
+            f"run {run_id} was held back by the publish guard ({run['held_reason']}): its rows "
+            f"were never merged, so there is nothing to publish; fix the source and rerun, or "
+            f"rerun with index.max_reject_fraction=1.0 to publish the rows it accepts"
+        )
     tag = tables.run_tag(run_id)
     name = run["products_table"]
     if name not in tables.table_names(db):
@@ -170,4 +210,3 @@ def _publish(cfg: AppConfig, db, run_id: str, tag: str) -> dict:
     }
     logger.info("tag %s -> run %s", tag, run["run_id"])
     return summary
-

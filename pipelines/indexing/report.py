@@ -102,6 +102,8 @@ def render_html(summary: dict, timeline: Timeline) -> str:
             rates.append((t, (enc - prev_enc) / (t - prev_t)))
             prev_t, prev_enc = t, enc
     keys = [
+        ("publish guard", "status"),  # passed, or held (then the reason below, nothing published)
+        ("held back because", "held_reason"),
         ("rows in", "in"),
         ("indexed", "indexed"),
         ("encoded this run", "encoded_this_run"),
@@ -121,6 +123,7 @@ def render_html(summary: dict, timeline: Timeline) -> str:
     table = "".join(
         f"<tr><th>{html.escape(label)}</th><td>{html.escape(str(summary.get(key)))}</td></tr>"
         for label, key in keys
+        if key != "held_reason" or summary.get(key)
     )
     title = f"Index run {summary['run_id']}"
     return f"""<!doctype html>

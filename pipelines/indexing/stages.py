@@ -5,6 +5,12 @@ directly and the job wires them with ``map_batches``. Every row carries ``_statu
 ``encode`` (new or changed, to be encoded), ``unchanged`` (same content hash and model_id as the
 published row), ``staged`` (encoded by an earlier, interrupted run of the same model: saved work),
 ``rejected`` (with ``_reason`` / ``_detail``) or, after encoding, ``indexed``.
+
+ITM image tokens (``index.store_itm_tokens``) come out of the same vision pass as the row's
+embedding, so a row's stored tokens always belong to its content hash and model_id: a changed
+product gets new tokens in the run that re-encodes it, and "unchanged" (same hash, same model_id,
+whose table is the model's own) covers the tokens too. A setting change alone re-encodes nothing:
+unchanged rows keep what their last encoding stored (:func:`note_itm_tokens` logs it).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.faults import FaultPlan, encoder_exit_once
+from pipelines.indexing.tables import ITM_TOKENS, ITM_TOKENS_SHAPE, rows_without_tokens
 from pipelines.indexing.validate import validate_batch
 from pipelines.storage import S3Settings, filesystem_for, is_s3
 
@@ -31,6 +38,7 @@ STATUS, REASON, DETAIL = "_status", "_reason", "_detail"
 SOURCE_FILE, ROW_NUMBER = "_source_file", "_row_number"
 PEAK_RSS = "_worker_peak_rss_mb"  # memory report of the encoder actor that produced the batch
 READ_BATCH_ROWS = 256  # rows per batch read from a Parquet file
+TOKEN_MODES = ("auto", "always", "never")  # index.store_itm_tokens
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,46 @@ def validate(batch: pa.Table, *, state: RunState) -> pa.Table:
     )
 
 
+# ---- ITM image tokens ---------------------------------------------------------------------------
+def stores_itm_tokens(mode: str, shape: tuple[int, int], max_bytes: int) -> bool:
+    """Whether the rows a run encodes store their (N, H) ITM tokens under
+    ``index.store_itm_tokens`` = ``mode`` (auto: when they take at most ``max_bytes`` stored)."""
+    from blip_ops.token_cache import stored_nbytes
+
+    if mode not in TOKEN_MODES:
+        raise ValueError(f"store_itm_tokens must be one of {list(TOKEN_MODES)}, got {mode!r}")
+    return mode == "always" or (mode == "auto" and stored_nbytes(shape) <= max_bytes)
+
+
+def describe_itm_tokens(mode: str, shape: tuple[int, int], max_bytes: int) -> str:
+    from blip_ops.token_cache import stored_nbytes
+
+    stored = stores_itm_tokens(mode, shape, max_bytes)
+    return (
+        f"ITM image tokens {shape[0]}x{shape[1]} float16 = {stored_nbytes(shape)} bytes per "
+        f"product: {'stored' if stored else 'not stored (re-rank recomputes them from model_image)'}"
+        f" (index.store_itm_tokens={mode}, max_stored_token_bytes={max_bytes})"
+    )
+
+
+def note_itm_tokens(mode: str, max_bytes: int, shape: tuple[int, int], published) -> bool:
+    """Log what the run does with ITM tokens (driver, before the stream) and, when it stores
+    them, how many published rows have none: unchanged rows are not re-encoded for their tokens,
+    so those get tokens only when their content changes. Returns whether the run stores them."""
+    stored = stores_itm_tokens(mode, shape, max_bytes)
+    logger.info(describe_itm_tokens(mode, shape, max_bytes))
+    missing = rows_without_tokens(published) if stored and published is not None else 0
+    if missing:
+        logger.info(
+            "%d published rows have no stored ITM tokens (indexed with store_itm_tokens=never, "
+            "over max_stored_token_bytes, or before tokens were stored); a setting change alone "
+            "re-encodes nothing: they get tokens when their content changes, and their re-rank "
+            "recomputes tokens from model_image until then",
+            missing,
+        )
+    return stored
+
+
 # ---- decode + encode (the actor pool) -------------------------------------------------------------
 class EncodeBatch:
     """Callable class for ``map_batches``: loads the model once per actor, then per batch fetches
@@ -157,8 +205,15 @@ class EncodeBatch:
         derivative_threads: int = 2,
         malloc_mmap_threshold_mb: int = 32,
         faults: FaultPlan | None = None,  # test hook (pipelines/faults.py); None in production
+        store_itm_tokens: str = "auto",
+        max_stored_token_bytes: int = 65536,
     ) -> None:
         from blip_ops import load_model
+
+        if store_itm_tokens not in TOKEN_MODES:
+            raise ValueError(
+                f"store_itm_tokens must be one of {list(TOKEN_MODES)}, got {store_itm_tokens!r}"
+            )
 
         if malloc_mmap_threshold_mb:
             # Not 1 MiB as in staging and merge: every activation tensor of the vision tower would
@@ -177,6 +232,10 @@ class EncodeBatch:
         self.max_image_bytes = max_image_bytes
         self.dim = self.model.embedding_dim
         self.faults = faults
+        self.token_mode = store_itm_tokens
+        self.max_token_bytes = max_stored_token_bytes
+        # Decided from the first batch's tokens (their shape is the model's); never: not asked for.
+        self.store_tokens: bool | None = False if store_itm_tokens == "never" else None
         # PIL releases the GIL while it resizes and encodes, so these threads make the stored JPEGs
         # of a batch while torch encodes it, instead of after it on the actor's one thread.
         self._pool = (
@@ -224,6 +283,27 @@ class EncodeBatch:
             shown, self.thumbnail_size
         )
 
+    def _keep_tokens(self, encoded, rows: list[int], tokens: list, shapes: list) -> None:
+        """The batch's (k, N, H) ITM tokens into ``tokens`` / ``shapes`` at ``rows``, float16,
+        when this run stores them (decided, and logged, on the first batch)."""
+        from blip_ops.token_cache import pack_tokens
+
+        shape = (int(encoded.shape[1]), int(encoded.shape[2]))
+        if self.store_tokens is None:
+            self.store_tokens = stores_itm_tokens(self.token_mode, shape, self.max_token_bytes)
+            logger.info(describe_itm_tokens(self.token_mode, shape, self.max_token_bytes))
+        if not self.store_tokens:
+            return
+        packed = pack_tokens(encoded)
+        for i, data in zip(rows, packed, strict=True):
+            if data is not None:
+                tokens[i], shapes[i] = data, list(shape)
+        overflow = sum(data is None for data in packed)
+        if overflow:  # not float16-representable: their re-rank recomputes them from model_image
+            logger.warning(
+                "%d of %d rows: ITM tokens overflow float16, not stored", overflow, len(rows)
+            )
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         from blip_ops.decode import ImageDecodeError, decode_batch
 
@@ -265,6 +345,8 @@ class EncodeBatch:
                 ok_images.append(im)
                 ok_datas.append(data)
         emb = np.zeros((n, self.dim), dtype=np.float32)
+        tokens: list[bytes | None] = [None] * n
+        token_shape: list[list[int] | None] = [None] * n
         model_image: list[bytes | None] = [None] * n
         thumbnail: list[bytes | None] = [None] * n
         title_norm: list[str | None] = [None] * n
@@ -279,7 +361,10 @@ class EncodeBatch:
                 if self._pool is not None
                 else None  # made after encoding, on this thread
             )
-            emb[ok_rows] = self.model.encode_images(pixels).embeddings.numpy()  # (k, D)
+            encoded = self.model.encode_images(pixels, return_tokens=self.store_tokens is not False)
+            emb[ok_rows] = encoded.embeddings.numpy()  # (k, D)
+            if encoded.tokens is not None:
+                self._keep_tokens(encoded.tokens, ok_rows, tokens, token_shape)
             if made is None:
                 made = map(self._derivatives, jobs)
             titles = batch.column("title").to_pylist()
@@ -297,6 +382,8 @@ class EncodeBatch:
             .append_column("thumbnail", pa.array(thumbnail, pa.binary()))
             .append_column("model_id", pa.array([self.model.model_id] * n, pa.string()))
             .append_column("indexed_at", pa.array([now] * n, pa.timestamp("us", tz="UTC")))
+            .append_column(ITM_TOKENS, pa.array(tokens, pa.binary()))
+            .append_column(ITM_TOKENS_SHAPE, pa.array(token_shape, pa.list_(pa.int32(), 2)))
             .append_column(STATUS, pa.array(status, pa.string()))
             .append_column(REASON, pa.array(reason, pa.string()))
             .append_column(DETAIL, pa.array(detail, pa.string()))

@@ -18,6 +18,9 @@ bytes: 10k tiny-model rows, 120 MB, cost 440 MB; its indexed path more). So:
   replace (and, with ``delete_missing``, the rows of products gone from the source) deleted, and
   commits all of it as a single Lance ``Update`` transaction: readers see the old version or the
   new one, and a product_id is never in the table twice.
+
+A products table or staging dataset written before the ITM token columns existed gains them
+(null in its old rows, a metadata-only commit) before rows that carry them are added to it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pipelines.indexing.stages import (
     STATUS,
     cap_malloc_retention,
 )
+from pipelines.indexing.tables import missing_token_fields
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,19 @@ def _open(uri: str, storage_options: dict | None):
     return lance.dataset(uri, storage_options=storage_options or None)
 
 
+def add_token_columns(uri: str, storage_options: dict | None = None) -> bool:
+    """Give the dataset at ``uri`` the ITM token columns it lacks (all null: a metadata-only
+    commit), so rows carrying tokens can be added to a dataset written before they existed.
+    Returns whether it added any."""
+    dataset = _open(uri, storage_options)
+    missing = missing_token_fields(dataset.schema)
+    if not missing:
+        return False
+    dataset.add_columns(missing)
+    logger.info("%s: added columns %s", uri, [f.name for f in missing])
+    return True
+
+
 # ---- stage (a Ray Data task per batch, after the encoder) ---------------------------------------
 def write_staged_rows(
     batch: pa.Table,
@@ -93,9 +110,10 @@ def write_staged_rows(
     indexed = batch.filter(pc.equal(batch.column(STATUS), "indexed"))
     fragments: list[str] = []
     if indexed.num_rows:
-        rows = indexed.append_column(
-            "run_id", pa.array([run_id] * indexed.num_rows, pa.string())
-        ).select(schema.names)
+        rows = indexed.append_column("run_id", pa.array([run_id] * indexed.num_rows, pa.string()))
+        for field in missing_token_fields(rows.schema):  # an encoder output without tokens
+            rows = rows.append_column(field, pa.nulls(rows.num_rows, field.type))
+        rows = rows.select(schema.names)
         written = write_fragments(
             rows.cast(schema),
             uri,
@@ -115,7 +133,8 @@ def write_staged_rows(
 class StagingCommitter:
     """The driver's side of staging: commits the fragments that staging tasks wrote, every
     ``flush_rows`` rows and at the end. The first commit creates the staging dataset (so a
-    staging table exists only once it holds rows), later ones append to it."""
+    staging table exists only once it holds rows), later ones append to it. Made before the
+    stream starts (the staging tasks write into an existing dataset as it is then)."""
 
     def __init__(
         self, uri: str, schema: pa.Schema, *, exists: bool, storage_options: dict | None = None
@@ -128,6 +147,9 @@ class StagingCommitter:
         self.pending_rows = 0
         self.committed_rows = 0
         self.commits = 0
+        if exists:  # left by an interrupted run, maybe before the token columns: the staging
+            # tasks' writes check the dataset's schema, so it gains them before the stream starts
+            add_token_columns(uri, self.storage_options)
 
     def add(self, fragments_json: Iterable[str | None]) -> None:
         from lance.fragment import FragmentMetadata
@@ -166,9 +188,11 @@ def _rows_to_keep(
 ) -> Iterator[pa.RecordBatch]:
     """The staging rows this run publishes: the product's current content hash (a row staged for
     an older version of the product is skipped), each product_id once. Streamed with bounded
-    read-ahead: memory does not grow with the staging table."""
+    read-ahead: memory does not grow with the staging table. Columns the staging dataset lacks
+    (staged before they existed) come out null."""
+    present = [n for n in schema.names if n in staging.schema.names]
     scanner = staging.scanner(
-        columns=schema.names,
+        columns=present,
         batch_size=SCAN_BATCH_ROWS,
         fragment_readahead=1,
         batch_readahead=1,
@@ -185,7 +209,18 @@ def _rows_to_keep(
             mask.append(take)
         picked = rb.filter(pa.array(mask, pa.bool_()))
         if picked.num_rows:
-            yield picked.select(schema.names)
+            yield _with_columns(picked, schema)
+
+
+def _with_columns(rb: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``rb`` with ``schema``'s columns in its order, nulls for those it lacks."""
+    if all(name in rb.schema.names for name in schema.names):
+        return rb.select(schema.names)
+    n = rb.num_rows
+    arrays = [
+        rb.column(f.name) if f.name in rb.schema.names else pa.nulls(n, f.type) for f in schema
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def _deletions(products, replaced: pa.Array, source_ids: pa.Array | None) -> tuple[list, list, int]:
@@ -231,6 +266,9 @@ def merge_staged(
     from lance.fragment import write_fragments
 
     cap_malloc_retention()
+    if staging_uri is not None and keep:
+        # Staged rows carry ITM tokens: a products table written before them gets the columns.
+        add_token_columns(products_uri, storage_options)
     products = _open(products_uri, storage_options)
     read_version = products.version
     schema = products.schema

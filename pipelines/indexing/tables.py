@@ -38,8 +38,32 @@ def products_schema(dim: int, metadata: Sequence[pa.Field] = ()) -> pa.Schema:
             pa.field("model_id", pa.string()),  # the embedding space the row belongs to
             pa.field("indexed_at", pa.timestamp("us", tz="UTC")),
             pa.field("run_id", pa.string()),
+            # Last, so a table or staging dataset written before them only gains fields at its end.
+            *TOKEN_FIELDS,
         ]
     )
+
+
+ITM_TOKENS, ITM_TOKENS_SHAPE = "itm_tokens", "itm_tokens_shape"
+TOKEN_FIELDS = (
+    # The ITM image tokens the encode pass made with the row's embedding, float16 (N, H) in C
+    # order; null when not stored (index.store_itm_tokens): the re-rank recomputes them from
+    # model_image.
+    pa.field(ITM_TOKENS, pa.binary()),
+    pa.field(ITM_TOKENS_SHAPE, pa.list_(pa.int32(), 2)),  # (N, H); 8 bytes: cheap to count
+)
+
+
+def missing_token_fields(schema: pa.Schema) -> list[pa.Field]:
+    """The token columns a table or staging dataset written before they existed lacks."""
+    return [f for f in TOKEN_FIELDS if f.name not in schema.names]
+
+
+def rows_without_tokens(table) -> int:
+    """Rows of a products table with no stored ITM tokens (reads only the small shape column)."""
+    if ITM_TOKENS_SHAPE not in table.schema.names:
+        return table.count_rows()
+    return table.count_rows(f"{ITM_TOKENS_SHAPE} IS NULL")
 
 
 RUNS_SCHEMA = pa.schema(
@@ -62,6 +86,10 @@ RUNS_SCHEMA = pa.schema(
         pa.field("images_per_s", pa.float64()),
         pa.field("products_version", pa.int64()),  # the version the `published` tag points to
         pa.field("rejects_version", pa.int64()),
+        # The publish guard's decision: passed (the run moved its tags) or held (it did not), and
+        # why. Rows written before these columns read null: they predate the guard.
+        pa.field("status", pa.string()),
+        pa.field("held_reason", pa.string()),
     ]
 )
 

@@ -139,16 +139,18 @@ def ranked_rows(found: pa.Table, ranked: RerankResult, metadata_columns) -> list
 
 
 async def itm_job(text: str | None, found: pa.Table, r: int, snap: Snapshot) -> ItmJob:
-    """The re-rank of the first ``r`` candidates: their cache keys and model-resolution JPEGs
-    (no candidates when ``r`` is 0)."""
+    """The re-rank of the first ``r`` candidates: their cache keys and, per candidate, its stored
+    ITM tokens or else its model-resolution JPEG, read by row id for these ``r`` rows only (the
+    ANN query never reads them: a token set weighs more than the rest of a candidate's row)."""
     if not r:
         return ItmJob(text or "", (), ())
     ids = found.column("product_id").to_pylist()[:r]
     hashes = found.column("content_hash").to_pylist()[:r]
     row_ids = found.column("_rowid").to_pylist()[:r]
-    images = await asyncio.to_thread(snap.model_images, row_ids)
+    images, tokens = await asyncio.to_thread(snap.rerank_inputs, row_ids)
     keys = tuple(f"{p}:{h}" for p, h in zip(ids, hashes, strict=True))
-    return ItmJob(text, keys, tuple(images))
+    stored = tuple(tokens) if any(t is not None for t in tokens) else ()
+    return ItmJob(text, keys, tuple(images), stored, snap.model_id if stored else None)
 
 
 async def search(query: SearchQuery, snap: Snapshot, scorer: Scorer) -> dict:

@@ -2,10 +2,12 @@
 
 :class:`QueryScorer` works on lists so that one call serves many concurrent requests (Ray Serve's
 ``@serve.batch`` hands it a batch; offline callers a list of one). ITM needs each candidate's image
-tokens; they are computed from the model-resolution JPEG stored in the table and kept in a bounded
-LRU cache (:class:`blip_ops.token_cache.TokenCache`, the one evaluation uses too) keyed by
-(product_id, content_hash), so hot products skip the vision tower and a changed product never
-reuses stale tokens.
+tokens. Where the index stored them (``index.store_itm_tokens``: float16, made by the encode pass
+that made the row's embedding) the job carries them and no vision pass runs, so a cold query costs
+what a warm one does. Otherwise they are computed from the model-resolution JPEG stored in the
+table and kept in a bounded LRU cache (:class:`blip_ops.token_cache.TokenCache`, the one evaluation
+uses too) keyed by (product_id, content_hash), so hot products skip the vision tower and a changed
+product never reuses stale tokens.
 """
 
 from __future__ import annotations
@@ -22,18 +24,36 @@ import torch
 from PIL import Image
 
 from blip_ops.rerank import RerankResult, rerank
-from blip_ops.token_cache import TokenCache
+from blip_ops.token_cache import StoredTokens, TokenCache
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ItmJob:
-    """One request's re-rank: its text against candidates (keys and model-resolution JPEGs)."""
+    """One request's re-rank: its text against candidates (keys, and per candidate its stored
+    ITM tokens or its model-resolution JPEG)."""
 
     text: str
     keys: tuple[str, ...]  # "product_id:content_hash" per candidate
-    images: tuple[bytes, ...]  # model-resolution JPEG per candidate (decoded only on a cache miss)
+    # Model-resolution JPEG per candidate (decoded only on a cache miss); None where ``tokens``
+    # holds the candidate's stored tokens.
+    images: tuple[bytes | None, ...]
+    tokens: tuple[StoredTokens | None, ...] = ()  # stored tokens per candidate; (): none stored
+    model_id: str | None = None  # the model that stored ``tokens`` (the table's)
+
+    def stored(self) -> tuple[StoredTokens | None, ...]:
+        """The stored tokens per candidate (None where there are none), checked against keys."""
+        if len(self.images) != len(self.keys):
+            raise ValueError(f"{len(self.keys)} keys but {len(self.images)} images")
+        if not self.tokens:
+            return (None,) * len(self.keys)
+        if len(self.tokens) != len(self.keys):
+            raise ValueError(f"{len(self.keys)} keys but {len(self.tokens)} stored token sets")
+        for key, image, tokens in zip(self.keys, self.images, self.tokens, strict=True):
+            if image is None and tokens is None:
+                raise ValueError(f"candidate {key} has neither stored tokens nor a model image")
+        return self.tokens
 
 
 class ItmScorer(Protocol):
@@ -80,6 +100,7 @@ class QueryScorer:
         self.model = model
         self.model_id: str = model.model_id
         self.cache = TokenCache(cache_items)
+        self.stored_used = 0  # candidates scored from their stored tokens (no cache lookup)
         # Cache misses' JPEGs are decoded on these threads (PIL releases the GIL while decoding):
         # 32 candidates at 384 px took 13.8 ms one at a time (benchmarks/bench_ann.py).
         self._decode_pool = (
@@ -96,11 +117,23 @@ class QueryScorer:
         """(B, D) float32 ITC embeddings of decoded RGB query images."""
         return self.model.encode_images(self.model.preprocess(list(images))).embeddings.numpy()
 
-    def image_tokens(self, keys: Sequence[str], images: Sequence[bytes]) -> torch.Tensor:
-        """(k, N, H) tokens for the candidates, from the cache or by one vision pass over the misses."""
-        by_key: dict[str, bytes] = {}
-        for key, image in zip(keys, images, strict=True):
+    def image_tokens(
+        self,
+        keys: Sequence[str],
+        images: Sequence[bytes | None],
+        stored: Sequence[StoredTokens | None] | None = None,
+    ) -> torch.Tensor:
+        """(k, N, H) tokens for the candidates: their ``stored`` tokens where given (no vision
+        pass, not cached: reading them is as cheap as a cache hit), the others from the cache or
+        by one vision pass over the misses."""
+        stored = stored if stored is not None else [None] * len(keys)
+        by_key: dict[str, bytes | None] = {}
+        given: dict[str, torch.Tensor] = {}
+        for key, image, tokens in zip(keys, images, stored, strict=True):
             by_key.setdefault(key, image)
+            if tokens is not None and key not in given:
+                given[key] = tokens.tensor(self.model.device, self.model.dtype)
+        self.stored_used += len(given)
 
         def encode(missing: list[str]) -> torch.Tensor:
             decoded = decode_candidates(
@@ -108,27 +141,44 @@ class QueryScorer:
             )
             return self.model.encode_images(decoded, return_tokens=True).tokens  # (m, N, H)
 
-        return self.cache.fetch(keys, encode)
+        if not given:
+            return self.cache.fetch(keys, encode)
+        rest = list(dict.fromkeys(k for k in keys if k not in given))
+        if rest:
+            given.update(zip(rest, self.cache.fetch(rest, encode), strict=True))
+        return _stack([given[k] for k in keys])
+
+    def _checked_tokens(self, job: ItmJob) -> tuple[StoredTokens | None, ...]:
+        """``job``'s stored tokens per candidate; refused when another model stored them."""
+        stored = job.stored()
+        if job.model_id not in (None, self.model_id) and any(t is not None for t in stored):
+            raise ValueError(
+                f"stored image tokens of model {job.model_id} sent to the scorer of model "
+                f"{self.model_id}"
+            )
+        return stored
 
     def itm(self, jobs: Sequence[ItmJob]) -> list[np.ndarray]:
         """ITM positive-class logits per job, (k_i,) float32, all jobs in one forward pass."""
         texts: list[str] = []
         keys: list[str] = []
-        images: list[bytes] = []
+        # The same product in several jobs of the batch is encoded (or unpacked) once.
+        images: dict[str, bytes | None] = {}
+        stored: dict[str, StoredTokens | None] = {}
         for job in jobs:
-            if len(job.keys) != len(job.images):
-                raise ValueError(f"{len(job.keys)} keys but {len(job.images)} images")
             texts.extend([job.text] * len(job.keys))
             keys.extend(job.keys)
-            images.extend(job.images)
+            for key, image, tokens in zip(
+                job.keys, job.images, self._checked_tokens(job), strict=True
+            ):
+                if images.get(key) is None:
+                    images[key] = image
+                if stored.get(key) is None:
+                    stored[key] = tokens
         if not keys:
             return [np.empty(0, np.float32) for _ in jobs]
-        # The same product in several jobs of the batch is encoded once.
-        first: dict[str, bytes] = {}
-        for key, image in zip(keys, images, strict=True):
-            first.setdefault(key, image)
-        unique = list(first)
-        tokens = self.image_tokens(unique, list(first.values()))
+        unique = list(images)
+        tokens = self.image_tokens(unique, [images[k] for k in unique], [stored[k] for k in unique])
         index = {key: i for i, key in enumerate(unique)}
         pair_tokens = tokens[[index[k] for k in keys]]  # (P, N, H)
         logits = self.model.itm_scores(texts, pair_tokens).numpy()  # (P,)
@@ -137,3 +187,11 @@ class QueryScorer:
             out.append(logits[start : start + len(job.keys)].astype(np.float32))
             start += len(job.keys)
         return out
+
+
+def _stack(tokens: list[torch.Tensor]) -> torch.Tensor:
+    """(k, N, H) from k (N, H) token sets, which must agree in shape (stored and computed)."""
+    shapes = sorted({tuple(t.shape) for t in tokens})
+    if len(shapes) > 1:
+        raise ValueError(f"image tokens of one batch differ in shape: {shapes}")
+    return torch.stack(tokens)

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from blip_ops.token_cache import StoredTokens
 from pipelines.indexing import tables
 from pipelines.search.request import BadRequest
 from pipelines.storage import S3Settings, filesystem_for, is_s3, join
@@ -55,12 +56,20 @@ class Snapshot:
     ann: dict = field(default_factory=dict)
     filter_columns: tuple[str, ...] = field(init=False)
     has_fts: bool = field(init=False)
+    stored_tokens: int = field(init=False)  # rows with ITM tokens stored by the index job
     _facets: dict | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.filter_columns = ("product_id", "title", *self.metadata_columns)
         indexed = {c for i in self.table.list_indices() for c in i.columns}
         self.has_fts = "title_normalized" in indexed
+        # Counted once per version (the small shape column): a table without stored tokens
+        # (older, store_itm_tokens=never, or tokens over the size limit) re-ranks as before,
+        # with no read of the token column.
+        shape = tables.ITM_TOKENS_SHAPE
+        self.stored_tokens = (
+            self.table.count_rows(f"{shape} IS NOT NULL") if shape in self.table.schema.names else 0
+        )
 
     @property
     def key(self) -> tuple[str, int]:
@@ -128,19 +137,34 @@ class Snapshot:
             return None
         return found.rename_columns(["bm25" if c == "_score" else c for c in found.column_names])
 
-    def model_images(self, row_ids: list[int]) -> list[bytes]:
-        """The model-resolution JPEGs of rows ``row_ids`` (as ``candidates`` returned them), in order."""
+    def _take(self, row_ids: list[int], columns: list[str]) -> list[dict]:
+        """``columns`` of rows ``row_ids`` (as ``candidates`` returned them), in that order."""
         if not row_ids:
             return []
-        got = (
-            self.table.take_row_ids(list(row_ids)).select(["model_image"]).with_row_id().to_arrow()
-        )
-        by_id = dict(
-            zip(
-                got.column("_rowid").to_pylist(), got.column("model_image").to_pylist(), strict=True
-            )
-        )
+        got = self.table.take_row_ids(list(row_ids)).select(columns).with_row_id().to_arrow()
+        by_id = dict(zip(got.column("_rowid").to_pylist(), got.to_pylist(), strict=True))
         return [by_id[r] for r in row_ids]
+
+    def model_images(self, row_ids: list[int]) -> list[bytes]:
+        """The model-resolution JPEGs of rows ``row_ids`` (as ``candidates`` returned them), in order."""
+        return [row["model_image"] for row in self._take(row_ids, ["model_image"])]
+
+    def rerank_inputs(
+        self, row_ids: list[int]
+    ) -> tuple[list[bytes | None], list[StoredTokens | None]]:
+        """What the re-rank of rows ``row_ids`` needs, in order: (model-resolution JPEGs, stored
+        ITM tokens). Rows with stored tokens get None for the JPEG (it is not read); the others
+        None for tokens, and their JPEG. Only these rows' tokens are read (take by row id), never
+        the token column of the ANN candidates beyond them."""
+        tokens: list[StoredTokens | None] = [None] * len(row_ids)
+        if self.stored_tokens:
+            cols = [tables.ITM_TOKENS, tables.ITM_TOKENS_SHAPE]
+            for i, row in enumerate(self._take(row_ids, cols)):
+                tokens[i] = _stored(row[tables.ITM_TOKENS], row[tables.ITM_TOKENS_SHAPE])
+        need = [r for r, t in zip(row_ids, tokens, strict=True) if t is None]
+        found = iter(self.model_images(need))
+        images = [next(found) if t is None else None for t in tokens]
+        return images, tokens
 
     def product(self, product_id: str, columns: list[str] | None = None) -> dict | None:
         cols = columns or [
@@ -182,6 +206,18 @@ class Snapshot:
     def close(self) -> None:
         if self.local_dir:
             shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
+def _stored(data: bytes | None, shape: list[int] | None) -> StoredTokens | None:
+    """A row's stored tokens, or None when it has none or they are unusable (logged: its re-rank
+    then recomputes them from the model-resolution image)."""
+    if data is None or shape is None:
+        return None
+    try:
+        return StoredTokens(data, (int(shape[0]), int(shape[1])))
+    except ValueError as err:
+        logger.warning("ignoring stored ITM tokens: %s", err)
+        return None
 
 
 def _clean(err: Exception) -> str:
