@@ -84,8 +84,8 @@ def fuzz_url(search_url, search_index):
     serve.delete(APP)
 
 
-def _replica_pids() -> dict[str, int]:
-    """The app's replica processes by deployment (Ray titles them ``ray::ServeReplica:APP:…``)."""
+def replica_pids(app: str = APP) -> dict[str, int]:
+    """An app's replica processes by deployment (Ray titles them ``ray::ServeReplica:APP:…``)."""
     found: dict[str, int] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -95,7 +95,7 @@ def _replica_pids() -> dict[str, int]:
         except OSError:
             continue
         for deployment in ("SearchIngress", "QueryModel"):
-            if f"ServeReplica:{APP}:{deployment}" in cmdline:
+            if f"ServeReplica:{app}:{deployment}" in cmdline:
                 found[deployment] = int(proc.name)
     return found
 
@@ -181,7 +181,7 @@ def test_schemathesis_finds_no_server_error(fuzz_url, capsys):
         # full-text index loads once, before the memory baseline
         for example in REQUEST_EXAMPLES.values():
             assert c.post("/search", json=example["value"]).status_code == 200
-    pids = _replica_pids()
+    pids = replica_pids()
     assert set(pids) == {"SearchIngress", "QueryModel"}, pids
     rss_before = {name: _rss_mb(pid) for name, pid in pids.items()}
 
@@ -201,7 +201,7 @@ def test_schemathesis_finds_no_server_error(fuzz_url, capsys):
     # no dead replica: the same processes, the app RUNNING, health and a real search fine
     from ray import serve
 
-    assert _replica_pids() == pids, "a replica died and was replaced during the fuzz"
+    assert replica_pids() == pids, "a replica died and was replaced during the fuzz"
     assert serve.status().applications[APP].status == "RUNNING"
     with httpx.Client(base_url=fuzz_url, timeout=60, headers=KEY) as c:
         assert c.get("/healthz").status_code == 200

@@ -90,6 +90,181 @@ def test_counts_and_strings_keep_their_rules():
     assert parse_search({"text": f"  {'x' * 5}  "}, Limits(max_text_chars=5)).text == "xxxxx"
 
 
+# ---- the JSON boundary: a body's bytes, before the request model sees them -------------------
+DEEP = b"[" * 1000 + b"]" * 1000
+NINES = b"9" * 5000
+SURROGATE_HINT = "(a \\ud800-\\udfff escape must pair a high and a low surrogate)"
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        (b'{"text": "lamp \\udc00"}', "`text` has a lone surrogate \\udc00 at character 5 "),
+        (b'{"text": "lamp \\ud83d!"}', "`text` has a lone surrogate \\ud83d at character 5 "),
+        (b'{"text": "\\ude00\\ud83d"}', "`text` has a lone surrogate \\ude00 at character 0 "),
+        (b'{"text": "x", "\\udfff": 1}', "a key in the request body has a lone surrogate"),
+        (b'{"text": "x", "filter": [{"a": "\\ud800"}]}', "`filter[0].a` has a lone surrogate"),
+        (b'{"text": "lamp", "filter": ' + DEEP + b"}", "nests deeper than 32 levels (at byte 58)"),
+        (b"\xef\xbb\xbf" + DEEP, "nests deeper than 32 levels (at byte 35)"),
+        (
+            b'{"text": "x", "k": ' + NINES + b"}",
+            "`k` is a number with 5000 digits; the limit is 64",
+        ),
+        (b'{"text": "x", "k": -0.' + NINES + b"}", "`k` is a number with 5001 digits"),
+        (b'{"text": "x", "k": 1e999}', "`k` is a number out of range (1e999)"),
+        (b'{"text": "x", "k": -1E400}', "`k` is a number out of range (-1E400)"),
+        (b'{"text": "x", "k": NaN}', "`k` is NaN, which is not a JSON number"),
+        (b'{"text": "x", "filter": [Infinity]}', "`filter[0]` is Infinity, which is not a JSON"),
+        (b"-Infinity", "the request body is -Infinity, which is not a JSON number"),
+        (b'{"text": "lamp", "text": "sofa"}', "`text` is given more than once (an object's keys"),
+        (b'{"text": "x", "filter": {"a": 1, "a": 2}}', "`filter.a` is given more than once"),
+        (b'{"text": "x", "z z": {"": [1, {"b": [], "b": 0}]}}', '`["z z"][""][1].b` is given'),
+        (b'{"text": "lamp\xff"}', "request body is not valid UTF-8: byte 14 (ff): invalid start"),
+        (b'{"text": "\xed\xa0\x80"}', "request body is not valid UTF-8: byte 10 (ed)"),
+        (b'{"text": "\xc0\x80"}', "request body is not valid UTF-8: byte 10 (c0)"),
+        ('{"text": "lamp"}'.encode("utf-16"), "request body is not valid UTF-8: byte 0 (ff)"),
+        (b"\xef\xbb\xbf\xef\xbb\xbf{}", "not valid JSON: Unexpected UTF-8 BOM"),  # one at most
+        (b"", "request body is empty; send a JSON object"),
+        (b" \r\n\t", "request body is empty"),
+        (b'{"text": "la', "request body is not valid JSON: Unterminated string"),
+        (b'{"text": "x"} {}', "request body is not valid JSON: Extra data"),
+    ],
+)
+def test_json_boundary_refusals_name_the_field_or_byte(body, message):
+    """What Python's json would accept, fail on with a non-client error (RecursionError,
+    ValueError) or pass on to the model as a lone surrogate: each a 400 saying where."""
+    with pytest.raises(BadRequest) as err:
+        parse_search(body, LIMITS)
+    assert err.value.status == 400 and message in str(err.value), str(err.value)
+    if "surrogate \\" in message:
+        assert SURROGATE_HINT in str(err.value)
+
+
+def test_json_boundary_accepts_json_within_its_limits():
+    """A BOM, paired surrogate escapes, \\u0000, 64-digit numbers and -0 are JSON; a nesting of
+    32 levels is within the limit (the request model refuses what it does not take)."""
+    assert parse_search(b'\xef\xbb\xbf{"text": "lamp"}', LIMITS).text == "lamp"
+    assert parse_search(b'{"text": "lamp \\ud83d\\ude00"}', LIMITS).text == "lamp \U0001f600"
+    assert parse_search(b'{"text": "a\\u0000b"}', LIMITS).text == "a\x00b"
+    assert parse_search(b'{"text": "x", "k": 1e1, "candidates": 2E1}', LIMITS).k == 10
+    for body, refused_by_the_model in [
+        (b'{"text": "x", "k": 1' + b"0" * 63 + b"}", "`k` must be between 1 and 100, got 1000"),
+        (b'{"text": "x", "k": -0}', "`k` must be between 1 and 100, got 0"),
+        (b'{"text": "x", "k": -0.0}', "`k` must be between 1 and 100, got 0"),
+        (b'{"text": "x", "k": 1e-999}', "`k` must be between 1 and 100, got 0"),
+        (b'{"text": "x", "filter": ' + b"[" * 31 + b"]" * 31 + b"}", "`filter` must be a string"),
+    ]:
+        with pytest.raises(BadRequest, match=refused_by_the_model.replace("(", r"\(")):
+            parse_search(body, LIMITS)
+
+
+def test_json_boundary_shape_is_checked_on_the_bytes_alike_everywhere():
+    """Depth and size are checked before ``json`` builds anything: brackets inside strings do not
+    count, and the answer does not depend on the caller's stack (``json``'s own RecursionError
+    comes at a depth that does: the raw fuzz found a body refused with two different messages)."""
+    from pipelines.search.json_boundary import MAX_TOKENS
+
+    inside = b'{"text": "[[[[' + b"[" * 40 + b'\\"{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{"}'
+    assert parse_search(inside, LIMITS).text.startswith("[[[[")
+    deep = b'{"text": "x", "filter": ' + b"[" * 500 + b"]" * 500 + b"}"
+
+    def nested(levels: int) -> str:
+        if levels:
+            return nested(levels - 1)
+        with pytest.raises(BadRequest) as err:
+            parse_search(deep, LIMITS)
+        return str(err.value)
+
+    messages = {nested(0), nested(800)}
+    assert messages == {"request body nests deeper than 32 levels (at byte 55)"}, messages
+    many = b"[" + b"1," * MAX_TOKENS + b"1]"
+    with pytest.raises(BadRequest, match=f"has more than {MAX_TOKENS} strings, brackets and comm"):
+        parse_search(many, LIMITS)
+    fields = {f"f{i}": "x" * 100 for i in range(MAX_TOKENS // 5)}  # keys, values and commas
+    with pytest.raises(BadRequest, match="unknown field"):
+        parse_search(json.dumps(fields), LIMITS)
+
+
+def test_an_already_parsed_body_meets_the_same_rules():
+    """The export job hands parse_search dicts: no lone surrogate, infinity or deep nesting."""
+    from pipelines.search.json_boundary import check_value
+
+    for body, message in [
+        ({"text": "lamp \udc00"}, "`text` has a lone surrogate \\udc00"),
+        ({"text": "x", "k": float("inf")}, "`k` is inf, which is not a JSON number"),
+        ({"text": "x", "k": float("nan")}, "`k` is nan"),
+    ]:
+        with pytest.raises(BadRequest) as err:
+            parse_search(body, LIMITS)
+        assert message in str(err.value), str(err.value)
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(BadRequest, match=r"^`\[0\]\[0\]\[0\].*` is nested deeper than 32 levels$"):
+        check_value(deep)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "application/x-www-form-urlencoded",  # curl -d without -H
+        "multipart/form-data; boundary=x",
+        "application/json; charset=latin-1",
+        "application/jsonp",
+        "json",
+    ],
+)
+def test_bodies_not_declared_as_json_get_a_415(content_type):
+    """The body must be declared as JSON (or not declared): a browser sends text/plain and form
+    bodies across origins without asking first, and what a client did not call JSON is not read
+    as JSON. The 415 comes before the body is read or checked."""
+    from starlette.testclient import TestClient
+
+    client = TestClient(_app(LIMITS))
+    r = client.post(
+        "/search", content=b"\xff not even JSON", headers={"content-type": content_type}
+    )
+    assert r.status_code == 415, r.text
+    assert repr(content_type) in r.json()["error"] and "application/json" in r.json()["error"]
+    assert set(r.json()) == {"error", "request_id"}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,  # FastAPI reads an undeclared body as JSON too
+        "application/json",
+        "Application/JSON; charset=UTF-8",
+        'application/json;charset="utf-8"',
+        "application/problem+json",
+        "application/vnd.api+json",
+    ],
+)
+def test_json_content_types_reach_the_checks(content_type):
+    from starlette.testclient import TestClient
+
+    client = TestClient(_app(LIMITS))
+    headers = {} if content_type is None else {"content-type": content_type}
+    r = client.post("/search", content=b'{"text": "sofa", "k": 0}', headers=headers)
+    assert r.request.headers.get("content-type") == content_type
+    assert r.status_code == 400 and r.json()["error"] == "`k` must be between 1 and 100, got 0"
+    r = client.post("/search", content=b'{"text": "lamp \\udc00"}', headers=headers)
+    assert r.status_code == 400 and "`text` has a lone surrogate \\udc00" in r.json()["error"]
+
+
+def test_an_error_quoting_unencodable_text_is_still_answered():
+    """A message that quotes client input with a lone surrogate still encodes (escaped), rather
+    than failing the error handler itself with a 500."""
+    from types import SimpleNamespace
+
+    from pipelines.search.http import _error
+
+    reply = _error(SimpleNamespace(scope={"state": {"request_id": "r1"}}), 400, "bad \udc00 x")
+    assert json.loads(reply.body) == {"error": "bad \\udc00 x", "request_id": "r1"}
+
+
 # ---- the OpenAPI document: the models, the errors, the API key -------------------------------
 def _app(limits: Limits, api_key: str | None = None):
     """The service's ASGI app (its Guard and FastAPI routes) with no index, model or Serve: enough
@@ -131,6 +306,7 @@ def test_openapi_documents_the_models_errors_and_api_key():
         "400",
         "401",
         "413",
+        "415",
         "500",
     }
     schemas = doc["components"]["schemas"]

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from fastapi import Request  # route signatures are resolved from module globals
 
+from pipelines.search.json_boundary import MAX_DEPTH, MAX_NUMBER_DIGITS, MAX_TOKENS
 from pipelines.search.metrics import access_log, log_json, route_of
 from pipelines.search.request import BadRequest
 
@@ -201,6 +202,8 @@ def _rid(request: Request) -> str:
 def _error(request: Request, status: int, message: str):
     from fastapi.responses import JSONResponse
 
+    # a message may quote what the client sent: one that cannot be UTF-8 must still be answered
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": message, "request_id": _rid(request)}, status_code=status)
 
 
@@ -237,10 +240,14 @@ def add_error_handlers(app) -> None:
 
 # ------------------------------------------------------------------------------ the OpenAPI document
 ERRORS = {
-    400: "bad request: JSON, fields, ranges, base64, an undecodable image, a bad filter",
+    400: f"bad request: JSON (UTF-8, nested at most {MAX_DEPTH} levels, at most {MAX_TOKENS} "
+    f"strings, brackets and commas, numbers of at most {MAX_NUMBER_DIGITS} digits, no NaN or "
+    "Infinity, no repeated keys, no lone surrogates), fields, ranges, base64, an undecodable "
+    "image, a bad filter",
     401: "missing or invalid API key",
     404: "not in the served version",
     413: "request body over serve.max_body_bytes",
+    415: "a Content-Type other than application/json, application/*+json (UTF-8) or none",
     500: "a server error; the message names the request id",
 }
 # Serve's proxy answers an overload before the application (its body is not an ErrorBody)
@@ -307,6 +314,7 @@ def add_search_route(app, service: SearchService) -> None:
     from fastapi.responses import Response
 
     from pipelines.search.engine import search
+    from pipelines.search.json_boundary import check_media_type
     from pipelines.search.request import parse_search
     from pipelines.search.schema import SearchResponse, request_model
 
@@ -318,13 +326,14 @@ def add_search_route(app, service: SearchService) -> None:
         summary="Search the catalog",
         response_model=SearchResponse,
         response_description="the results, best first",
-        responses={**_errors(service, 400, 413, 500), 503: UNAVAILABLE},
+        responses={**_errors(service, 400, 413, 415, 500), 503: UNAVAILABLE},
         dependencies=_key_schemes(service),
         openapi_extra={"requestBody": _request_body(model)},
     )
     async def search_route(request: Request):
         """Stage 1 finds `candidates` by ITC cosine (fused with BM25 hits when hybrid), stage 2
         re-ranks the first `rerank_k` by ITM; the answer is wholly from one table version."""
+        check_media_type(request.headers.get("content-type"))  # 415 before reading the body
         body = await request.body()  # parsed here, not by FastAPI: errors are 400s naming the field
         query = await asyncio.to_thread(parse_search, body, service.limits)
         snap = service.versions.snapshot  # pinned for this request: one version, start to end

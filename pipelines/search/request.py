@@ -1,6 +1,7 @@
 """``POST /search`` bodies → a checked :class:`SearchQuery`, or a :class:`BadRequest` saying why.
 
-Everything a client sends is checked here, before any model or table work: JSON shape, then the
+Everything a client sends is checked here, before any model or table work: the JSON itself (its
+encoding, depth, numbers, keys and strings: ``pipelines.search.json_boundary``), its shape, then the
 request model of ``pipelines.search.schema`` (unknown fields, types, ranges, text length; the same
 model is the OpenAPI document's), then the image itself (``blip_ops``' safe decoder, which refuses
 decompression bombs). The service turns a ``BadRequest`` into a 400 with its message.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 from pydantic import ValidationError
 
+from pipelines.search.json_boundary import BadRequest, check_value, load_json
 from pipelines.search.schema import HYBRID_MODES, Limits, client_message, request_model
 
 __all__ = [
@@ -28,14 +29,6 @@ __all__ = [
     "decode_query_image",
     "parse_search",
 ]
-
-
-class BadRequest(ValueError):
-    """A client error; ``str(err)`` is the message the client gets (status 400 unless set)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -85,11 +78,12 @@ def decode_query_image(data: Any, limits: Limits) -> Image.Image:
 
 
 def _json_object(body: bytes | str | dict) -> dict:
-    if not isinstance(body, dict):
-        try:
-            body = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadRequest(f"request body is not valid JSON: {err}") from None
+    """The body as a dict; an already parsed one (the export job's query records) meets the same
+    rules as the bytes a client sends."""
+    if isinstance(body, dict):
+        check_value(body)
+    else:
+        body = load_json(body)
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
     return body
