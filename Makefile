@@ -34,7 +34,7 @@ CJK_FONT := /usr/share/fonts/truetype/wqy/wqy-microhei.ttc
 
 help:
 	@echo "make demo   - catalog -> fine-tune the compact model -> index -> search service on :8000 (Ctrl-C stops)"
-	@echo "make demo-stop - stop a demo running in another terminal or in the background"
+	@echo "make demo-stop - stop a running demo (any step) and wait until it has shut down"
 	@echo "make catalog - a 10,000-product demo catalog in .data/catalog-10k (timed)"
 	@echo "make test   - the whole test suite (what CI runs)"
 	@echo "make lint   - ruff and the import layers contract (.importlinter)"
@@ -97,10 +97,12 @@ test: venv fonts browser
 demo: venv fonts
 	$(PY) -m pipelines.demo --config configs/demo.yaml $(DEMO_ARGS)
 
-DEMO_PID := .data/out/demo/demo.pid
+# SIGTERM to the demo, found by the pid file it writes when it starts (<output.dir>/demo/demo.pid,
+# .data/out/demo/demo.pid by default), then wait until it has shut down. Give it the DEMO_ARGS of
+# the `make demo` it stops when they change output.dir. Exit codes: pipelines/demo.py's docstring.
 demo-stop:
-	@if [ -f $(DEMO_PID) ]; then kill -TERM "$$(cat $(DEMO_PID))" && echo "sent SIGTERM to the demo (pid $$(cat $(DEMO_PID)))"; \
-	else echo "no demo running ($(DEMO_PID) not found)"; fi
+	@if [ -x $(PY) ]; then $(PY) -m pipelines.demo --stop --config configs/demo.yaml $(DEMO_ARGS); \
+	else echo "no demo running (no $(VENV) to run one)"; fi
 
 # docs/search_page.png, the README's picture of the page, from the browser test's own session.
 screenshot: venv fonts browser

@@ -5,7 +5,11 @@
         [--json benchmarks/results/serve-cpu.json] [--plot benchmarks/results/serve-cpu.png]
 
 Starts a local Ray (2 CPUs unless ``ray.num_cpus`` says otherwise) and Serve on 127.0.0.1, deploys
-the application twice (``serve.batching`` true, then false) and, for each, measures:
+the application once per variant (default: ``serve.batching`` true, then false; ``--variant
+NAME:key=value,key=value`` names others, e.g. the serving layout or stored ITM tokens, measured
+back to back in one run) and, for each, measures:
+  * the first query after the deployment is ready (cold: empty token cache, first model call),
+    over ``--cold-queries`` distinct queries, each on a freshly deployed application;
   * single-client p50/p99 of text queries with the ITM re-rank (rerank_k from config) and without;
   * queries/s and p50/p99 at each client count (closed loop: each client sends its next query as
     soon as the last one answers), re-rank on;
@@ -35,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx  # noqa: E402
 
 from benchmarks.common import RESULTS, header, save  # noqa: E402
-from pipelines.config import add_config_arguments, cli_config  # noqa: E402
+from pipelines.config import add_config_arguments, cli_config, load_config  # noqa: E402
 from pipelines.evaluation.charts import line_chart, stack  # noqa: E402
 
 
@@ -112,11 +116,57 @@ def run_load(url: str, queries: list[str], clients: int, seconds: float, body: d
     }
 
 
+def variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """``NAME:key=value,key=value`` specs as (name, overrides); default: batching on, then off."""
+    if not specs:
+        return [("@serve.batch on", ["serve.batching=true"]),
+                ("@serve.batch off", ["serve.batching=false"])]  # fmt: skip
+    out = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        out.append((name, [kv for kv in rest.split(",") if kv]))
+    return out
+
+
+def cold_query(url: str, cfg, query: str) -> dict:
+    """One query on a freshly deployed application: client latency and the server's stages."""
+    from ray import serve
+
+    from pipelines.search.deployments import build_app
+
+    serve.run(build_app(cfg), name="bench", route_prefix="/")
+    httpx.get(url + "/healthz", timeout=60).raise_for_status()
+    started = time.perf_counter()
+    r = httpx.post(url + "/search", json={"text": query}, timeout=120)
+    ms = (time.perf_counter() - started) * 1000
+    r.raise_for_status()
+    serve.delete("bench")
+    return {"ms": round(ms, 2), "timings_ms": r.json()["timings_ms"]}
+
+
+def _cold_summary(cold: list[dict]) -> dict:
+    if not cold:
+        return {}
+    ms = sorted(c["ms"] for c in cold)
+    stages = {k: round(statistics.median(c["timings_ms"].get(k, 0.0) for c in cold), 2)
+              for k in cold[0]["timings_ms"]}  # fmt: skip
+    return {"n": len(ms), "p50_ms": round(statistics.median(ms), 2), "max_ms": ms[-1],
+            "stages_p50_ms": stages}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_config_arguments(parser, ("index_uri", "model"))
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME:key=value,...",
+        help="a deployment to measure (repeatable); default: batching on, then off",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cold-queries", type=int, default=3,
+        help="cold first queries, each on a fresh deployment (median reported)",
+    )  # fmt: skip
     parser.add_argument(
         "--json", default=str(RESULTS / "serve-cpu.json"), help="write the results here"
     )
@@ -151,10 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         "batch_wait_timeout_s": cfg.serve.batch_wait_timeout_s,
         "runs": [],
     }
-    for batching in (True, False):
-        app_cfg = cfg.model_copy(
-            update={"serve": cfg.serve.model_copy(update={"batching": batching})}
-        )
+    for name, overrides in variants(args.variant):
+        flags = {name: getattr(args, name) for name in ("index_uri", "model")}
+        app_cfg = load_config(args.config, [*args.overrides, *overrides], flags)
+        cold = [
+            cold_query(url, app_cfg, query) for query in queries[-args.cold_queries :]
+        ]  # distinct queries, never in the warm-up
         serve.run(build_app(app_cfg), name="bench", route_prefix="/")
         health = httpx.get(url + "/healthz", timeout=30).json()
         results["rows"], results["model_id"] = health["rows"], health["model_id"]
@@ -165,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         by_clients = [run_load(url, queries, n, args.seconds, {}) for n in args.clients]
         results["runs"].append(
-            {"batching": batching, "single_client": single, "concurrency": by_clients}
-        )
-        print(f"\n@serve.batch {'on' if batching else 'off'} ({health['rows']} products)")
-        for name, r in single.items():
+            {"variant": name, "overrides": overrides, "batching": app_cfg.serve.batching,
+             "cold_first_query": _cold_summary(cold), "single_client": single,
+             "concurrency": by_clients}
+        )  # fmt: skip
+        print(f"\n{name} ({health['rows']} products): cold first query {_cold_summary(cold)}")
+        for label, r in single.items():
             print(
-                f"  1 client, {name:9s}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                f"  1 client, {label:9s}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
                 f"{r['qps']} q/s, stages {r['stage_share']}"
             )
         for r in by_clients:
@@ -187,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 def plot(results: dict, out: Path) -> Path:
     qps, p99 = {}, {}
     for run in results["runs"]:
-        name = f"@serve.batch {'on' if run['batching'] else 'off'}"
+        name = run.get("variant") or f"@serve.batch {'on' if run['batching'] else 'off'}"
         qps[name] = [(r["clients"], r["qps"]) for r in run["concurrency"]]
         p99[name] = [(r["clients"], r["p99_ms"]) for r in run["concurrency"]]
     what = f"{results['rows']:,} products, rerank_k {results['rerank_k']}, {results['cpus']:g} CPUs"
