@@ -1,7 +1,8 @@
 """``load_model``: a checkpoint directory or hub id → the :class:`RetrievalModel` of its family.
 
 The family is named in the checkpoint's ``blip_catalog.json`` (a hub id or a plain transformers
-checkpoint is ``hf_blip``); the table below says which class loads each.
+checkpoint is ``hf_blip``); the table below says which class loads each. ``cpu_quantize`` makes the
+text side dynamic int8 once loaded, on a CPU only (:mod:`blip_ops.quantize`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from blip_ops.family import RetrievalModel, read_catalog_config
+from blip_ops.quantize import apply_cpu_quantize
 
 
 def _families() -> dict[str, type[RetrievalModel]]:
@@ -23,9 +25,19 @@ def _families() -> dict[str, type[RetrievalModel]]:
 
 
 def load_model(
-    name_or_path: str | Path, *, device: str = "auto", dtype: str = "auto", attention: str = "sdpa"
+    name_or_path: str | Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    attention: str = "sdpa",
+    cpu_quantize: bool = False,
 ) -> RetrievalModel:
-    """Load a checkpoint directory or hub id as a :class:`RetrievalModel` in inference mode."""
+    """Load a checkpoint directory or hub id as a :class:`RetrievalModel` in inference mode.
+
+    ``cpu_quantize``: on a CPU in float32, the text tower, ITM layers and heads become dynamic
+    int8 (ignored, with a log line, elsewhere). The model_id stays the float checkpoint's; a
+    quantised model is for inference only (not for training or ``save``).
+    """
     path = Path(str(name_or_path)).expanduser()
     family = read_catalog_config(path).get("family", "hf_blip") if path.is_dir() else "hf_blip"
     families = _families()
@@ -33,4 +45,8 @@ def load_model(
         raise ValueError(
             f"{name_or_path}: unknown model family {family!r}; known: {sorted(families)}"
         )
-    return families[family].load(str(name_or_path), device=device, dtype=dtype, attention=attention)
+    model = families[family].load(
+        str(name_or_path), device=device, dtype=dtype, attention=attention
+    )
+    apply_cpu_quantize(model, cpu_quantize)
+    return model

@@ -32,6 +32,13 @@ class ModelConfig(Section):
     attention: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention kernel; sdpa is ~2.3x faster"
     )
+    cpu_quantize: bool = Field(
+        False,
+        description="on a CPU in float32: dynamic int8 text tower, ITM layers and heads (the "
+        "vision tower stays float, model_id unchanged); ignored on CUDA. Off by default: on the "
+        "compact model it made ITM 1.7x faster but cost 3.5 points of ITC->ITM R@1 on val titles "
+        "(benchmarks/bench_cpu_settings.py)",
+    )
 
     @field_validator("device")
     @classmethod

@@ -44,6 +44,7 @@ def run_evaluation(
     ``source.uri``) or a Karpathy annotation; returns the results the JSON holds."""
     from blip_ops import load_model
     from blip_ops.evaluate import evaluate_model, recall_vs_k_test
+    from blip_ops.quantize import quantization_of
     from pipelines.runtime.inputs import ensure_model
 
     started = time.perf_counter()
@@ -51,7 +52,7 @@ def run_evaluation(
     data = _read_inputs(cfg, catalog, karpathy, images_dir, split, texts)
     model = load_model(
         ensure_model(cfg.model.name_or_path), device=cfg.model.device, dtype=cfg.model.dtype,
-        attention=cfg.model.attention,
+        attention=cfg.model.attention, cpu_quantize=cfg.model.cpu_quantize,
     )  # fmt: skip
     if karpathy is None:
         # Catalog images are decoded as the index job decodes them (JPEG drafted to model size).
@@ -67,6 +68,7 @@ def run_evaluation(
         "model_id": model.model_id,
         "device": str(model.device),
         "dtype": str(model.dtype).removeprefix("torch."),
+        "quantization": quantization_of(model),
         "inputs": data.inputs,
         "k_test": ks,
         "k_test_requested": [int(k) for k in k_test],

@@ -43,15 +43,19 @@ class QueryModel:
 
     def __init__(self, config: dict):
         from blip_ops import load_model
+        from pipelines.runtime.threads import configure_torch_threads, ray_reserved_cpus
         from pipelines.search.models import QueryModels
 
         setup_json_logging()
         cfg = ServingConfig.model_validate(config)
+        # torch sizes its pool from the node's cores, not from this replica's reservation.
+        configure_torch_threads(ray_reserved_cpus())
 
         def load(path: str):
             return load_model(
-                path, device=cfg.model.device, dtype=cfg.model.dtype, attention=cfg.model.attention
-            )
+                path, device=cfg.model.device, dtype=cfg.model.dtype,
+                attention=cfg.model.attention, cpu_quantize=cfg.model.cpu_quantize,
+            )  # fmt: skip
 
         self.models = QueryModels(
             load,

@@ -1,0 +1,137 @@
+"""Dynamic int8 quantisation of a loaded model's text side, for query serving on a CPU.
+
+``torch.ao.quantization.quantize_dynamic`` stores each ``nn.Linear`` weight as int8 (one scale per
+output channel) and quantises its input per call, so most matmuls of the text tower, of the
+cross-attention that ITM runs and of the heads run in int8, while every activation stays float32
+(``model.dtype`` is unchanged; cached image tokens need no conversion).
+
+What is quantised: ``text_encoder`` (self-attention, cross-attention, feed-forward up-projection),
+the compact family's ``fusion`` layers, ``text_proj`` and ``itm_head``. What stays float, and why:
+
+- each layer's feed-forward down-projection (``output.dense``, 1536 -> 384 in MiniLM): its input is
+  the GELU output, whose long tail one int8 scale per call rounds badly. Quantised, text→product
+  ITC R@1 of the fine-tuned compact model fell 1.9 points on 4,140 train-split titles; kept float,
+  0.4 (benchmarks/bench_cpu_settings.py has the val figures);
+- the vision tower and ``vision_proj``. The index job writes the image embeddings and ITM tokens
+  that queries are scored against; they must be the same numbers whichever replica reads them,
+  and the compact image tower is a CNN whose convolutions ``quantize_dynamic`` does not cover.
+
+A quantised text tower therefore moves the query side only, and :func:`load_model`'s model_id
+(digested from the float checkpoint before this runs) stays the checkpoint's, so a published
+index still matches. CUDA and non-float32 runs are left as they are (logged): dynamic int8 kernels
+are CPU kernels, and a GPU gains nothing from them.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from blip_ops.family import RetrievalModel
+
+logger = logging.getLogger(__name__)
+
+# Submodules of the network (``RetrievalModel.model``) whose nn.Linear layers are quantised; those
+# a family lacks (``fusion`` outside the compact ALBEF layout) are skipped.
+TEXT_SIDE_MODULES = ("text_encoder", "fusion", "text_proj", "itm_head")
+QUANTIZATION = "dynamic-int8"  # what ``model.quantization`` says once quantised
+
+
+def quantization_of(model: RetrievalModel) -> str:
+    """``"dynamic-int8"`` for a model :func:`quantize_text_side` changed, else ``"none"``."""
+    return getattr(model, "quantization", "none")
+
+
+def cpu_quantize_applies(device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:
+    """(whether ``cpu_quantize`` applies to a model on ``device`` in ``dtype``, why not)."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        return False, f"the model runs on {dev}; dynamic int8 kernels are CPU kernels"
+    if dtype != torch.float32:
+        return False, f"the model runs in {dtype}; dynamic int8 quantises float32 nn.Linear only"
+    return True, ""
+
+
+def apply_cpu_quantize(model: RetrievalModel, enabled: bool) -> bool:
+    """Quantise ``model``'s text side in place when ``enabled`` and it runs on a CPU in float32;
+    returns whether it did. Elsewhere the request is logged and ignored."""
+    if not enabled:
+        return False
+    applies, why_not = cpu_quantize_applies(model.device, model.dtype)
+    if not applies:
+        logger.info("cpu_quantize ignored for %s: %s", model.model_id, why_not)
+        return False
+    quantize_text_side(model)
+    return True
+
+
+def quantize_text_side(model: RetrievalModel) -> int:
+    """Swap the nn.Linear layers of :data:`TEXT_SIDE_MODULES` for dynamic int8 ones, in place;
+    returns how many were swapped. The model must be on a CPU (see :func:`apply_cpu_quantize`)."""
+    if quantization_of(model) != "none":
+        return 0  # quantising again would try to quantise int8 layers
+    net = getattr(model, "model", None)
+    if not isinstance(net, nn.Module):
+        raise TypeError(
+            f"{type(model).__name__} has no torch network in .model (got {type(net).__name__})"
+        )
+    if model.device.type != "cpu":
+        raise ValueError(f"dynamic int8 quantisation runs on a CPU; the model is on {model.device}")
+    parts = [name for name in TEXT_SIDE_MODULES if getattr(net, name, None) is not None]
+    kept = feed_forward_down_projections(net, parts)
+    linears = sum(isinstance(m, nn.Linear) for name in parts for m in getattr(net, name).modules())
+    _quantize_linears(net, parts, kept)
+    model.quantization = QUANTIZATION
+    swapped = linears - len(kept)
+    logger.info(
+        "%s: %d nn.Linear of %s quantised (%s, %s engine); %d feed-forward down-projections and "
+        "the vision tower stay %s",
+        model.model_id, swapped, "/".join(parts), QUANTIZATION, torch.backends.quantized.engine,
+        len(kept), model.dtype,
+    )  # fmt: skip
+    return swapped
+
+
+def feed_forward_down_projections(net: nn.Module, parts: list[str]) -> list[str]:
+    """Names (in ``net``) of the feed-forward down-projection of every transformer layer inside
+    ``parts``: ``<layer>.output.dense`` of a layer that has an ``intermediate`` (up) block. The
+    attention blocks' own ``output.dense`` are not among them."""
+    names = []
+    for part in parts:
+        for name, module in getattr(net, part).named_modules(prefix=part):
+            dense = getattr(getattr(module, "output", None), "dense", None)
+            if hasattr(module, "intermediate") and isinstance(dense, nn.Linear):
+                names.append(f"{name}.output.dense")
+    return names
+
+
+def _quantize_linears(net: nn.Module, parts: list[str], kept: list[str]) -> None:
+    """Every nn.Linear inside the submodules ``parts`` of ``net`` but those named in ``kept`` made
+    int8-dynamic, in place.
+
+    The parts are named to ``quantize_dynamic`` rather than passed to it one by one: it swaps the
+    children of the module it gets, so a bare nn.Linear part (``text_proj``) would stay float.
+    """
+    ao = getattr(torch, "ao", None)
+    quantize_dynamic = getattr(getattr(ao, "quantization", None), "quantize_dynamic", None)
+    if quantize_dynamic is None:
+        raise RuntimeError(
+            f"torch {torch.__version__} has no torch.ao.quantization.quantize_dynamic; "
+            "run with model.cpu_quantize=false"
+        )
+    # One scale per output channel: on 4,140 train-split titles ITC R@1 moved -0.4 points this
+    # way, +0.2 with one scale per weight tensor, but -1.8 with it on the val titles (-0.2 here).
+    qconfig = ao.quantization.per_channel_dynamic_qconfig
+    spec = {**dict.fromkeys(parts, qconfig), **dict.fromkeys(kept)}  # None: left float
+    # Named parts get the qconfig for every type quantize_dynamic knows, nn.Embedding included
+    # (which it then refuses: embeddings need a weight-only qconfig); the mapping keeps nn.Linear.
+    mapping = {nn.Linear: ao.nn.quantized.dynamic.Linear}
+    with warnings.catch_warnings():
+        # torch marks the eager quantisation API deprecated (torchao is its successor) but still
+        # ships and runs it; the warning would repeat on every replica start.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*", category=UserWarning)
+        quantize_dynamic(net, spec, dtype=torch.qint8, mapping=mapping, inplace=True)
