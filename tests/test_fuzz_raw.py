@@ -36,11 +36,12 @@ from urllib.parse import quote, quote_from_bytes, unquote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.search.json_boundary import check_media_type
 from pipelines.search.request import BadRequest, Limits, parse_search
+from tests.test_fuzz_http import FUZZ_SETTINGS as RAW_SETTINGS  # reproducible in CI
 from tests.test_fuzz_http import replica_pids
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
@@ -52,12 +53,6 @@ EXAMPLES = {"bytes": 300, "jsonish": 1000, "content_type": 150, "valid_text": 10
 PAGE_EXAMPLES = 300
 PRODUCT_EXAMPLES = 300
 SEARCH_STATUSES = {200, 400, 415}
-RAW_SETTINGS = settings(
-    derandomize=True,
-    database=None,
-    deadline=None,
-    suppress_health_check=list(HealthCheck),
-)
 
 
 # ------------------------------------------------------------------------------ the service
