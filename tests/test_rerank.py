@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blip_ops.rerank import combine_scores, rerank
-from tests.conftest import draw_product
+from tests.conftest import draw_product, encode_image_bytes
 
 QUERIES = ["red leather handbag", "er tong hua xing che", "简约现代沙发 TE04"]
 
@@ -97,3 +97,16 @@ def test_rerank_with_itm_logits_scored_elsewhere(tiny_model):
         rerank(None, "x", itc, itm_logits=logits, rerank_k=6)
     with pytest.raises(ValueError, match="needs a model"):
         rerank(None, "x", itc, image_tokens=tokens, rerank_k=2)
+
+
+def test_warm_up_runs_a_query_s_model_calls_and_caches_nothing(tiny_model):
+    """A fresh replica's warm-up: text encode, one vision pass and ITM of rerank_k pairs on made-up
+    inputs, so the first real query does not pay first-call costs; no made-up tokens are cached."""
+    from pipelines.search.scorer import ItmJob, QueryScorer
+
+    scorer = QueryScorer(tiny_model, decode_threads=1)
+    assert scorer.warm_up(4) > 0
+    assert len(scorer.cache) == 0 and scorer.cache.misses == 0
+    image = encode_image_bytes(draw_product(3))
+    [logits] = scorer.itm([ItmJob("lamp", ("p1:h",), (image,))])
+    assert logits.shape == (1,) and np.isfinite(logits).all()

@@ -72,7 +72,11 @@ class QueryModel:
             method.set_max_batch_size(cfg.serve.max_batch_size)
             method.set_batch_wait_timeout_s(self.batch_wait_s)
         default = self.models.get()
-        logger.info("query model %s ready on %s", default.model_id, default.model.device)
+        warm = default.warm_up(cfg.serve.rerank_k)
+        logger.info(
+            "query model %s ready on %s (warm-up %.0f ms)",
+            default.model_id, default.model.device, warm * 1000,
+        )  # fmt: skip
 
     def _seen(self, kind: str, request_ids: list[str], started: float, **extra) -> dict:
         """Stats for one model call: batch size (+ cache counts), logged with the request ids."""
