@@ -61,6 +61,11 @@ class CatalogReader:
         nested = join(self.base, PRODUCTS_DIR)
         self.nested = self._is_dir(nested)  # the make_catalog layout: products/ + side tables
         self.products_dir = nested if self.nested else self.base
+        self._dataset: pads.Dataset | None = None  # listed once per reader (S3 LIST calls)
+
+    def __getstate__(self) -> dict:
+        # Ray ships the reader to its tasks; they list the files again if they need the dataset.
+        return {**self.__dict__, "_dataset": None}
 
     @property
     def location(self) -> str:
@@ -99,6 +104,8 @@ class CatalogReader:
         """The products' Parquet files as one dataset (``*.parquet``; ``_*`` and ``.*`` skipped)."""
         import pyarrow.dataset as pads
 
+        if self._dataset is not None:
+            return self._dataset
         self.require_products()
         files = parquet_files(self.fs, self.products_dir)
         if not files:
@@ -109,6 +116,7 @@ class CatalogReader:
                 f"{self.products_dir}: no product id column {self.columns.product_id!r}; "
                 f"columns: {sorted(dataset.schema.names)}"
             )
+        self._dataset = dataset
         return dataset
 
     # ---- splits -----------------------------------------------------------------------------------
@@ -139,8 +147,7 @@ class CatalogReader:
 
     def parquet_files(self) -> list[str]:
         """The products' Parquet files (paths on :attr:`fs`)."""
-        self.products_dataset()  # the same checks as every other read
-        return parquet_files(self.fs, self.products_dir)
+        return list(self.products_dataset().files)
 
     def splits(self) -> dict[str, str]:
         """{product_id: split} of every product (no images read)."""

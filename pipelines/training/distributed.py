@@ -60,7 +60,8 @@ def train_dataset(cfg: AppConfig, *, shuffle: bool = True):
     ds = ray.data.read_parquet(reader.parquet_files(), filesystem=reader.fs)
     ds = ds.select_columns(columns)
     ds = ds.map_batches(
-        _train_rows, batch_format="pyarrow", fn_kwargs={"reader": reader, "hashed": hashed}
+        _train_rows, batch_format="pyarrow",
+        fn_kwargs={"reader": reader, "column": column, "hashed": hashed},
     )
     if shuffle:
         seed = ray.data.RandomSeedConfig(seed=cfg.finetune.seed, reseed_after_execution=True)
@@ -68,12 +69,11 @@ def train_dataset(cfg: AppConfig, *, shuffle: bool = True):
     return ds
 
 
-def _train_rows(batch: pa.Table, reader: CatalogReader, hashed: bool) -> pa.Table:
+def _train_rows(batch: pa.Table, reader: CatalogReader, column: str, hashed: bool) -> pa.Table:
     """The train products of ``batch`` with their image bytes (read by ``image_uri`` if need be)."""
     import pyarrow as pa
 
     cols = reader.columns
-    column = reader.split_source()[0]
     splits = reader.splits_of(batch.column(column).to_pylist(), hashed)
     rows = batch.take([i for i, s in enumerate(splits) if s == TRAIN_SPLIT]).to_pylist()
     out = []
