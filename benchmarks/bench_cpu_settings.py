@@ -1,21 +1,23 @@
-"""CPU inference settings, float32 vs dynamic int8 text side (``model.cpu_quantize``): speed and
-what it costs in recall.
+"""CPU inference settings of the text side, float32 vs dynamic int8 (``model.cpu_quantize``) vs
+bfloat16 matrix products (``model.cpu_bf16``): speed and what each costs in recall.
 
     python benchmarks/bench_cpu_settings.py --model CHECKPOINT [--runs 50] [--threads 1 2] \
-        [--config configs/quality.yaml --catalog DIR --split val [key=value ...]] [--json FILE]
+        [--variants int8 bf16] [--config configs/quality.yaml --catalog DIR --split val \
+        [key=value ...]] [--json FILE]
 
 Speed, per torch thread count (``pipelines.runtime.threads.configure_torch_threads``): ms p50 /
-p90 of encoding one query (``encode_texts``, batch 1) and of the ITM scores of one query against
-16 cached image tokens (``itm_scores``, the re-rank's call), float and quantised runs interleaved
-so that load from other processes hits both alike. The tokens come from random pixels: the cost
-of ITM does not depend on what the image shows.
+p90 of encoding one query (``encode_texts``, batch 1), of the ITM scores of one query against
+16 cached image tokens (``itm_scores``, the re-rank's call) and of 8 queries' ITM at once (what
+``@serve.batch`` runs under 8 clients), every variant's runs interleaved so that load from other
+processes hits them alike. The tokens come from random pixels: the cost of ITM does not depend on
+what the image shows.
 
 Quality, with ``--catalog``: the split's products rank the products' own titles (Task A's texts)
 and the shopper queries (Task B's), ITC and ITC→ITM at k_test 16, text→product R@1 of the float
-and the quantised model, and the quantised-minus-float difference with a paired bootstrap 95%
+model and of each variant, and the variant-minus-float difference with a paired bootstrap 95%
 interval over the same texts. Tune on ``val``; ``test`` is for reporting only. The image side is
-float in both (the index's embeddings), so the figures say whether quantised queries still find
-float-encoded products.
+float in every variant (the index's embeddings), so the figures say whether the variant's queries
+still find float-encoded products.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ import torch  # noqa: E402
 from pipelines.config import add_config_arguments, cli_config  # noqa: E402
 
 ITM_PAIRS = 16  # the re-rank's candidates per query in the quality config (serve.rerank_k)
+BATCHED_QUERIES = 8  # queries in one batched ITM call: 8 clients' re-ranks gathered by serve.batch
+# load_model's arguments of each variant; "float32" is the reference every variant is compared to.
+VARIANTS = {"int8": {"cpu_quantize": True}, "bf16": {"cpu_bf16": True}}
 K_TEST = 16
 WARMUP = 5
 # Shopper-style queries for the speed runs when no catalog is given (the three languages).
@@ -88,13 +93,21 @@ def speed(models: dict, queries: Sequence[str], threads: int, runs: int) -> dict
     def itm_call(model):
         return lambda i: model.itm_scores(queries[i % len(queries)], tokens)
 
-    return {
-        "threads": threads,
-        "text_encode_1": time_interleaved({n: text_call(m) for n, m in models.items()}, runs),
-        f"itm_{ITM_PAIRS}_pairs": time_interleaved(
-            {n: itm_call(m) for n, m in models.items()}, runs
-        ),
-    }
+    batch_tokens = tokens.repeat(BATCHED_QUERIES, 1, 1)
+    batch_texts = [
+        queries[j % len(queries)] for j in range(BATCHED_QUERIES) for _ in range(ITM_PAIRS)
+    ]
+
+    def batched_call(model):
+        return lambda i: model.itm_scores(batch_texts, batch_tokens)
+
+    calls = {"text_encode_1": text_call, f"itm_{ITM_PAIRS}_pairs": itm_call}
+    calls[f"itm_{BATCHED_QUERIES}x{ITM_PAIRS}_pairs"] = batched_call
+    out: dict = {"threads": threads}
+    for name, make in calls.items():
+        n = runs if "x" not in name else max(3, runs // 4)
+        out[name] = time_interleaved({v: make(m) for v, m in models.items()}, n)
+    return out
 
 
 # ---- quality ----------------------------------------------------------------------------------
@@ -119,7 +132,7 @@ def text_to_product_ranks(model, texts, own, image_emb, cache) -> dict[str, np.n
 
 
 def compare_recall(float_ranks: dict, quant_ranks: dict, groups: dict, n_boot: int = 1000) -> dict:
-    """{group: {"itc" | "itm": {"float", "quantized", "delta" (paired summary), "texts"}}}: R@1
+    """{group: {"itc" | "itm": {"float", "variant", "delta" (paired summary), "texts"}}}: R@1
     over the texts of each group (``groups``: {name: (T,) bool mask})."""
     from blip_ops.metrics import hits_at_k, paired_summary
 
@@ -131,7 +144,7 @@ def compare_recall(float_ranks: dict, quant_ranks: dict, groups: dict, n_boot: i
             b = hits_at_k(quant_ranks[method][mask], 1)
             out[group][method] = {
                 "float": round(float(a.mean()), 4),
-                "quantized": round(float(b.mean()), 4),
+                "variant": round(float(b.mean()), 4),
                 "delta": paired_summary(a, b, n_boot=n_boot),
                 "texts": len(a),
             }
@@ -139,16 +152,16 @@ def compare_recall(float_ranks: dict, quant_ranks: dict, groups: dict, n_boot: i
 
 
 def quality(models: dict, cfg, catalog: str, split: str) -> dict:
-    """R@1 text→product on the split's titles and its shopper queries, float vs quantised.
+    """R@1 text→product on the split's titles and its shopper queries, float vs each variant.
 
-    Image embeddings and ITM tokens are computed once, by the float model: the quantised model's
-    vision tower is the same float tower (checked on the first images), as in the service, whose
-    image side comes from the index job."""
+    Image embeddings and ITM tokens are computed once, by the float model: every variant's vision
+    tower is the same float tower (checked on the first images), as in the service, whose image
+    side comes from the index job."""
     from blip_ops.evaluate import ImageTokenCache, embed_images
     from pipelines.evaluation.catalog import load_catalog
     from pipelines.quality.common import TOKEN_CACHE_BYTES
 
-    ref, quant = models["float32"], models["int8"]
+    ref = models["float32"]
     size = ref.image_settings.size
     by_texts = {
         t: load_catalog(catalog, split, cfg, target_size=size, texts=t)
@@ -156,10 +169,11 @@ def quality(models: dict, cfg, catalog: str, split: str) -> dict:
     }
     images = by_texts["titles"].images
     sample = [images[i] for i in range(min(4, len(images)))]
-    if not torch.equal(
-        ref.encode_images(sample).embeddings, quant.encode_images(sample).embeddings
-    ):
-        raise RuntimeError("the quantised model's image embeddings differ from the float model's")
+    for name, model in models.items():
+        if not torch.equal(
+            ref.encode_images(sample).embeddings, model.encode_images(sample).embeddings
+        ):
+            raise RuntimeError(f"the {name} model's image embeddings differ from the float model's")
     cache = ImageTokenCache(ref, images, max_bytes=TOKEN_CACHE_BYTES)
     image_emb = embed_images(ref, images, token_cache=cache)  # (P, D)
     out = {}
@@ -177,7 +191,11 @@ def quality(models: dict, cfg, catalog: str, split: str) -> dict:
         groups.update({str(lang): langs == lang for lang in dict.fromkeys(data.languages)})
         out[name] = {
             "products": len(data.product_ids),
-            "recall_at_1": compare_recall(ranks["float32"], ranks["int8"], groups),
+            "recall_at_1": {
+                v: compare_recall(ranks["float32"], ranks[v], groups)
+                for v in models
+                if v != "float32"
+            },
             "seconds": round(time.perf_counter() - started, 1),
         }
     return out
@@ -186,30 +204,38 @@ def quality(models: dict, cfg, catalog: str, split: str) -> dict:
 # ---- report ----------------------------------------------------------------------------------
 def format_speed(rows: list[dict]) -> list[str]:
     lines = [
-        "| threads | call | float32 p50 ms | int8 p50 ms | speed-up |",
-        "|---|---|---|---|---|",
+        "| threads | call | variant | p50 ms | float32 p50 ms | speed-up |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        for call in ("text_encode_1", f"itm_{ITM_PAIRS}_pairs"):
-            f, q = row[call]["float32"]["p50"], row[call]["int8"]["p50"]
-            lines.append(f"| {row['threads']} | {call} | {f:.2f} | {q:.2f} | {f / q:.2f}x |")
+        for call, by_variant in row.items():
+            if call == "threads":
+                continue
+            f = by_variant["float32"]["p50"]
+            for variant, r in by_variant.items():
+                q = r["p50"]
+                lines.append(
+                    f"| {row['threads']} | {call} | {variant} | {q:.2f} | {f:.2f} | {f / q:.2f}x |"
+                )
     return lines
 
 
 def format_quality(figures: dict) -> list[str]:
     lines = [
-        "| texts | group | method | n | float R@1 | int8 R@1 | delta (pts) | 95% CI (pts) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| texts | variant | group | method | n | float R@1 | variant R@1 | delta (pts) | 95% CI (pts) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for texts, block in figures.items():
-        for group, by_method in block["recall_at_1"].items():
-            for method, r in by_method.items():
-                d = r["delta"]
-                lo, hi = (100 * x for x in d["ci"])
-                lines.append(
-                    f"| {texts} | {group} | {method} | {r['texts']} | {100 * r['float']:.1f} | "
-                    f"{100 * r['quantized']:.1f} | {100 * d['value']:+.1f} | [{lo:+.1f}, {hi:+.1f}] |"
-                )
+        for variant, by_group in block["recall_at_1"].items():
+            for group, by_method in by_group.items():
+                for method, r in by_method.items():
+                    d = r["delta"]
+                    lo, hi = (100 * x for x in d["ci"])
+                    lines.append(
+                        f"| {texts} | {variant} | {group} | {method} | {r['texts']} | "
+                        f"{100 * r['float']:.1f} | {100 * r['variant']:.1f} | "
+                        f"{100 * d['value']:+.1f} | [{lo:+.1f}, {hi:+.1f}] |"
+                    )
     return lines
 
 
@@ -223,17 +249,19 @@ def catalog_identity(root: str) -> dict | None:
     return {k: manifest[k] for k in keys} if all(k in manifest for k in keys) else None
 
 
-def load_both(path: str) -> dict:
-    """{"float32": model, "int8": the same checkpoint with ``cpu_quantize``} on the CPU."""
+def load_variants(path: str, variants: Sequence[str]) -> dict:
+    """{"float32": model, variant: the same checkpoint with the variant's settings} on the CPU."""
     from blip_ops import load_model
+    from blip_ops.quantize import quantization_of
 
-    models = {
-        "float32": load_model(path, device="cpu", dtype="float32"),
-        "int8": load_model(path, device="cpu", dtype="float32", cpu_quantize=True),
-    }
+    models = {"float32": load_model(path, device="cpu", dtype="float32")}
+    for name in variants:
+        models[name] = load_model(path, device="cpu", dtype="float32", **VARIANTS[name])
+        if quantization_of(models[name]) == "none":
+            raise RuntimeError(f"{name}: load_model left the model float32 ({VARIANTS[name]})")
     ids = {m.model_id for m in models.values()}
     if len(ids) != 1:
-        raise RuntimeError(f"quantisation changed the model_id: {sorted(ids)}")
+        raise RuntimeError(f"a CPU setting changed the model_id: {sorted(ids)}")
     return models
 
 
@@ -242,6 +270,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_config_arguments(parser, ("model",))
     parser.add_argument("--runs", type=int, default=50, help="timed calls per figure")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=sorted(VARIANTS),
+        help="settings compared with float32",
+    )
     parser.add_argument("--catalog", default=None, help="catalog folder: also measure recall")
     parser.add_argument("--split", default="val", help="catalog split (tune on val, never test)")
     parser.add_argument("--skip-speed", action="store_true", help="only the recall figures")
@@ -258,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cli_config(args)
     if cfg is None:
         return 2
-    models = load_both(cfg.model.name_or_path)
+    models = load_variants(cfg.model.name_or_path, args.variants)
     first = models["float32"]
     results: dict = {
         "model": cfg.model.name_or_path, "model_id": first.model_id,

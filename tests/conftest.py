@@ -44,6 +44,16 @@ def tiny_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_query_model(tiny_model_dir):
+    """The tiny model as the service, the search export and evaluation load it: the default
+    config's CPU settings (``model.cpu_bf16: auto`` multiplies in bfloat16 where the CPU can)."""
+    from blip_ops import load_model
+    from pipelines.config import load_config
+
+    return load_model(tiny_model_dir, **load_config(None, []).model.query_load_args())
+
+
+@pytest.fixture(scope="session")
 def eager_reference(tiny_model_dir):
     """transformers' own BlipForImageTextRetrieval, untouched (eager attention, its forward)."""
     import torch

@@ -1,5 +1,6 @@
-"""CPU inference settings: dynamic int8 text side (``model.cpu_quantize``, blip_ops/quantize.py)
-and torch threads per Ray worker (pipelines/runtime/threads.py)."""
+"""CPU inference settings: dynamic int8 text side (``model.cpu_quantize``), bfloat16 matrix
+products (``model.cpu_bf16``; both blip_ops/quantize.py) and torch threads per Ray worker
+(pipelines/runtime/threads.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from blip_ops import load_model
+from blip_ops import load_model, quantize
 from blip_ops.quantize import (
+    Bf16Linear,
     apply_cpu_quantize,
+    apply_cpu_settings,
+    bf16_text_side,
     cpu_quantize_applies,
     quantization_of,
     quantize_text_side,
@@ -31,6 +35,11 @@ from pipelines.runtime.threads import configure_torch_threads, ray_reserved_cpus
 MIN_EMBEDDING_COSINE = 0.95  # each title's int8 ITC embedding against its float one
 SIM_ATOL = 0.05  # title-image cosines
 ITM_ATOL = 0.05  # ITM positive-class logits
+# The bfloat16 text side against float32, same inputs. Observed: embedding cosine >= 0.99997,
+# title-image cosines within 0.0006, ITM logits within 0.0011; 10-20x room.
+BF16_MIN_EMBEDDING_COSINE = 0.999
+BF16_SIM_ATOL = 0.01
+BF16_ITM_ATOL = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +64,88 @@ def compact_pair():
     quant = copy.deepcopy(ref)
     quantize_text_side(quant)
     return ref, quant
+
+
+@pytest.fixture(scope="module")
+def compact_bf16(compact_pair):
+    """The float model of ``compact_pair`` with a bfloat16 text side."""
+    model = copy.deepcopy(compact_pair[0])
+    bf16_text_side(model)
+    return model
+
+
+def test_bf16_scores_close_to_float(compact_pair, compact_bf16, demo_catalog):
+    ref, bf16 = compact_pair[0], compact_bf16
+    images, titles = demo_catalog
+    enc = ref.encode_images(images, return_tokens=True)
+    assert torch.equal(bf16.encode_images(images).embeddings, enc.embeddings)
+    text_f, text_b = ref.encode_texts(titles), bf16.encode_texts(titles)
+    assert text_b.dtype == torch.float32
+    assert (text_f * text_b).sum(-1).min() >= BF16_MIN_EMBEDDING_COSINE
+    assert (text_f @ enc.embeddings.T - text_b @ enc.embeddings.T).abs().max() <= BF16_SIM_ATOL
+    for title in titles[::3]:
+        itm_f, itm_b = ref.itm_scores(title, enc.tokens), bf16.itm_scores(title, enc.tokens)
+        assert itm_b.dtype == torch.float32
+        assert (itm_f - itm_b).abs().max() <= BF16_ITM_ATOL
+    assert not torch.equal(text_f, text_b)  # it did multiply in bfloat16
+
+
+def test_only_the_text_side_multiplies_in_bf16(compact_bf16):
+    net = compact_bf16.model
+    assert quantization_of(compact_bf16) == "bf16-matmul"
+    assert not any(type(m) is nn.Linear for m in net.text_encoder.modules())
+    swapped = [m for m in net.text_encoder.modules() if isinstance(m, Bf16Linear)]
+    assert len(swapped) == 10 * len(net.text_encoder.encoder.layer)  # self 4, cross 4, FFN 2
+    assert all(m.weight.dtype == torch.bfloat16 for m in swapped)
+    assert isinstance(net.text_proj, Bf16Linear) and isinstance(net.itm_head, Bf16Linear)
+    assert type(net.vision_proj) is nn.Linear and not any(
+        isinstance(m, Bf16Linear) for m in net.vision_model.modules()
+    )
+    assert compact_bf16.dtype == torch.float32
+    assert bf16_text_side(compact_bf16) == 0  # a second call leaves it as it is
+
+
+def _plain_model(device: str = "cpu", dtype=torch.float32):
+    net = nn.Module()
+    net.text_encoder = nn.Sequential(nn.Linear(4, 4))
+    net.vision_proj = nn.Linear(4, 4)
+    return SimpleNamespace(device=torch.device(device), dtype=dtype, model_id="m-2", model=net)
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16-matmul"), (False, "none")])
+def test_cpu_bf16_auto_follows_the_cpu(monkeypatch, native, expected):
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: native)
+    model = _plain_model()
+    assert apply_cpu_settings(model, quantize=False, bf16="auto") == expected
+    assert isinstance(model.model.text_encoder[0], Bf16Linear) is native
+    assert type(model.model.vision_proj) is nn.Linear
+
+
+def test_cpu_bf16_true_applies_without_native_units_and_false_never(monkeypatch):
+    monkeypatch.setattr(quantize, "cpu_has_native_bf16", lambda: False)
+    assert apply_cpu_settings(_plain_model(), quantize=False, bf16=True) == "bf16-matmul"
+    assert apply_cpu_settings(_plain_model(), quantize=False, bf16=False) == "none"
+    with pytest.raises(ValueError, match="cpu_bf16 must be true, false or 'auto', got 'yes'"):
+        apply_cpu_settings(_plain_model(), quantize=False, bf16="yes")
+
+
+def test_cpu_bf16_is_ignored_on_cuda_and_under_int8(caplog):
+    with caplog.at_level(logging.INFO, logger="blip_ops.quantize"):
+        cuda = _plain_model("cuda:0", torch.bfloat16)
+        assert apply_cpu_settings(cuda, quantize=False, bf16=True) == "none"
+        assert "cpu_bf16 ignored for m-2" in caplog.text and "cuda:0" in caplog.text
+        both = _plain_model()
+        assert apply_cpu_settings(both, quantize=True, bf16=True) == "dynamic-int8"
+    assert "cpu_quantize makes the text side int8" in caplog.text
+    assert type(cuda.model.text_encoder[0]) is nn.Linear
+
+
+def test_cpu_has_native_bf16_reads_the_cpu_probes(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert quantize.cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert quantize.cpu_has_native_bf16() is torch.backends.mkldnn.is_available()
 
 
 def test_quantized_scores_close_to_float(compact_pair, demo_catalog):
@@ -110,7 +201,9 @@ def test_fusion_layers_keep_their_feed_forward_down_projections_float():
 def test_model_id_unchanged_by_quantisation(tiny_model_dir):
     ref = load_model(tiny_model_dir, device="cpu", dtype="float32")
     quant = load_model(tiny_model_dir, device="cpu", dtype="float32", cpu_quantize=True)
+    bf16 = load_model(tiny_model_dir, device="cpu", dtype="float32", cpu_bf16=True)
     assert quantization_of(quant) == "dynamic-int8" and quantization_of(ref) == "none"
+    assert quantization_of(bf16) == "bf16-matmul" and bf16.model_id == ref.model_id
     assert quant.model_id == ref.model_id
     assert isinstance(quant.model.itm_head, torch.ao.nn.quantized.dynamic.Linear)
     assert type(quant.model.text_encoder.encoder.layer[0].output.dense) is nn.Linear
@@ -188,3 +281,12 @@ def test_config_has_cpu_quantize_off_by_default():
 
     assert load_config(None, []).model.cpu_quantize is False
     assert load_config(None, ["model.cpu_quantize=true"]).model.cpu_quantize is True
+
+
+def test_config_has_cpu_bf16_auto_by_default():
+    from pipelines.config import load_config
+
+    assert load_config(None, []).model.cpu_bf16 == "auto"
+    assert load_config(None, ["model.cpu_bf16=false"]).model.cpu_bf16 is False
+    args = load_config(None, ["model.cpu_bf16=true"]).model.query_load_args()
+    assert args["cpu_bf16"] is True and args["cpu_quantize"] is False

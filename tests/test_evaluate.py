@@ -301,7 +301,7 @@ def test_demo_catalog_end_to_end(tiny_model_dir, demo_catalog, tmp_path, capsys)
     from pipelines.evaluation.catalog import load_catalog
 
     cfg = load_config(LOCAL_CONFIG, [f"model.name_or_path={tiny_model_dir}"])
-    model = load_model(tiny_model_dir, device="cpu", dtype="float32")
+    model = load_model(tiny_model_dir, **cfg.model.query_load_args())  # as evaluate loads it
     data = load_catalog(str(root), "test", cfg, target_size=model.image_settings.size)
     pixels = model.preprocess([data.images[i] for i in range(len(data.images))])
     image_emb = model.encode_images(pixels).embeddings.numpy()

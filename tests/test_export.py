@@ -311,16 +311,16 @@ def _write_queries(path: Path) -> None:
         pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def _engine_results(cfg, run, tiny_model, body: dict) -> list[dict]:
+def _engine_results(cfg, run, query_model, body: dict) -> list[dict]:
     from blip_ops import load_model
     from pipelines.search.engine import LocalScorer, search
     from pipelines.search.request import Limits, parse_search
     from pipelines.search.scorer import QueryScorer
     from pipelines.search.snapshot import open_snapshot
 
-    model = tiny_model
+    model = query_model  # loaded with the CPU settings the export uses
     if model.model_id != run["model_id"]:  # another module republished with another checkpoint
-        model = load_model(run["model_path"], device="cpu", dtype="float32")
+        model = load_model(run["model_path"], **cfg.model.query_load_args())
     snap = open_snapshot(cfg.index.uri, pointer=run)
     scorer = LocalScorer(QueryScorer(model, cfg.serve.token_cache_items))
     return asyncio.run(search(parse_search(body, Limits.from_config(cfg.serve)), snap, scorer))[
@@ -330,7 +330,7 @@ def _engine_results(cfg, run, tiny_model, body: dict) -> list[dict]:
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
 def test_search_export_matches_engine_and_accounts_every_query(
-    search_index, tiny_model, tmp_path, suffix
+    search_index, tiny_query_model, tmp_path, suffix
 ):
     cfg, _ = search_index
     _, run = _published(cfg)
@@ -364,7 +364,7 @@ def test_search_export_matches_engine_and_accounts_every_query(
     for i in range(3):
         query, flt, k = QUERY_ROWS[i]
         body = {"text": query, **({"filter": flt} if flt else {}), **({"k": int(k)} if k else {})}
-        want = _engine_results(cfg5, run, tiny_model, body)
+        want = _engine_results(cfg5, run, tiny_query_model, body)
         mine = sorted((r for r in rows if r["query_index"] == i), key=lambda r: r["rank"])
         assert [r["rank"] for r in mine] == list(range(1, len(want) + 1))
         assert [r["product_id"] for r in mine] == [w["product_id"] for w in want]

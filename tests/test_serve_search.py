@@ -116,7 +116,8 @@ def _same_ranking(got: list[tuple[str, float]], want: list[tuple[str, float]], t
 
 
 # ------------------------------------------------------------------ tests
-def test_ranking_equals_offline_rule(client, indexed, tiny_model):
+def test_ranking_equals_offline_rule(client, indexed, tiny_query_model):
+    tiny_model = tiny_query_model  # loaded with the CPU settings the service uses
     cfg, root = indexed
     queries = pq.read_table(root / "catalog" / "queries.parquet")
     picked = [

@@ -50,10 +50,7 @@ def run_evaluation(
     started = time.perf_counter()
     # Inputs first: a wrong path should fail before a model loads.
     data = _read_inputs(cfg, catalog, karpathy, images_dir, split, texts)
-    model = load_model(
-        ensure_model(cfg.model.name_or_path), device=cfg.model.device, dtype=cfg.model.dtype,
-        attention=cfg.model.attention, cpu_quantize=cfg.model.cpu_quantize,
-    )  # fmt: skip
+    model = load_model(ensure_model(cfg.model.name_or_path), **cfg.model.query_load_args())
     if karpathy is None:
         # Catalog images are decoded as the index job decodes them (JPEG drafted to model size).
         data.images.target_size = model.image_settings.size

@@ -295,9 +295,7 @@ def load_query_model(cfg: AppConfig, source: Source):
 
     def load(path: str):
         try:
-            return load_model(
-                path, device=cfg.model.device, dtype=cfg.model.dtype, attention=cfg.model.attention
-            )
+            return load_model(path, **cfg.model.query_load_args())
         except (ModelUnavailableError, OSError) as err:
             raise ExportError(f"cannot load the query model {path}: {err}") from None
 

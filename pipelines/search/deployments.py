@@ -52,10 +52,7 @@ class QueryModel:
         configure_torch_threads(ray_reserved_cpus())
 
         def load(path: str):
-            return load_model(
-                path, device=cfg.model.device, dtype=cfg.model.dtype,
-                attention=cfg.model.attention, cpu_quantize=cfg.model.cpu_quantize,
-            )  # fmt: skip
+            return load_model(path, **cfg.model.query_load_args())
 
         self.models = QueryModels(
             load,
