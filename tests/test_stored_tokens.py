@@ -325,3 +325,31 @@ def test_exports_leave_tokens_out_unless_asked(search_index, tmp_path):
     )
     assert duck(out).column_names == ["product_id", "itm_tokens"]
     assert cli(cfg, "--what", "runs", "--out", str(tmp_path / "r"), "--with-itm-tokens") == 2
+
+
+def test_snapshot_warm_up_runs_one_query_s_reads(search_index):
+    """The ingress warms a version before serving it: one ANN search of ``candidates`` rows and
+    the re-rank inputs (here stored tokens) of the first ``rerank_k``."""
+    from pipelines.search.snapshot import open_snapshot
+
+    cfg, _ = search_index
+    snap = open_snapshot(cfg.index.uri, pointer=tables.published_run(tables.connect(cfg.index.uri)))
+    seen: dict[str, list] = {"candidates": [], "rerank_inputs": []}
+    candidates, rerank_inputs = snap.candidates, snap.rerank_inputs
+
+    def record_candidates(vector, n, where=None):
+        seen["candidates"].append((np.linalg.norm(vector), n, where))
+        return candidates(vector, n, where)
+
+    def record_rerank_inputs(row_ids):
+        out = rerank_inputs(row_ids)
+        seen["rerank_inputs"].append((list(row_ids), out))
+        return out
+
+    snap.candidates, snap.rerank_inputs = record_candidates, record_rerank_inputs
+    assert snap.warm_up(50, 16) > 0
+    ((norm, n, where),) = seen["candidates"]
+    assert norm == pytest.approx(1.0, abs=1e-5) and n == 50 and where is None
+    ((row_ids, (images, tokens)),) = seen["rerank_inputs"]
+    assert len(row_ids) == 16 and len(set(row_ids)) == 16
+    assert all(t is not None for t in tokens) and images == [None] * 16  # tokens, no JPEG

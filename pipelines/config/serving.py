@@ -67,6 +67,13 @@ class ServeConfig(Section):
     token_cache_items: int = Field(
         4096, ge=0, description="ITM image tokens kept in memory per model replica (hot products)"
     )
+    warm_up: bool = Field(
+        True,
+        description="before a replica takes traffic, run one made-up query: the model replica's "
+        "calls (text encode, vision pass, ITM of rerank_k pairs) and the ingress's reads of each "
+        "version it opens (ANN search, re-rank inputs), so the first real query costs what a "
+        "later one does",
+    )
     decode_threads: int = Field(
         4,
         ge=0,

@@ -69,7 +69,7 @@ class QueryModel:
             method.set_max_batch_size(cfg.serve.max_batch_size)
             method.set_batch_wait_timeout_s(self.batch_wait_s)
         default = self.models.get()
-        warm = default.warm_up(cfg.serve.rerank_k)
+        warm = default.warm_up(cfg.serve.rerank_k) if cfg.serve.warm_up else 0.0
         logger.info(
             "query model %s ready on %s (warm-up %.0f ms)",
             default.model_id, default.model.device, warm * 1000,
@@ -260,13 +260,26 @@ class SearchIngress:
     def _open(self, pointer: dict):
         from pipelines.search.snapshot import ann_settings, open_snapshot
 
-        return open_snapshot(
+        snap = open_snapshot(
             self.cfg.index.uri,
             self.s3,
             cache_dir=self.cfg.serve.cache_dir,
             pointer=pointer,
             ann=ann_settings(self.cfg.index),
         )
+        if not self.cfg.serve.warm_up:
+            return snap
+        try:  # before the version is served, so its first query reads warm files
+            warm = snap.warm_up(self.cfg.serve.candidates, self.cfg.serve.rerank_k)
+        except Exception as err:  # a query would fail the same way, with the client's 500
+            logger.warning(
+                "warm-up of %s version %s failed: %r", snap.products_table, snap.version, err
+            )
+        else:
+            logger.info(
+                "%s version %s warmed up in %.0f ms", snap.products_table, snap.version, warm * 1000
+            )
+        return snap
 
     def _load_model(self, ref):
         """Text settings of model ``ref``, loaded in the model deployment before a switch."""
