@@ -99,13 +99,20 @@ def test_rerank_with_itm_logits_scored_elsewhere(tiny_model):
         rerank(None, "x", itc, image_tokens=tokens, rerank_k=2)
 
 
-def test_warm_up_runs_a_query_s_model_calls_and_caches_nothing(tiny_model):
+def test_warm_up_runs_a_query_s_model_calls_and_caches_nothing(tiny_model, monkeypatch):
     """A fresh replica's warm-up: text encode, one vision pass and ITM of rerank_k pairs on made-up
-    inputs, so the first real query does not pay first-call costs; no made-up tokens are cached."""
+    inputs, so the first real query does not pay first-call costs; no made-up tokens are cached.
+    Its text goes through the Chinese-to-pinyin path (pypinyin loads its dictionaries then)."""
+    from blip_ops import text
     from pipelines.search.scorer import ItmJob, QueryScorer
 
+    spelled: list[str] = []
+    pinyin = text._pinyin
+    monkeypatch.setattr(text, "_pinyin", lambda run: spelled.append(run) or pinyin(run))
+    assert tiny_model.text_settings.to_pinyin
     scorer = QueryScorer(tiny_model, decode_threads=1)
     assert scorer.warm_up(4) > 0
+    assert "预热" in spelled
     assert len(scorer.cache) == 0 and scorer.cache.misses == 0
     image = encode_image_bytes(draw_product(3))
     [logits] = scorer.itm([ItmJob("lamp", ("p1:h",), (image,))])
