@@ -172,6 +172,11 @@ class RetrievalModel(ABC):
         """Raw titles/queries (normalised here) → (B, D) float32 L2-normalised ITC embeddings."""
 
     @abstractmethod
+    def text_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text as the encoders see it (normalised, truncated, special tokens
+        included): a batch of texts is padded to its longest."""
+
+    @abstractmethod
     def itm_scores(self, texts: str | Sequence[str], image_tokens: torch.Tensor) -> torch.Tensor:
         """ITM positive-class logits, (k,) float32 on CPU.
 

@@ -117,3 +117,37 @@ def test_warm_up_runs_a_query_s_model_calls_and_caches_nothing(tiny_model, monke
     image = encode_image_bytes(draw_product(3))
     [logits] = scorer.itm([ItmJob("lamp", ("p1:h",), (image,))])
     assert logits.shape == (1,) and np.isfinite(logits).all()
+
+
+def test_length_groups_bound_the_padding_of_one_pass():
+    from pipelines.search.scorer import length_groups
+
+    assert length_groups([]) == []
+    assert length_groups([9]) == [[0]]
+    # sorted by length; a group closes past 1.5x its shortest
+    assert length_groups([5, 28, 6, 7, 30, 12, 8]) == [[0, 2, 3], [6, 5], [1, 4]]
+    assert length_groups([5, 28, 6], ratio=10.0) == [[0, 2, 1]]
+
+
+def test_itm_runs_one_pass_per_length_group_with_the_same_logits(tiny_model, monkeypatch):
+    """Jobs of very different text lengths share no ITM pass (each pass pads to its longest),
+    and every job's logits are those of scoring it alone."""
+    from pipelines.search.scorer import ItmJob, QueryScorer
+
+    images = [encode_image_bytes(draw_product(i)) for i in range(3)]
+    keys = tuple(f"p{i}:h" for i in range(3))
+    texts = ["lamp", "red cotton sofa with wooden legs and two matching cushions", "sofa", "chair"]
+    jobs = [ItmJob(t, keys, tuple(images)) for t in texts]
+    alone = [QueryScorer(tiny_model, decode_threads=1).itm([job])[0] for job in jobs]
+    scorer = QueryScorer(tiny_model, decode_threads=1)
+    passes: list[int] = []
+    itm_scores = tiny_model.itm_scores
+    monkeypatch.setattr(
+        tiny_model, "itm_scores", lambda t, tok: passes.append(len(t)) or itm_scores(t, tok)
+    )
+    lengths = tiny_model.text_lengths(texts)
+    assert max(lengths) > 2 * min(lengths)
+    got = scorer.itm(jobs)
+    assert sorted(passes) == [3, 9]  # the long text alone; the three short ones together
+    for a, b in zip(alone, got, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -29,6 +29,7 @@ from blip_ops.token_cache import StoredTokens, TokenCache
 logger = logging.getLogger(__name__)
 
 WARM_UP_TEXT = "warm up 预热"  # every path of the query normaliser: Latin, and Chinese to pinyin
+ITM_LENGTH_RATIO = 1.5  # longest over shortest text (in tokens) that share one ITM pass
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,20 @@ class QueryScorer:
         return stored
 
     def itm(self, jobs: Sequence[ItmJob]) -> list[np.ndarray]:
+        """ITM positive-class logits per job, (k_i,) float32: one forward pass per group of jobs
+        whose texts are of similar length (:func:`length_groups`)."""
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(jobs)
+        lengths = (
+            self.model.text_lengths([job.text for job in jobs])
+            if len(jobs) > 1
+            else [1] * len(jobs)
+        )
+        for group in length_groups(lengths):
+            for i, logits in zip(group, self._itm_pass([jobs[i] for i in group]), strict=True):
+                out[i] = logits
+        return out
+
+    def _itm_pass(self, jobs: Sequence[ItmJob]) -> list[np.ndarray]:
         """ITM positive-class logits per job, (k_i,) float32, all jobs in one forward pass."""
         texts: list[str] = []
         keys: list[str] = []
@@ -207,6 +222,21 @@ class QueryScorer:
             out.append(logits[start : start + len(job.keys)].astype(np.float32))
             start += len(job.keys)
         return out
+
+
+def length_groups(lengths: Sequence[int], ratio: float = ITM_LENGTH_RATIO) -> list[list[int]]:
+    """Indices of ``lengths`` in groups to run as one batch each: sorted by length, a group
+    closes where the next length exceeds ``ratio`` times its shortest. One ITM pass pads every
+    pair to its longest text; with shopper queries of 5 to 35 tokens, 8 queries in one pass cost
+    32 ms a query on the compact model (bf16, 1 thread) against 19 ms grouped."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] <= ratio * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _stack(tokens: list[torch.Tensor]) -> torch.Tensor:
