@@ -37,11 +37,7 @@ logger = logging.getLogger(__name__)
 FAMILY = "hf_blip"
 # Config keys that describe how a model was saved or loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = (
-    "_name_or_path",
-    "transformers_version",
-    "dtype",
-    "torch_dtype",
-    "_attn_implementation_autoset",
+    "_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation_autoset",
     "architectures",  # added by save_pretrained; the family already names the architecture
     "freeze_cnn",  # compact family: a training setting, the same weights compute the same thing
 )
@@ -80,49 +76,26 @@ class HFBlipModel(RetrievalModel):
         self.attention = attention
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if set_attention(self.model, attention) == 0:
-            raise ValueError(
-                f"{type(model).__name__} has no BLIP attention modules: not a BLIP model"
-            )
+            raise ValueError(f"{type(model).__name__} has no BLIP attention modules: not a BLIP model")
         self.tokenizer = tokenizer
         self.image_settings = image_settings
 
     # ---- loading / saving -------------------------------------------------------------------
     @classmethod
-    def load(
-        cls, ref: str, *, device: str = "auto", dtype: str = "auto", attention: str = "sdpa"
-    ) -> HFBlipModel:
+    def load(cls, ref: str, *, device: str = "auto", dtype: str = "auto", attention: str = "sdpa") -> HFBlipModel:
         from transformers import AutoTokenizer, BlipForImageTextRetrieval
         from transformers.utils import cached_file
 
         resolved, local_only = resolve_model_ref(ref)
-        model = BlipForImageTextRetrieval.from_pretrained(
-            resolved, dtype=torch.float32, local_files_only=local_only
-        )
+        model = BlipForImageTextRetrieval.from_pretrained(resolved, dtype=torch.float32, local_files_only=local_only)
         tokenizer = AutoTokenizer.from_pretrained(resolved, local_files_only=local_only)
         pre_file = cached_file(resolved, "preprocessor_config.json", local_files_only=local_only)
-        image_settings = ImageSettings.from_preprocessor_config(
-            json.loads(Path(pre_file).read_text())
-        )
+        image_settings = ImageSettings.from_preprocessor_config(json.loads(Path(pre_file).read_text()))
         path = Path(resolved)
         catalog = read_catalog_config(path) if path.is_dir() else {}
         text_settings = TextSettings.from_dict(catalog.get("text"))
-        loaded = cls(
-            model,
-            tokenizer,
-            image_settings,
-            text_settings,
-            device=device,
-            dtype=dtype,
-            attention=attention,
-        )
-        logger.info(
-            "loaded %s (%s) on %s/%s as %s",
-            ref,
-            FAMILY,
-            loaded.device,
-            loaded.dtype,
-            loaded.model_id,
-        )
+        loaded = cls(model, tokenizer, image_settings, text_settings, device=device, dtype=dtype, attention=attention)
+        logger.info("loaded %s (%s) on %s/%s as %s", ref, FAMILY, loaded.device, loaded.dtype, loaded.model_id)
         return loaded
 
     def save(self, out_dir: str | Path) -> Path:
@@ -134,9 +107,7 @@ class HFBlipModel(RetrievalModel):
         s = self.image_settings
         (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(s), indent=2))
         (out / CATALOG_CONFIG).write_text(
-            json.dumps(
-                {"family": FAMILY, "text": self.text_settings.to_dict()}, indent=2, sort_keys=True
-            )
+            json.dumps({"family": FAMILY, "text": self.text_settings.to_dict()}, indent=2, sort_keys=True)
         )
         return out
 
@@ -164,16 +135,10 @@ class HFBlipModel(RetrievalModel):
         return int(self.model.config.image_text_hidden_size)
 
     def _pixels(self, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
-        pixels = (
-            images
-            if isinstance(images, torch.Tensor)
-            else self.preprocess(images, device=self.device)
-        )
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images, device=self.device)
         s = self.image_settings.size
         if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, s, s):
-            raise ValueError(
-                f"expected pixel values of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}"
-            )
+            raise ValueError(f"expected pixel values of shape (B, 3, {s}, {s}), got {tuple(pixels.shape)}")
         return pixels.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
     def vision_inputs(self, images) -> torch.Tensor:
@@ -252,10 +217,7 @@ class HFBlipModel(RetrievalModel):
             max_length=self.text_settings.max_length,
             return_tensors="pt",
         )
-        return {
-            "input_ids": enc["input_ids"].to(self.device),
-            "attention_mask": enc["attention_mask"].to(self.device),
-        }
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device)}
 
     def text_lengths(self, texts: Sequence[str]) -> list[int]:
         enc = self.tokenizer(
@@ -280,14 +242,10 @@ class HFBlipModel(RetrievalModel):
             return torch.empty(0)
         if isinstance(texts, str):
             enc = self._tokenize([texts])
-            enc = {
-                name: t.expand(k, -1) for name, t in enc.items()
-            }  # one query vs k images, no copy
+            enc = {name: t.expand(k, -1) for name, t in enc.items()}  # one query vs k images, no copy
         else:
             if len(texts) != k:
-                raise ValueError(
-                    f"got {len(texts)} texts for {k} images; pass one text or one per image"
-                )
+                raise ValueError(f"got {len(texts)} texts for {k} images; pass one text or one per image")
             enc = self._tokenize(texts)
         tokens = image_tokens.to(device=self.device, dtype=self.dtype)
         return self.itm_forward(enc, tokens)[:, 1].float().cpu()  # positive-class logit
@@ -308,3 +266,5 @@ def preprocessor_config(s: ImageSettings) -> dict:
         "image_std": list(s.std),
         "do_convert_rgb": True,
     }
+
+
