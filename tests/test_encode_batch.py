@@ -136,3 +136,26 @@ def test_encoder_settings_are_checked():
         EncodeConfig(malloc_mmap_threshold_mb=64)  # glibc's largest mmap threshold is 32 MiB
     with pytest.raises(ValueError, match="derivative_threads"):
         EncodeConfig(derivative_threads=-1)
+
+
+def test_encoder_actor_sizes_torch_to_its_reservation(tiny_model_dir, ray_local):
+    """A CPU encoder actor without ``encode.torch_threads`` runs torch on the CPUs it reserved
+    (not the node's cores) with one inter-op thread; with it, on that many."""
+    import ray
+
+    @ray.remote
+    class Probe:
+        def __init__(self, threads):
+            self.encoder = _encoder(tiny_model_dir, torch_threads=threads)
+
+        def threads(self):
+            import torch
+
+            return torch.get_num_threads(), torch.get_num_interop_threads()
+
+    reserved = Probe.options(num_cpus=1).remote(None)
+    explicit = Probe.options(num_cpus=1).remote(2)
+    assert ray.get(reserved.threads.remote()) == (1, 1)
+    assert ray.get(explicit.threads.remote()) == (2, 1)
+    for actor in (reserved, explicit):
+        ray.kill(actor)

@@ -240,7 +240,8 @@ class EncodeConfig(Section):
     torch_threads: int | None = Field(
         None,
         gt=0,
-        description="torch threads per CPU actor; None = Ray's default (its CPU reservation)",
+        description="torch threads per CPU encoder actor; None = the CPUs it reserves "
+        "(num_cpus_per_actor, at least 1)",
     )
     derivative_threads: int = Field(
         2,

@@ -209,6 +209,8 @@ class EncodeBatch:
         max_stored_token_bytes: int = 65536,
     ) -> None:
         from blip_ops import load_model
+        from blip_ops.family import resolve_device
+        from pipelines.runtime.threads import configure_torch_threads, ray_reserved_cpus
 
         if store_itm_tokens not in TOKEN_MODES:
             raise ValueError(
@@ -220,10 +222,12 @@ class EncodeBatch:
             # then be a fresh mmap, page-faulted in on each batch (compact model job: 15.9 vs 32.7
             # images/s, benchmarks/bench_index.py --ablate).
             cap_malloc_retention(malloc_mmap_threshold_mb << 20)
-        if torch_threads:
-            import torch
-
-            torch.set_num_threads(torch_threads)
+        if resolve_device(device).type == "cpu":
+            # torch would size its pool from the node's cores, not from this actor's reservation
+            # (0 outside a Ray worker: a caller in this process keeps its own settings).
+            threads = torch_threads or ray_reserved_cpus(default=0)
+            if threads:
+                configure_torch_threads(threads)
 
         self.model = load_model(model, device=device, dtype=dtype, attention=attention)
         self.thumbnail_size = thumbnail_size
