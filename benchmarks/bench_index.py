@@ -396,9 +396,10 @@ def _malloc_comparison(cfg, rows, bs: int) -> tuple[list, tuple, tuple]:
 
 def _encode_batch(cfg, s3):
     """The job's encoder stage, configured as the job configures it."""
-    from pipelines.indexing.stages import EncodeBatch
+    from blip_ops.token_cache import token_shape
+    from pipelines.indexing.stages import EncodeBatch, stores_itm_tokens
 
-    return EncodeBatch(
+    enc = EncodeBatch(
         model=cfg.model.name_or_path,
         device=cfg.model.device,
         dtype=cfg.model.dtype,
@@ -411,6 +412,12 @@ def _encode_batch(cfg, s3):
         derivative_threads=cfg.encode.derivative_threads,
         malloc_mmap_threshold_mb=cfg.encode.malloc_mmap_threshold_mb,
     )
+    # The job decides this on its driver from the model's token shape; the same rule here.
+    index = cfg.index
+    enc.store_tokens = stores_itm_tokens(
+        index.store_itm_tokens, token_shape(enc.model), index.max_stored_token_bytes
+    )
+    return enc
 
 
 def _time_stages(cfg, enc, rows, workdir: Path) -> tuple[dict[str, float], int]:

@@ -56,7 +56,7 @@ def blobs() -> list[bytes]:
 
 # ---- the encoder stage, no Ray ------------------------------------------------------------------
 def test_stored_tokens_equal_recomputed_ones(tiny_model_dir, blobs):
-    enc = _encoder(tiny_model_dir)  # store_itm_tokens=auto: the tiny model's 65x32 = 4160 bytes
+    enc = _encoder(tiny_model_dir)  # stores tokens: the tiny model's 65x32 = 4160 bytes
     out = enc(_batch([*blobs, b"not an image"])).to_pylist()
     want = _recomputed(enc.model, blobs)
     assert token_shape(enc.model) == want.shape[1:] == (65, 32)
@@ -75,7 +75,8 @@ def test_stored_tokens_equal_recomputed_ones(tiny_model_dir, blobs):
 )
 def test_the_setting_decides_what_is_stored(tiny_model_dir, blobs, mode, limit, stored):
     assert stores_itm_tokens(mode, (65, 32), limit) is stored
-    enc = _encoder(tiny_model_dir, store_itm_tokens=mode, max_stored_token_bytes=limit)
+    decided = stores_itm_tokens(mode, token_shape(_encoder(tiny_model_dir).model), limit)
+    enc = _encoder(tiny_model_dir, store_itm_tokens=decided)  # as the driver passes it
     out = enc(_batch(blobs[:2]))
     assert out.column(tables.ITM_TOKENS).null_count == (0 if stored else 2)
     assert out.column(tables.ITM_TOKENS_SHAPE).null_count == (0 if stored else 2)
@@ -85,7 +86,7 @@ def test_bad_settings_and_tokens_are_refused(tiny_model_dir):
     import torch
 
     with pytest.raises(ValueError, match="got 'sometimes'"):
-        _encoder(tiny_model_dir, store_itm_tokens="sometimes")
+        stores_itm_tokens("sometimes", (65, 32), 65536)
     with pytest.raises(ValueError, match="take 8 bytes, got 6"):
         StoredTokens(b"\0" * 6, (2, 2))
     overflow = torch.tensor([[[1.0, 7e4]], [[1.0, 2.0]]])  # past float16's largest, 65504

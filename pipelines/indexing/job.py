@@ -179,6 +179,7 @@ class RunPlan:
     state: RunState
     schema: pa.Schema
     faults: object
+    store_itm_tokens: bool  # decided once here, from the model's token shape; actors follow
 
 
 @dataclass
@@ -276,7 +277,7 @@ def _plan_run(cfg: AppConfig, run_id: str) -> RunPlan:
     staging_name = f"_staging__{model_id}"
     published = tables.open_tagged(db, products_name, cfg.index.publish_tag)
     published_hash = _hashes(published) if published is not None else {}
-    note_itm_tokens(
+    store_tokens = note_itm_tokens(
         cfg.index.store_itm_tokens, cfg.index.max_stored_token_bytes, itm_shape, published
     )
     staging = _open_staging(db, staging_name) if staging_name in tables.table_names(db) else None
@@ -299,6 +300,7 @@ def _plan_run(cfg: AppConfig, run_id: str) -> RunPlan:
         storage_options=tables.storage_options(cfg.index.uri, s3) or None,
         staging=staging, state=state, schema=tables.products_schema(dim, metadata),
         faults=fault_hooks.FaultPlan.from_env(),  # test hook: empty unless BLIP_FAULTS is set
+        store_itm_tokens=store_tokens,
     )  # fmt: skip
 
 
@@ -384,8 +386,7 @@ def _encoder_arguments(plan: RunPlan) -> dict:
         "derivative_threads": cfg.encode.derivative_threads,
         "malloc_mmap_threshold_mb": cfg.encode.malloc_mmap_threshold_mb,
         "faults": plan.faults or None,  # explicitly: actors never see the driver's env
-        "store_itm_tokens": cfg.index.store_itm_tokens,
-        "max_stored_token_bytes": cfg.index.max_stored_token_bytes,
+        "store_itm_tokens": plan.store_itm_tokens,
     }
 
 

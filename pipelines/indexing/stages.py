@@ -154,23 +154,20 @@ def stores_itm_tokens(mode: str, shape: tuple[int, int], max_bytes: int) -> bool
     return mode == "always" or (mode == "auto" and stored_nbytes(shape) <= max_bytes)
 
 
-def describe_itm_tokens(mode: str, shape: tuple[int, int], max_bytes: int) -> str:
+def note_itm_tokens(mode: str, max_bytes: int, shape: tuple[int, int], published) -> bool:
+    """Decide and log what the run does with ITM tokens (driver, before the stream; the encoder
+    actors follow) and, when it stores them, how many published rows have none: unchanged rows
+    are not re-encoded for their tokens, so those get tokens only when their content changes.
+    Returns whether the run stores them."""
     from blip_ops.token_cache import stored_nbytes
 
     stored = stores_itm_tokens(mode, shape, max_bytes)
-    return (
-        f"ITM image tokens {shape[0]}x{shape[1]} float16 = {stored_nbytes(shape)} bytes per "
-        f"product: {'stored' if stored else 'not stored (re-rank recomputes them from model_image)'}"
-        f" (index.store_itm_tokens={mode}, max_stored_token_bytes={max_bytes})"
-    )
-
-
-def note_itm_tokens(mode: str, max_bytes: int, shape: tuple[int, int], published) -> bool:
-    """Log what the run does with ITM tokens (driver, before the stream) and, when it stores
-    them, how many published rows have none: unchanged rows are not re-encoded for their tokens,
-    so those get tokens only when their content changes. Returns whether the run stores them."""
-    stored = stores_itm_tokens(mode, shape, max_bytes)
-    logger.info(describe_itm_tokens(mode, shape, max_bytes))
+    logger.info(
+        "ITM image tokens %dx%d float16 = %d bytes per product: %s (index.store_itm_tokens=%s, "
+        "max_stored_token_bytes=%d)", shape[0], shape[1], stored_nbytes(shape),
+        "stored" if stored else "not stored (re-rank recomputes them from model_image)",
+        mode, max_bytes,
+    )  # fmt: skip
     missing = rows_without_tokens(published) if stored and published is not None else 0
     if missing:
         logger.info(
@@ -205,17 +202,11 @@ class EncodeBatch:
         derivative_threads: int = 2,
         malloc_mmap_threshold_mb: int = 32,
         faults: FaultPlan | None = None,  # test hook (pipelines/faults.py); None in production
-        store_itm_tokens: str = "auto",
-        max_stored_token_bytes: int = 65536,
+        store_itm_tokens: bool = True,
     ) -> None:
         from blip_ops import load_model
         from blip_ops.family import resolve_device
         from pipelines.runtime.threads import configure_torch_threads, ray_reserved_cpus
-
-        if store_itm_tokens not in TOKEN_MODES:
-            raise ValueError(
-                f"store_itm_tokens must be one of {list(TOKEN_MODES)}, got {store_itm_tokens!r}"
-            )
 
         if malloc_mmap_threshold_mb:
             # Not 1 MiB as in staging and merge: every activation tensor of the vision tower would
@@ -236,10 +227,9 @@ class EncodeBatch:
         self.max_image_bytes = max_image_bytes
         self.dim = self.model.embedding_dim
         self.faults = faults
-        self.token_mode = store_itm_tokens
-        self.max_token_bytes = max_stored_token_bytes
-        # Decided from the first batch's tokens (their shape is the model's); never: not asked for.
-        self.store_tokens: bool | None = False if store_itm_tokens == "never" else None
+        # The driver decides it once for the run (:func:`note_itm_tokens`, from the model's token
+        # shape and index.store_itm_tokens) and every actor follows.
+        self.store_tokens = bool(store_itm_tokens)
         # PIL releases the GIL while it resizes and encodes, so these threads make the stored JPEGs
         # of a batch while torch encodes it, instead of after it on the actor's one thread.
         self._pool = (
@@ -288,16 +278,10 @@ class EncodeBatch:
         )
 
     def _keep_tokens(self, encoded, rows: list[int], tokens: list, shapes: list) -> None:
-        """The batch's (k, N, H) ITM tokens into ``tokens`` / ``shapes`` at ``rows``, float16,
-        when this run stores them (decided, and logged, on the first batch)."""
+        """The batch's (k, N, H) ITM tokens into ``tokens`` / ``shapes`` at ``rows``, float16."""
         from blip_ops.token_cache import pack_tokens
 
         shape = (int(encoded.shape[1]), int(encoded.shape[2]))
-        if self.store_tokens is None:
-            self.store_tokens = stores_itm_tokens(self.token_mode, shape, self.max_token_bytes)
-            logger.info(describe_itm_tokens(self.token_mode, shape, self.max_token_bytes))
-        if not self.store_tokens:
-            return
         packed = pack_tokens(encoded)
         for i, data in zip(rows, packed, strict=True):
             if data is not None:
@@ -365,7 +349,7 @@ class EncodeBatch:
                 if self._pool is not None
                 else None  # made after encoding, on this thread
             )
-            encoded = self.model.encode_images(pixels, return_tokens=self.store_tokens is not False)
+            encoded = self.model.encode_images(pixels, return_tokens=self.store_tokens)
             emb[ok_rows] = encoded.embeddings.numpy()  # (k, D)
             if encoded.tokens is not None:
                 self._keep_tokens(encoded.tokens, ok_rows, tokens, token_shape)
