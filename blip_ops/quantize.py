@@ -56,12 +56,13 @@ def quantization_of(model: RetrievalModel) -> str:
 
 
 def cpu_quantize_applies(device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:
-    """(whether ``cpu_quantize`` applies to a model on ``device`` in ``dtype``, why not)."""
+    """(whether the CPU settings, ``cpu_quantize`` and ``cpu_bf16``, apply to a model on
+    ``device`` in ``dtype``, why not)."""
     dev = torch.device(device)
     if dev.type != "cpu":
-        return False, f"the model runs on {dev}; dynamic int8 kernels are CPU kernels"
+        return False, f"the model runs on {dev}; these settings swap in CPU kernels"
     if dtype != torch.float32:
-        return False, f"the model runs in {dtype}; dynamic int8 quantises float32 nn.Linear only"
+        return False, f"the model runs in {dtype}; these settings replace float32 nn.Linear only"
     return True, ""
 
 
