@@ -44,7 +44,7 @@ class ModelConfig(Section):
         description="on a CPU in float32: the text tower, ITM layers and heads multiply in "
         "bfloat16 (weights bfloat16, activations float32; the vision tower stays float, model_id "
         "unchanged); ignored on CUDA and under cpu_quantize. auto = on where the CPU multiplies "
-        "bfloat16 natively (AMX or AVX512-BF16), where it made the compact model's ITM 2.2x "
+        "bfloat16 natively (AMX or AVX512-BF16), where it made the compact model's ITM 2.1x "
         "faster and moved R@1 on val titles and queries by at most 0.2 points "
         "(benchmarks/bench_cpu_settings.py)",
     )
