@@ -79,16 +79,15 @@ def _open(uri: str, storage_options: dict | None):
     return lance.dataset(uri, storage_options=storage_options or None)
 
 
-def add_token_columns(uri: str, storage_options: dict | None = None) -> bool:
-    """Give the dataset at ``uri`` the ITM token columns it lacks (all null: a metadata-only
-    commit), so rows carrying tokens can be added to a dataset written before they existed.
-    Returns whether it added any."""
-    dataset = _open(uri, storage_options)
+def add_token_columns(dataset) -> bool:
+    """Give the opened Lance ``dataset`` the ITM token columns it lacks (all null: a
+    metadata-only commit), so rows carrying tokens can be added to a dataset written before they
+    existed. Returns whether it added any (then reopen it to read the new version)."""
     missing = missing_token_fields(dataset.schema)
     if not missing:
         return False
     dataset.add_columns(missing)
-    logger.info("%s: added columns %s", uri, [f.name for f in missing])
+    logger.info("%s: added columns %s", dataset.uri, [f.name for f in missing])
     return True
 
 
@@ -149,7 +148,7 @@ class StagingCommitter:
         self.commits = 0
         if exists:  # left by an interrupted run, maybe before the token columns: the staging
             # tasks' writes check the dataset's schema, so it gains them before the stream starts
-            add_token_columns(uri, self.storage_options)
+            add_token_columns(_open(uri, self.storage_options))
 
     def add(self, fragments_json: Iterable[str | None]) -> None:
         from lance.fragment import FragmentMetadata
@@ -266,10 +265,10 @@ def merge_staged(
     from lance.fragment import write_fragments
 
     cap_malloc_retention()
-    if staging_uri is not None and keep:
-        # Staged rows carry ITM tokens: a products table written before them gets the columns.
-        add_token_columns(products_uri, storage_options)
     products = _open(products_uri, storage_options)
+    # Staged rows carry ITM tokens: a products table written before them gets the columns.
+    if staging_uri is not None and keep and add_token_columns(products):
+        products = _open(products_uri, storage_options)
     read_version = products.version
     schema = products.schema
     written: set[str] = set()
