@@ -208,17 +208,16 @@ def _index_run(cfg: AppConfig, run_id: str, lease: WriterLease) -> dict:
     counts = _account(plan, stream)
     held = publish_guard(counts, cfg.index.max_reject_fraction)
     if held is None:
-        products, merged = _merge_and_index(plan, stream)
+        products, deleted, merged = _merge_and_index(plan, stream)
     else:  # nothing merged: the products table (if any) stays as the published run left it
-        logger.warning("publish guard: run %s is held back: %s", run_id, held)
-        products, merged = None, {"deleted": 0, "products_rows": None, "ann_index": None}
+        products, deleted, merged = None, 0, {"products_rows": None, "ann_index": None}
     _phase("record")
     rejects_table = tables.append(
         plan.db, tables.REJECTS_TABLE, REJECTS_SCHEMA,
         pa.concat_tables(stream.rejects) if stream.rejects else None,
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    summary = _summary(plan, stream, counts, deleted=merged.pop("deleted"), seconds=seconds)
+    summary = _summary(plan, stream, counts, deleted=deleted, seconds=seconds)
     summary.update(
         merged,
         driver_peak_rss_mb=round(peak_rss_mb(), 1),
@@ -238,13 +237,14 @@ def _index_run(cfg: AppConfig, run_id: str, lease: WriterLease) -> dict:
     return summary
 
 
-def _merge_and_index(plan: RunPlan, stream: StreamResult) -> tuple[object, dict]:
-    """Merge the staged rows and bring the indexes up to date: (products table, figures)."""
+def _merge_and_index(plan: RunPlan, stream: StreamResult) -> tuple[object, int, dict]:
+    """Merge the staged rows and bring the indexes up to date: (products table, rows deleted as
+    missing, figures for the summary)."""
     products, deleted = _merge(plan, stream)
     n_rows = products.count_rows()
     _phase("indexes")
     ann = build_indexes(products, plan.cfg, n_rows, changed=bool(stream.keep) or deleted > 0)
-    return products, {"deleted": deleted, "products_rows": n_rows, "ann_index": ann}
+    return products, deleted, {"products_rows": n_rows, "ann_index": ann}
 
 
 def _write_report(plan: RunPlan, summary: dict, timeline: Timeline) -> str | None:
