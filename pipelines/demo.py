@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -48,7 +47,7 @@ from pipelines.config import (
     cli_config,
     write_resolved_config,
 )
-from pipelines.runtime.cluster import init_ray
+from pipelines.runtime.cluster import init_ray, ray_address
 from pipelines.runtime.inputs import ensure_catalog as ensure_catalog_at
 from pipelines.runtime.inputs import ensure_model
 from pipelines.runtime.stopping import (
@@ -102,7 +101,7 @@ def _shut_down(cfg: AppConfig, stopper: StopControl) -> None:
     ray = sys.modules.get("ray")
     if ray is None:  # stopped before Ray was imported: nothing started
         return
-    joined = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    joined = ray_address(cfg)
     # Not on the local Ray: there serve.shutdown's graceful drain takes seconds (about 4 on 2 CPUs)
     # for replicas that ray.shutdown ends anyway, and nobody else is using them.
     if joined and SERVE in stopper.entered and ray.is_initialized():

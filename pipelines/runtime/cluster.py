@@ -8,6 +8,11 @@ import os
 from pipelines.config import AppConfig
 
 
+def ray_address(cfg: AppConfig) -> str | None:
+    """The cluster a command joins: ``ray.address``, else ``RAY_ADDRESS``; None: a local Ray."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(cfg: AppConfig) -> None:
     """Join ``ray.address`` (or ``RAY_ADDRESS``) when set; otherwise start a local Ray sized by
     ``ray.*``. A no-op when Ray is already up in this process."""
@@ -15,7 +20,7 @@ def init_ray(cfg: AppConfig) -> None:
 
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
     if address:  # a submitted job or a cluster: its resources are the cluster's, reserve nothing
         ray.init(address=address, logging_level=logging.WARNING)
         return
