@@ -36,7 +36,7 @@ import pytest
 from pipelines.indexing import tables
 from pipelines.search.snapshot import published_pointer
 from tests.conftest import index_config
-from tests.test_faults import PinnedReader, check_invariants
+from tests.test_faults import PinnedReader, _titles, check_invariants
 from tests.test_index_catalog_runtime import REPO, _job_env, _kill_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
@@ -85,16 +85,6 @@ def catalog(tmp_path_factory) -> dict:
 def _with(t: pa.Table, column: str, values: list) -> pa.Table:
     field = t.schema.field(column)
     return t.set_column(t.schema.get_field_index(column), field, pa.array(values, field.type))
-
-
-def _titles(folder: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in sorted(folder.glob("part-*.parquet")):
-        t = pq.read_table(part, columns=["product_id", "title"])
-        out.update(
-            zip(t.column("product_id").to_pylist(), t.column("title").to_pylist(), strict=True)
-        )
-    return out
 
 
 def _kill_at(cmd: list[str], trigger: re.Pattern, timeout_s: float = 120) -> dict:

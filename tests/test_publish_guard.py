@@ -24,7 +24,8 @@ import pytest
 from pipelines.indexing import tables
 from pipelines.search.snapshot import published_pointer
 from tests.conftest import index_config
-from tests.test_faults import PinnedReader, check_invariants
+from tests.test_faults import PinnedReader, _parts, check_invariants
+from tests.test_faults import _titles as source_titles
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -38,10 +39,6 @@ UNTITLED = (1,)  # rows of each file with an empty title: rejected at validation
 # 6 of 12 would be exactly 0.5, which the guard lets through: it holds only past the fraction).
 MOSTLY_BAD = {"in": N_PRODUCTS, "indexed": 4, "unchanged": 1, "rejected": 7}
 FIXED = {"in": N_PRODUCTS, "indexed": 4, "unchanged": 8, "rejected": 0}
-
-
-def _parts(folder: Path) -> list[Path]:
-    return sorted(folder.glob("part-*.parquet"))
 
 
 def _edit(t: pa.Table, column: str, rows: dict[int, object]) -> pa.Table:
@@ -139,13 +136,6 @@ def _published_titles(index_dir: Path) -> dict[str, str]:
     return _titles(products.search().select(["product_id", "title"]).limit(None).to_arrow())
 
 
-def _source_titles(catalog: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for part in _parts(catalog):
-        out.update(_titles(pq.read_table(part, columns=["product_id", "title"])))
-    return out
-
-
 @pytest.fixture(scope="module")
 def held(base_index, catalogs, tiny_model_dir, tmp_path_factory) -> dict:
     """A copy of the base index after a run of the mostly-bad catalog under the default guard,
@@ -235,7 +225,7 @@ def test_the_override_publishes_a_mostly_rejected_run(
     assert _row_counts(row) == MOSTLY_BAD
     assert sum(_rejects_of(index_dir, "guard-override").values()) == MOSTLY_BAD["rejected"]
     # The accepted rows are published; every rejected product keeps its last good row.
-    source = _source_titles(catalogs["mostly_bad"])
+    source = source_titles(catalogs["mostly_bad"])
     want = {p: (t if "(new season)" in t else base_titles[p]) for p, t in source.items()}
     assert _published_titles(index_dir) == want
     assert sum("(new season)" in t for t in want.values()) == MOSTLY_BAD["indexed"]
@@ -282,7 +272,7 @@ def test_a_good_run_after_a_held_one_publishes_with_exact_accounting(
     assert _row_counts(row) == FIXED
     assert row["rows_in"] == row["indexed"] + row["unchanged"] + row["rejected"]
     assert "resumed 4)" in out, out  # the held run's 4 encoded rows came from its staging
-    assert _published_titles(index_dir) == _source_titles(catalogs["fixed"])
+    assert _published_titles(index_dir) == source_titles(catalogs["fixed"])
     checked = check_invariants(str(index_dir))
     assert checked["complete_runs"] == 2 and checked["incomplete_runs"] == 1, checked
     assert not [n for n in tables.table_names(db) if n.startswith("_staging")]
